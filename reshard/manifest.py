@@ -1,0 +1,154 @@
+"""reshard.json: what a split folder holds and everything merge needs to undo it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from reshard.checkpoint import MANIFEST_NAME
+from reshard.config import TPConfig
+from reshard.errors import InputError, ReshardError
+from reshard.plan import Plan, TensorCut
+from reshard.rules import STYLES
+from reshard.safetensors_io import DTYPE_SIZES
+
+FORMAT = "reshard"
+VERSION = 1
+
+
+def rank_file_name(rank: int, part: int = 0) -> str:
+    """The name vLLM's sharded-state loader looks for."""
+    return f"model-rank-{rank}-part-{part}.safetensors"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    tp_config: TPConfig
+    family: str
+    rank_files: tuple[tuple[str, ...], ...]
+    tensors: tuple[TensorCut, ...]
+    source_files: tuple[str, ...]
+    source_metadata: dict[str, str]
+    source_config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "tp": self.tp_config.num_devices,
+            "device_ids": list(self.tp_config.device_ids),
+            "family": self.family,
+            "ranks": [
+                {"rank": r, "device": self.tp_config.device(r), "files": list(files)}
+                for r, files in enumerate(self.rank_files)
+            ],
+            "source": {
+                "files": list(self.source_files),
+                "metadata": self.source_metadata,
+                "config": self.source_config,
+            },
+            "tensors": {t.name: _tensor_entry(t) for t in self.tensors},
+        }
+
+    @classmethod
+    def for_plan(cls, plan: Plan, source_files: list[str], metadata: dict[str, str], config: dict[str, Any]) -> Manifest:
+        return cls(
+            tp_config=plan.tp_config,
+            family=plan.family,
+            rank_files=tuple((rank_file_name(r),) for r in range(plan.tp)),
+            tensors=plan.tensors,
+            source_files=tuple(source_files),
+            source_metadata=metadata,
+            source_config=config,
+        )
+
+
+def _tensor_entry(t: TensorCut) -> dict[str, Any]:
+    entry: dict[str, Any] = {"shape": list(t.shape), "dtype": t.dtype, "style": t.style, "dim": t.dim, "rule": t.rule}
+    if t.dim is not None:
+        entry["slices"] = [[list(r) for r in ranges] for ranges in t.slices]
+    return entry
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    path = folder / MANIFEST_NAME
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(dumps(manifest.to_dict()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def dumps(data: dict[str, Any]) -> str:
+    """JSON with one line per rank, per source field and per tensor: readable, and diffable line by line."""
+    lines = []
+    for key, value in data.items():
+        head = f"  {json.dumps(key)}: "
+        if isinstance(value, dict) and value:
+            inner = [f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
+            lines.append(head + "{\n" + ",\n".join(inner) + "\n  }")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            inner = [f"    {json.dumps(v)}" for v in value]
+            lines.append(head + "[\n" + ",\n".join(inner) + "\n  ]")
+        else:
+            lines.append(head + json.dumps(value))
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError(f"{folder}: no {MANIFEST_NAME} here; pass a folder written by `reshard split`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return _parse(data, tp_hint=data.get("tp"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read the manifest as JSON ({e}); split again") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: malformed manifest ({type(e).__name__}: {e}); split again") from e
+    except ReshardError as e:
+        raise InputError(f"{path}: {e}") from e
+
+
+def _parse(data: dict[str, Any], tp_hint: Any) -> Manifest:
+    if data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise ValueError(f"expected format {FORMAT!r} version {VERSION}, found {data.get('format')!r} {data.get('version')!r}")
+    tp_config = TPConfig.create(int(tp_hint), [int(i) for i in data["device_ids"]])
+    ranks = data["ranks"]
+    if [r["rank"] for r in ranks] != list(range(tp_config.tp)):
+        raise ValueError("ranks must list 0..tp-1 in order")
+    rank_files = tuple(tuple(_relative(f) for f in r["files"]) for r in ranks)
+    tensors = tuple(_parse_tensor(name, e, tp_config.tp) for name, e in data["tensors"].items())
+    source = data["source"]
+    return Manifest(
+        tp_config=tp_config,
+        family=str(data["family"]),
+        rank_files=rank_files,
+        tensors=tensors,
+        source_files=tuple(str(f) for f in source["files"]),
+        source_metadata={str(k): str(v) for k, v in source["metadata"].items()},
+        source_config=dict(source["config"]),
+    )
+
+
+def _relative(name: str) -> str:
+    pure = PurePosixPath(name)
+    if not isinstance(name, str) or pure.is_absolute() or ".." in pure.parts:
+        raise ValueError(f"rank file {name!r} must be a name inside the split folder")
+    return name
+
+
+def _parse_tensor(name: str, e: dict[str, Any], tp: int) -> TensorCut:
+    dtype, style, dim = e["dtype"], e["style"], e["dim"]
+    shape = tuple(int(d) for d in e["shape"])
+    if dtype not in DTYPE_SIZES or style not in STYLES:
+        raise ValueError(f"tensor {name}: unknown dtype {dtype!r} or style {style!r}")
+    if dim is None:
+        slices = tuple(((0, 1),) for _ in range(tp))
+    else:
+        slices = tuple(tuple((int(a), int(b)) for a, b in ranges) for ranges in e["slices"])
+        if len(slices) != tp or not 0 <= dim < len(shape):
+            raise ValueError(f"tensor {name}: slices must list {tp} ranks and dim must be within its shape")
+    return TensorCut(name=name, dtype=dtype, shape=shape, style=style, dim=dim, rule=e.get("rule"), slices=slices)

@@ -1,0 +1,166 @@
+"""The merge engine: rebuild every tensor from the rank files as the manifest says it was cut, streaming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from reshard.checkpoint import SINGLE_NAME
+from reshard.errors import InputError
+from reshard.manifest import Manifest, read_manifest
+from reshard.outputs import staged_output
+from reshard.plan import TensorCut
+from reshard.safetensors_io import ByteReader, SafetensorsWriter, TensorInfo, read_header
+
+BLOCK_BYTES = 32 << 20
+
+Progress = Callable[[int], None]
+Piece = tuple[int, int, int, int]  # [start, stop) along the dim, from rank, at this position in the rank's part
+
+
+def merge(split_dir: Path, out: Path | None = None, force: bool = False, progress: Progress | None = None) -> Path:
+    """Rebuild the original checkpoint from a split folder, bit for bit.
+
+    Args:
+        split_dir: a folder written by `split`, holding reshard.json and the rank files.
+        out: output folder; defaults to `<split_dir>-merged` beside it.
+        force: replace an existing output folder.
+        progress: called with the number of output bytes just written.
+
+    Returns:
+        The output folder, holding model.safetensors and config.json.
+
+    Example:
+        >>> merge(Path("/tmp/tiny-tp2"), out=Path("/tmp/tiny-merged"))
+        PosixPath('/tmp/tiny-merged')
+    """
+    split_dir = Path(split_dir)
+    manifest = read_manifest(split_dir)
+    out = Path(out) if out is not None else default_merge_dir(split_dir)
+    write_merge(split_dir, manifest, out, force, progress)
+    return out
+
+
+def default_merge_dir(split_dir: Path) -> Path:
+    root = split_dir.absolute()
+    return root.with_name(f"{root.name}-merged")
+
+
+def write_merge(split_dir: Path, manifest: Manifest, out: Path, force: bool, progress: Progress | None) -> None:
+    rank_tensors = _rank_tensors(split_dir, manifest)
+    pieces = {t.name: coverage(t) for t in manifest.tensors}
+    rank_paths = sorted({info.path for tensors in rank_tensors for info in tensors.values()})
+    with staged_output(out, [split_dir, *rank_paths], force) as staging, ExitStack() as stack:
+        readers = {path: stack.enter_context(ByteReader(path)) for path in rank_paths}
+        entries = [(t.name, t.dtype, t.shape) for t in manifest.tensors]
+        writer = stack.enter_context(SafetensorsWriter(staging / SINGLE_NAME, entries, manifest.source_metadata))
+        for cut in manifest.tensors:
+            infos = [tensors[cut.name] for tensors in rank_tensors]
+            merge_tensor(cut, pieces[cut.name], [readers[i.path] for i in infos], infos, writer.write, progress)
+        writer.close()
+        _write_config(split_dir, manifest, staging / "config.json")
+
+
+def _rank_tensors(split_dir: Path, manifest: Manifest) -> list[dict[str, TensorInfo]]:
+    """Each rank's tensors by name, checked against the manifest before anything is written."""
+    result = []
+    for rank, files in enumerate(manifest.rank_files):
+        tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = split_dir / name
+            if not path.is_file():
+                raise InputError(f"{path}: rank {rank} file is missing; the split folder is incomplete, split again")
+            for info in read_header(path).tensors:
+                tensors[info.name] = info
+        for cut in manifest.tensors:
+            info = tensors.get(cut.name)
+            where = f"{split_dir / files[0]}: tensor {cut.name}"
+            if info is None:
+                raise InputError(f"{where} is missing; the split folder is incomplete, split again")
+            if info.dtype != cut.dtype or info.shape != cut.rank_shape(rank):
+                raise InputError(
+                    f"{where} is {info.dtype} {list(info.shape)}, the manifest expects "
+                    f"{cut.dtype} {list(cut.rank_shape(rank))}; the rank file does not belong to this manifest"
+                )
+        result.append(tensors)
+    return result
+
+
+def coverage(cut: TensorCut) -> list[Piece]:
+    """Where each part of the full dim comes from: the first rank holding it; padding past the end is dropped."""
+    _, length, _ = cut.layout
+    found = []
+    for rank, ranges in enumerate(cut.slices):
+        pos = 0
+        for a, b in ranges:
+            found.append((a, b, rank, pos))
+            pos += b - a
+    pieces: list[Piece] = []
+    done = 0
+    for a, b, rank, pos in sorted(found, key=lambda p: (p[0], p[2])):
+        if done >= length:
+            break
+        if b <= done:
+            continue
+        if a > done:
+            break
+        pieces.append((done, min(b, length), rank, pos + done - a))
+        done = min(b, length)
+    if done != length:
+        raise InputError(f"reshard.json: tensor {cut.name}: the slices cover {done} of {length} along dim {cut.dim}; split again")
+    return pieces
+
+
+def merge_tensor(
+    cut: TensorCut,
+    pieces: list[Piece],
+    readers: Sequence[ByteReader],
+    infos: Sequence[TensorInfo],
+    sink: Callable[[memoryview], None],
+    progress: Progress | None,
+) -> None:
+    outer, length, inner = cut.layout
+    row = length * inner
+    if row == 0 or outer == 0:
+        return
+    rank_rows = [info.nbytes // outer for info in infos]
+    if row <= BLOCK_BYTES:
+        rows = max(1, BLOCK_BYTES // row)
+        needed = sorted({p[2] for p in pieces})
+        for first in range(0, outer, rows):
+            n = min(rows, outer - first)
+            blocks = {
+                r: np.frombuffer(
+                    readers[r].read(infos[r].offset + first * rank_rows[r], n * rank_rows[r]), dtype=np.uint8
+                ).reshape(n, rank_rows[r])
+                for r in needed
+            }
+            out = np.empty((n, row), dtype=np.uint8)
+            for a, b, r, pos in pieces:
+                out[:, a * inner : b * inner] = blocks[r][:, pos * inner : (pos + b - a) * inner]
+            sink(out.data)
+            if progress:
+                progress(n * row)
+        return
+    for o in range(outer):
+        for a, b, r, pos in pieces:
+            start = infos[r].offset + o * rank_rows[r] + pos * inner
+            size = (b - a) * inner
+            for s in range(0, size, BLOCK_BYTES):
+                chunk = readers[r].read(start + s, min(BLOCK_BYTES, size - s))
+                sink(memoryview(chunk))
+                if progress:
+                    progress(len(chunk))
+
+
+def _write_config(split_dir: Path, manifest: Manifest, target: Path) -> None:
+    # The split folder's copy is the source's file byte for byte; the manifest's parsed copy is the fallback.
+    if (split_dir / "config.json").is_file():
+        shutil.copyfile(split_dir / "config.json", target)
+    else:
+        target.write_text(json.dumps(manifest.source_config, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,64 @@
+"""Output folders appear whole or not at all: written in a hidden folder beside the target, renamed when done."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from reshard.errors import OutputError
+
+
+def check_target(target: Path, inputs: Sequence[Path], force: bool) -> Path:
+    """Refuse a target that would overwrite or remove an input, or an existing one without --force."""
+    target = Path(os.path.abspath(target))
+    for path in inputs:
+        path = Path(os.path.abspath(path))
+        if path == target or target in path.parents:
+            raise OutputError(f"{target}: output would replace the input {path}; choose another --out")
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise OutputError(f"{target}: exists and is not a folder; choose another --out")
+        if not force:
+            raise OutputError(f"{target}: already exists; pass --force to replace it or choose another --out")
+    return target
+
+
+@contextmanager
+def staged_output(target: Path, inputs: Sequence[Path], force: bool) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces `target`, on any error or interrupt it is removed."""
+    target = check_target(target, inputs, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
+        yield staging
+        _fsync_dir(staging)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            target.rename(old / target.name)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
