@@ -47,7 +47,7 @@ def merge(split_dir: Path, out: Path | None = None, force: bool = False, progres
 
 
 def default_merge_dir(split_dir: Path) -> Path:
-    root = split_dir.absolute()
+    root = split_dir if split_dir.name else split_dir.absolute()
     return root.with_name(f"{root.name}-merged")
 
 

@@ -120,7 +120,8 @@ def build_plan(
     """Decide every tensor's cut, or raise PlanError listing every problem found. Does no I/O."""
     tp = tp_config.num_devices
     matched = [(t, family.match(t.name)) for t in tensors]
-    used_units = sorted({rule.units for _, rule in matched if rule is not None and rule.units is not None})
+    used = {rule.units for _, rule in matched if rule is not None}
+    used_units = [unit for unit in family.units if unit in used]
     problems: list[str] = []
     counts: dict[str, tuple[str, int]] = {}
     for unit in used_units:

@@ -61,13 +61,13 @@ def split(
 
 
 def default_split_dir(model_root: Path, tp: int) -> Path:
-    root = model_root.absolute()
+    root = model_root if model_root.name else model_root.absolute()
     return root.with_name(f"{root.name}-tp{tp}")
 
 
 def write_split(
     ckpt: Checkpoint, model_config: ModelConfig, plan: Plan, out: Path, force: bool, progress: Progress | None
-) -> None:
+) -> Manifest:
     inputs = [*ckpt.paths] + ([model_config.path] if model_config.path else [])
     manifest = Manifest.for_plan(
         plan,
@@ -97,6 +97,7 @@ def write_split(
         if model_config.path:
             shutil.copyfile(model_config.path, staging / "config.json")
         write_manifest(staging, manifest)
+    return manifest
 
 
 def rank_metadata(plan: Plan, rank: int) -> dict[str, str]:

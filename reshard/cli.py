@@ -1,0 +1,208 @@
+"""The `reshard` command: parses flags, calls the core, prints results. No tensor logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, NoReturn, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from tqdm import tqdm
+
+from reshard import __version__
+from reshard.errors import ReshardError, UsageError
+from reshard.manifest import read_manifest
+from reshard.merge import default_merge_dir, write_merge
+from reshard.plan import make_plan
+from reshard.report import human_bytes, plan_summary, rank_table, tensor_table
+from reshard.split import default_split_dir, write_split
+
+app = typer.Typer(
+    help="Split LLM safetensors checkpoints for tensor parallelism, and merge them back bit for bit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+def _console() -> Console:
+    # Piped output (logs, CI, `| less`) gets wide tables instead of rich's 80-column fallback.
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+T = TypeVar("T")
+
+
+def parse_devices(value: Optional[str]) -> Optional[list[int]]:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of GPU ids, e.g. 0,1,2,3") from None
+
+
+ModelArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="MODEL",
+        help="A .safetensors file, a model.safetensors.index.json, or a folder holding either.",
+        show_default=False,
+    ),
+]
+TpOpt = Annotated[int, typer.Option("--tp", min=1, help="Number of tensor-parallel ranks.", show_default=False)]
+DevicesOpt = Annotated[
+    Optional[str],
+    typer.Option("--devices", help="GPU id for each rank, comma-separated: rank r runs on cuda:ids[r]. Default 0..tp-1."),
+]
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", help="The model's config.json, when it is not beside the weights.")
+]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Use this rules family instead of detecting it.")]
+ReplicateOpt = Annotated[
+    bool, typer.Option("--replicate-unknown", help="Copy tensors no rule matches whole to every rank instead of refusing.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _fail(error: BaseException, message: str, code: int) -> NoReturn:
+    if os.environ.get("RESHARD_DEBUG"):
+        raise error
+    for line in message.splitlines():
+        typer.echo(f"Error: {line}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(action: Callable[[], T]) -> T:
+    """Turn the errors a user can act on into one line each on stderr and an exit code."""
+    try:
+        return action()
+    except UsageError as e:
+        _fail(e, str(e), 2)
+    except ReshardError as e:
+        _fail(e, str(e), 1)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(e, f"{where}{e.strerror or e}; nothing was written", 1)
+    except KeyboardInterrupt as e:
+        _fail(e, "interrupted; nothing was written", 130)
+
+
+@contextmanager
+def _progress(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], object]]:
+    # The bar appears only for work that lasts over half a second, so quick runs and early errors stay clean.
+    bar = tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=quiet, delay=0.5
+    )
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+@app.command("plan")
+def plan_command(
+    model: ModelArg,
+    tp: TpOpt,
+    devices: DevicesOpt = None,
+    config: ConfigOpt = None,
+    arch: ArchOpt = None,
+    replicate_unknown: ReplicateOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Show how every tensor would be cut and what each rank gets, without writing anything."""
+    device_ids = parse_devices(devices)
+    _, _, plan = _run(lambda: make_plan(model, tp, device_ids, config, arch, replicate_unknown))
+    if as_json:
+        typer.echo(json.dumps(plan.to_dict(), indent=2))
+        return
+    console = _console()
+    console.print(plan_summary(plan, model))
+    console.print(tensor_table(plan))
+    console.print(rank_table(plan))
+
+
+@app.command("split")
+def split_command(
+    model: ModelArg,
+    tp: TpOpt,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: <model folder>-tp<N> beside it.")
+    ] = None,
+    devices: DevicesOpt = None,
+    config: ConfigOpt = None,
+    arch: ArchOpt = None,
+    replicate_unknown: ReplicateOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write one safetensors file per rank, config.json and the manifest reshard.json."""
+    device_ids = parse_devices(devices)
+
+    def action() -> None:
+        ckpt, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown)
+        target = out if out is not None else default_split_dir(ckpt.root, tp)
+        with _progress(plan.nbytes, "split", quiet) as progress:
+            manifest = write_split(ckpt, model_config, plan, target, force, progress)
+        console = _console()
+        console.print(f"Wrote {target}: {plan.family} family, tp {plan.tp}, {len(plan.tensors)} tensors per rank")
+        console.print(rank_table(plan, manifest))
+
+    _run(action)
+
+
+@app.command("merge")
+def merge_command(
+    split_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `reshard split`.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: <DIR>-merged beside it.")] = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rebuild the original checkpoint (model.safetensors and config.json) from a split folder, bit for bit."""
+
+    def action() -> None:
+        manifest = read_manifest(split_dir)
+        target = out if out is not None else default_merge_dir(split_dir)
+        total = sum(t.nbytes for t in manifest.tensors)
+        with _progress(total, "merge", quiet) as progress:
+            write_merge(split_dir, manifest, target, force, progress)
+        _console().print(
+            f"Wrote {target}: model.safetensors ({len(manifest.tensors)} tensors, {human_bytes(total)}) and config.json, "
+            f"from tp {manifest.tp_config.tp}"
+        )
+
+    _run(action)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"reshard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Split LLM safetensors checkpoints for tensor parallelism, and merge them back bit for bit.
+
+    Set RESHARD_DEBUG=1 to see a traceback with any error.
+    """
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM unwinds like Ctrl-C, so the staging folder is removed on the way out.
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    app(prog_name="reshard")

@@ -1,0 +1,65 @@
+"""Rich tables for plans and results. Builds renderables only; the CLI decides where they go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from reshard.manifest import Manifest
+from reshard.plan import Plan
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def plan_summary(plan: Plan, model: Path) -> str:
+    return (
+        f"{model}: {plan.family} family, {len(plan.tensors)} tensors, {human_bytes(plan.nbytes)}, "
+        f"tp {plan.tp} on {', '.join(plan.tp_config.device(r) for r in range(plan.tp))}"
+    )
+
+
+def tensor_table(plan: Plan) -> Table:
+    table = Table(title="Tensors", title_justify="left")
+    for column in ("tensor", "rule", "style", "dim", "dtype", "shape", "per rank", "bytes", "per rank"):
+        table.add_column(column, justify="right" if column in ("dim", "bytes") else "left", no_wrap=column == "tensor")
+    table.columns[-1].justify = "right"
+    for t in plan.tensors:
+        table.add_row(
+            t.name,
+            t.rule or "(none: 1-D)",
+            t.style,
+            "-" if t.dim is None else str(t.dim),
+            t.dtype,
+            _shape(t.shape),
+            _shape(t.rank_shape(0)),
+            human_bytes(t.nbytes),
+            human_bytes(t.rank_nbytes(0)),
+        )
+    return table
+
+
+def rank_table(plan: Plan, files: Manifest | None = None) -> Table:
+    table = Table(title="Ranks", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("device")
+    if files is not None:
+        table.add_column("files")
+    table.add_column("bytes", justify="right")
+    for r in range(plan.tp):
+        cells = [str(r), plan.tp_config.device(r)]
+        if files is not None:
+            cells.append(", ".join(files.rank_files[r]))
+        table.add_row(*cells, human_bytes(plan.rank_nbytes(r)))
+    return table
