@@ -1,0 +1,44 @@
+"""Session fixtures: tiny random models built and saved by transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TRANSFORMERS_MODELS = {
+    "llama": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=4),
+    "mistral": dict(model_type="mistral", num_attention_heads=8, num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", num_attention_heads=8, num_key_value_heads=4),  # q/k/v biases
+    "qwen3": dict(model_type="qwen3", num_attention_heads=8, num_key_value_heads=4, head_dim=16),  # q_norm, k_norm
+}
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random models saved by transformers: `<family>` as one file, `<family>-sharded` with an index."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("hf")
+    paths = {}
+    for name, spec in TRANSFORMERS_MODELS.items():
+        spec = dict(spec)
+        model_type = spec.pop("model_type")
+        config = AutoConfig.for_model(
+            model_type,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            vocab_size=256,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            **spec,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+        model.save_pretrained(root / name)
+        model.save_pretrained(root / f"{name}-sharded", max_shard_size="40KB")
+        paths[name] = root / name
+        paths[f"{name}-sharded"] = root / f"{name}-sharded"
+    return paths
