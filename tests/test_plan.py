@@ -1,0 +1,166 @@
+"""The plan is a pure function of header, config and tp: checked on a Llama-2-7B-shaped header, no weights needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reshard import ModelConfig, PlanError, TPConfig, UsageError, build_plan
+from reshard.rules import builtin_families, detect_family
+from reshard.safetensors_io import TensorInfo
+
+from helpers import llama_config, llama_shapes
+
+LLAMA = builtin_families()["llama"]
+
+
+def header(config: dict, extra: dict[str, tuple[int, ...]] | None = None) -> list[TensorInfo]:
+    shapes = {**llama_shapes(config), **(extra or {})}
+    infos, offset = [], 0
+    for name, shape in shapes.items():
+        nbytes = 2
+        for d in shape:
+            nbytes *= d
+        infos.append(TensorInfo(name, "BF16", shape, Path("model.safetensors"), offset, nbytes))
+        offset += nbytes
+    return infos
+
+
+LLAMA2_7B = llama_config(heads=32, kv_heads=8, head_dim=128, ffn=11008, vocab=32000, layers=2)
+
+
+def plan_for(config: dict, tp: int, extra: dict | None = None, **kwargs: object):
+    return build_plan(header(config, extra), ModelConfig(config), TPConfig.create(tp), LLAMA, **kwargs)
+
+
+def problems(config: dict, tp: int, extra: dict | None = None, **kwargs: object) -> list[str]:
+    with pytest.raises(PlanError) as e:
+        plan_for(config, tp, extra, **kwargs)
+    return e.value.problems
+
+
+def test_llama2_7b_cuts() -> None:
+    plan = plan_for(LLAMA2_7B, 4)
+    cuts = {t.name: t for t in plan.tensors}
+    q = cuts["model.layers.0.self_attn.q_proj.weight"]
+    assert (q.style, q.dim, q.rank_shape(0)) == ("colwise", 0, (1024, 4096))
+    k = cuts["model.layers.1.self_attn.k_proj.weight"]
+    assert (k.style, k.dim, k.rank_shape(3), k.slices[3]) == ("colwise", 0, (256, 4096), ((768, 1024),))
+    o = cuts["model.layers.0.self_attn.o_proj.weight"]
+    assert (o.style, o.dim, o.rank_shape(1), o.slices[1]) == ("rowwise", 1, (4096, 1024), ((1024, 2048),))
+    down = cuts["model.layers.0.mlp.down_proj.weight"]
+    assert (down.style, down.dim, down.rank_shape(0)) == ("rowwise", 1, (4096, 2752))
+    assert cuts["model.embed_tokens.weight"].rank_shape(2) == (8000, 4096)
+    assert cuts["lm_head.weight"].style == "vocab"
+    norm = cuts["model.norm.weight"]
+    assert (norm.style, norm.dim, norm.rank_shape(0)) == ("replicate", None, (4096,))
+    assert sum(plan.rank_nbytes(r) for r in range(4)) == plan.nbytes + 3 * 2 * 4096 * (2 * 2 + 1)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_query_heads_use_their_ranks_kv_heads(tp: int) -> None:
+    """Heads stay whole, and every query head on rank r belongs to a kv group whose k/v rows are on rank r."""
+    heads, kv, head_dim = 32, 8, 128
+    cuts = {t.name: t for t in plan_for(LLAMA2_7B, tp).tensors}
+    q, k = cuts["model.layers.0.self_attn.q_proj.weight"], cuts["model.layers.0.self_attn.k_proj.weight"]
+    for rank in range(tp):
+        ((q0, q1),), ((k0, k1),) = q.slices[rank], k.slices[rank]
+        assert q0 % head_dim == 0 and q1 % head_dim == 0 and k0 % head_dim == 0 and k1 % head_dim == 0
+        kv_heads_here = set(range(k0 // head_dim, k1 // head_dim))
+        kv_heads_needed = {h // (heads // kv) for h in range(q0 // head_dim, q1 // head_dim)}
+        assert kv_heads_needed == kv_heads_here
+
+
+def test_kv_heads_not_divisible_names_valid_tp() -> None:
+    config = llama_config(heads=24, kv_heads=8, head_dim=128, ffn=12288, vocab=32016)
+    assert problems(config, 3) == ["num_key_value_heads (8) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8"]
+
+
+def test_every_problem_is_listed_once() -> None:
+    # valid --tp divides every count at once: gcd(32, 8, 11008, 32000) = 8
+    assert problems(LLAMA2_7B, 3) == [
+        "num_attention_heads (32) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
+        "num_key_value_heads (8) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
+        "intermediate_size (11008) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
+        "vocab_size (32000) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
+    ]
+
+
+def test_missing_kv_heads_defaults_to_attention_heads() -> None:
+    config = dict(LLAMA2_7B, num_key_value_heads=32)
+    config_without = {k: v for k, v in config.items() if k != "num_key_value_heads"}
+    plan = build_plan(header(config), ModelConfig(config_without), TPConfig.create(16), LLAMA)
+    k = next(t for t in plan.tensors if t.name.endswith("k_proj.weight"))
+    assert k.rank_shape(0) == (256, 4096)
+
+
+def test_missing_config_key() -> None:
+    config = {k: v for k, v in LLAMA2_7B.items() if k != "intermediate_size"}
+    with pytest.raises(PlanError) as e:
+        build_plan(header(LLAMA2_7B), ModelConfig(config), TPConfig.create(2), LLAMA)
+    assert e.value.problems == [
+        "the model config: intermediate_size is missing or not a positive integer; the llama rules need it"
+    ]
+
+
+def test_config_that_disagrees_with_weights() -> None:
+    weights = llama_config(heads=8, kv_heads=8, head_dim=4)
+    config = dict(weights, num_attention_heads=6, num_key_value_heads=6, head_dim=4)
+    with pytest.raises(PlanError) as e:
+        build_plan(header(weights), ModelConfig(config), TPConfig.create(2), LLAMA)
+    assert e.value.problems[0] == (
+        "tensor model.layers.0.self_attn.q_proj.weight: dim 0 is 32, not a multiple of num_attention_heads (6); "
+        "the config does not match the weights"
+    )
+
+
+def test_unknown_matrix_is_refused_unless_replicate_unknown() -> None:
+    extra = {"model.layers.0.mlp.extra_proj.weight": (16, 32), "model.rotary.inv_freq": (8,)}
+    assert problems(LLAMA2_7B, 2, extra) == [
+        "1 tensor(s) match no llama rule and are not 1-D: model.layers.0.mlp.extra_proj.weight; "
+        "pass --replicate-unknown to copy them whole to every rank"
+    ]
+    plan = plan_for(LLAMA2_7B, 2, extra, replicate_unknown=True)
+    cuts = {t.name: t for t in plan.tensors}
+    assert cuts["model.layers.0.mlp.extra_proj.weight"].style == "replicate"
+    assert (cuts["model.rotary.inv_freq"].style, cuts["model.rotary.inv_freq"].rule) == ("replicate", None)
+
+
+@pytest.mark.parametrize(
+    ("tp", "devices", "message"),
+    [
+        (0, None, "--tp must be at least 1, got 0"),
+        (2, [0, 1, 2], "--devices lists 3 ids but --tp is 2; give one device id per rank"),
+        (2, [1, 1], "--devices ids must be distinct, got 1,1"),
+        (2, [0, -1], "--devices ids must be non-negative, got 0,-1"),
+    ],
+)
+def test_tp_config_validation(tp: int, devices: list[int] | None, message: str) -> None:
+    with pytest.raises(UsageError, match="^" + message.replace("-", "\\-") + "$"):
+        TPConfig.create(tp, devices)
+
+
+def test_tp_config_devices() -> None:
+    config = TPConfig.create(4, [4, 5, 6, 7])
+    assert (config.num_devices, config.device(0), config.device(3)) == (4, "cuda:4", "cuda:7")
+    assert TPConfig.create(2).device_ids == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "family"),
+    [
+        ({"model_type": "mistral"}, "llama"),
+        ({"model_type": "qwen3"}, "llama"),
+        ({"model_type": "custom", "architectures": ["Qwen2ForCausalLM"]}, "llama"),
+    ],
+)
+def test_family_detection(raw: dict, family: str) -> None:
+    assert detect_family(ModelConfig(raw)).name == family
+
+
+def test_unsupported_model_type() -> None:
+    from reshard import InputError
+
+    with pytest.raises(InputError, match=r"model_type 'gpt_neox' is not supported; supported: llama, mistral, qwen2, qwen3"):
+        detect_family(ModelConfig({"model_type": "gpt_neox"}))
