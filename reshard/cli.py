@@ -36,6 +36,8 @@ def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 200)
 
 T = TypeVar("T")
+# The bar appears only for work that lasts longer, so quick runs and early errors stay clean.
+PROGRESS_DELAY_S = 0.5
 
 
 def parse_devices(value: Optional[str]) -> Optional[list[int]]:
@@ -96,9 +98,15 @@ def _run(action: Callable[[], T]) -> T:
 
 @contextmanager
 def _progress(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], object]]:
-    # The bar appears only for work that lasts over half a second, so quick runs and early errors stay clean.
     bar = tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=quiet, delay=0.5
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=quiet,
+        delay=PROGRESS_DELAY_S,
     )
     try:
         yield bar.update

@@ -1,0 +1,179 @@
+"""The installed command: output, exit codes, one-line errors, nothing left behind on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from reshard.cli import app
+
+from helpers import snapshot, synthetic_llama
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    # 8 heads, 2 kv heads: tp 1 and 2 are valid.
+    return synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2)
+
+
+def run(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_plan_prints_every_tensor_and_every_rank(model: Path) -> None:
+    result = run("plan", model, "--tp", "2", "--devices", "4,6")
+    assert result.exit_code == 0, result.output
+    assert f"{model}: llama family, 21 tensors, 36.3 KiB, tp 2 on cuda:4, cuda:6" in result.stdout
+    lines = result.stdout.splitlines()
+    q = next(line for line in lines if "layers.0.self_attn.q_proj.weight" in line)
+    assert [c.strip() for c in q.split("│")[1:-1]] == [
+        "model.layers.0.self_attn.q_proj.weight", "q_proj", "colwise", "0", "BF16", "[32, 32]", "[16, 32]", "2.0 KiB", "1.0 KiB"
+    ]  # fmt: skip
+    down = next(line for line in lines if "layers.1.mlp.down_proj.weight" in line)
+    assert "rowwise" in down and "[32, 48]" in down and "[32, 24]" in down
+    assert any("model.norm.weight" in line and "replicate" in line for line in lines)
+    assert [line.split("│")[1:3] for line in lines if "cuda:6" in line and "│" in line][0][1].strip() == "cuda:6"
+    assert result.stderr == ""
+
+
+def test_plan_json(model: Path) -> None:
+    result = run("plan", model, "--tp", "2", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert (data["family"], data["tp"], data["device_ids"]) == ("llama", 2, [0, 1])
+    k = next(t for t in data["tensors"] if t["name"] == "model.layers.0.self_attn.k_proj.weight")
+    assert k == {
+        "name": "model.layers.0.self_attn.k_proj.weight", "dtype": "BF16", "rule": "kv_proj", "style": "colwise",
+        "dim": 0, "shape": [8, 32], "rank_shape": [4, 32], "bytes": 512, "rank_bytes": 256,
+    }  # fmt: skip
+    assert [r["device"] for r in data["ranks"]] == ["cuda:0", "cuda:1"]
+    assert sum(r["bytes"] for r in data["ranks"]) > sum(t["bytes"] for t in data["tensors"])
+
+
+def test_split_then_merge(model: Path, tmp_path: Path) -> None:
+    before = snapshot(model)
+    result = run("split", model, "--tp", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "model-tp2"
+    assert f"Wrote {out}: llama family, tp 2, 21 tensors per rank" in result.stdout
+    assert "model-rank-1-part-0.safetensors" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors", "reshard.json"
+    ]  # fmt: skip
+    result = run("merge", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    merged = tmp_path / "model-tp2-merged"
+    assert f"Wrote {merged}: model.safetensors (21 tensors, 36.3 KiB) and config.json, from tp 2" in result.stdout
+    assert (merged / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    assert snapshot(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-tp2", "model-tp2-merged"]
+
+
+def test_progress_bar_goes_to_stderr_unless_quiet(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("reshard.cli.PROGRESS_DELAY_S", 0)
+    result = run("split", model, "--tp", "2", "--out", tmp_path / "a")
+    assert result.exit_code == 0
+    assert "split: 100%" in result.stderr and "36.3k/36.3k" in result.stderr
+    assert "%" not in result.stdout
+    result = run("merge", tmp_path / "a")
+    assert "merge: 100%" in result.stderr
+    result = run("split", model, "--tp", "2", "--out", tmp_path / "b", "--quiet")
+    assert (result.exit_code, result.stderr) == (0, "")
+
+
+BAD = [
+    (["plan", "{model}", "--tp", "4"], 1, ["Error: num_key_value_heads (2) is not divisible by --tp 4; valid --tp: 1, 2"]),
+    (
+        ["plan", "{model}", "--tp", "3"],
+        1,
+        [
+            "Error: num_attention_heads (8) is not divisible by --tp 3; valid --tp: 1, 2",
+            "Error: num_key_value_heads (2) is not divisible by --tp 3; valid --tp: 1, 2",
+            "Error: vocab_size (64) is not divisible by --tp 3; valid --tp: 1, 2",
+        ],
+    ),
+    (["split", "{model}", "--tp", "2", "--devices", "0"], 2, ["Error: --devices lists 1 ids but --tp is 2; give one device id per rank"]),
+    (["split", "{model}", "--tp", "2", "--devices", "1,1"], 2, ["Error: --devices ids must be distinct, got 1,1"]),
+    (["split", "{tmp}/nope", "--tp", "2"], 1, ["Error: {tmp}/nope: no such file or folder"]),
+    (["split", "{model}", "--tp", "2", "--config", "{tmp}/c.json"], 1, ["Error: {tmp}/c.json: no model config here; put config.json beside the weights or pass --config FILE"]),
+    (["split", "{model}", "--tp", "2", "--out", "{model}", "--force"], 1, ["Error: {model}: output would replace the input {model}/model.safetensors; choose another --out"]),
+    (["split", "{model}", "--tp", "2", "--out", "{tmp}", "--force"], 1, ["Error: {tmp}: output would replace the input {model}/model.safetensors; choose another --out"]),
+    (["merge", "{model}"], 1, ["Error: {model}: no reshard.json here; pass a folder written by `reshard split`"]),
+    (["split", "{model}", "--tp", "2", "--arch", "gpt2"], 1, ["Error: --arch gpt2: unknown family; known: llama"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "code", "lines"), BAD)
+def test_errors(model: Path, tmp_path: Path, args: list[str], code: int, lines: list[str]) -> None:
+    fill = {"model": str(model), "tmp": str(tmp_path)}
+    before = snapshot(tmp_path)
+    result = runner.invoke(app, [a.format(**fill) for a in args])
+    assert result.exit_code == code
+    assert result.stderr.splitlines() == [line.format(**fill) for line in lines]
+    assert result.stdout == ""
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [(["plan", "x", "--tp", "0"], "Invalid value for '--tp'"), (["split", "x"], "Missing option '--tp'"), (["plan", "x", "--tp", "2", "--devices", "a"], "is not a comma-separated list of GPU ids")],
+)  # fmt: skip
+def test_bad_flags_exit_2(args: list[str], text: str) -> None:
+    result = run(*args)
+    assert result.exit_code == 2
+    assert text in result.stderr
+
+
+def test_existing_output_needs_force(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run("split", model, "--tp", "2", "--out", out, "-q").exit_code == 0
+    first = snapshot(out)
+    result = run("split", model, "--tp", "1", "--out", out, "-q")
+    assert (result.exit_code, result.stderr) == (1, f"Error: {out}: already exists; pass --force to replace it or choose another --out\n")
+    assert snapshot(out) == first
+    assert run("split", model, "--tp", "1", "--out", out, "-q", "--force").exit_code == 0
+    assert json.loads((out / "reshard.json").read_text())["tp"] == 1
+
+
+def test_merge_refuses_missing_or_mismatched_rank_file(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    assert run("split", model, "--tp", "2", "--out", out, "-q").exit_code == 0
+    rank1 = out / "model-rank-1-part-0.safetensors"
+    rank1.rename(tmp_path / "aside")
+    result = run("merge", out)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {rank1}: rank 1 file is missing; the split folder is incomplete, split again\n"
+    (tmp_path / "aside").rename(rank1)
+    # A rank file from a different split: same names, other shapes.
+    assert run("split", model, "--tp", "1", "--out", tmp_path / "tp1", "-q").exit_code == 0
+    (tmp_path / "tp1" / "model-rank-0-part-0.safetensors").replace(out / "model-rank-0-part-0.safetensors")
+    result = run("merge", out)
+    assert result.exit_code == 1
+    assert "the rank file does not belong to this manifest" in result.stderr
+    assert not (tmp_path / "split-merged").exists()
+
+
+def reshard_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reshard", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+
+
+def test_python_dash_m_and_debug_traceback(tmp_path: Path) -> None:
+    version = reshard_process("--version")
+    assert version.returncode == 0 and version.stdout.startswith("reshard ")
+    plain = reshard_process("plan", str(tmp_path / "nope"), "--tp", "2")
+    assert (plain.returncode, plain.stderr) == (1, f"Error: {tmp_path}/nope: no such file or folder\n")
+    debug = reshard_process("plan", str(tmp_path / "nope"), "--tp", "2", env={"RESHARD_DEBUG": "1"})
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "reshard.errors.InputError" in debug.stderr
