@@ -40,6 +40,10 @@ T = TypeVar("T")
 PROGRESS_DELAY_S = 0.5
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised so that it unwinds like Ctrl-C and the staging folder is removed on the way out."""
+
+
 def parse_devices(value: Optional[str]) -> Optional[list[int]]:
     if value is None:
         return None
@@ -92,6 +96,8 @@ def _run(action: Callable[[], T]) -> T:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         _fail(e, f"{where}{e.strerror or e}; nothing was written", 1)
+    except Terminated as e:
+        _fail(e, "terminated; nothing was written", 143)
     except KeyboardInterrupt as e:
         _fail(e, "interrupted; nothing was written", 130)
 
@@ -207,8 +213,7 @@ def _root(
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM unwinds like Ctrl-C, so the staging folder is removed on the way out.
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main() -> None:

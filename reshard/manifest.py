@@ -103,7 +103,7 @@ def read_manifest(folder: Path) -> Manifest:
         raise InputError(f"{folder}: no {MANIFEST_NAME} here; pass a folder written by `reshard split`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return _parse(data, tp_hint=data.get("tp"))
+        return _parse(data)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: cannot read the manifest as JSON ({e}); split again") from e
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -112,10 +112,10 @@ def read_manifest(folder: Path) -> Manifest:
         raise InputError(f"{path}: {e}") from e
 
 
-def _parse(data: dict[str, Any], tp_hint: Any) -> Manifest:
+def _parse(data: dict[str, Any]) -> Manifest:
     if data.get("format") != FORMAT or data.get("version") != VERSION:
         raise ValueError(f"expected format {FORMAT!r} version {VERSION}, found {data.get('format')!r} {data.get('version')!r}")
-    tp_config = TPConfig.create(int(tp_hint), [int(i) for i in data["device_ids"]])
+    tp_config = TPConfig.create(int(data["tp"]), [int(i) for i in data["device_ids"]])
     ranks = data["ranks"]
     if [r["rank"] for r in ranks] != list(range(tp_config.tp)):
         raise ValueError("ranks must list 0..tp-1 in order")

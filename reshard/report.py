@@ -32,9 +32,14 @@ def plan_summary(plan: Plan, model: Path) -> str:
 
 def tensor_table(plan: Plan) -> Table:
     table = Table(title="Tensors", title_justify="left")
-    for column in ("tensor", "rule", "style", "dim", "dtype", "shape", "per rank", "bytes", "per rank"):
-        table.add_column(column, justify="right" if column in ("dim", "bytes") else "left", no_wrap=column == "tensor")
-    table.columns[-1].justify = "right"
+    table.add_column("tensor", no_wrap=True)
+    for column in ("rule", "style"):
+        table.add_column(column)
+    table.add_column("dim", justify="right")
+    for column in ("dtype", "shape", "per rank"):
+        table.add_column(column)
+    for column in ("bytes", "per rank"):
+        table.add_column(column, justify="right")
     for t in plan.tensors:
         table.add_row(
             t.name,

@@ -177,3 +177,25 @@ def test_python_dash_m_and_debug_traceback(tmp_path: Path) -> None:
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert "reshard.errors.InputError" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m: m.pop("tensors"), "malformed manifest (KeyError: 'tensors'); split again"),
+        (lambda m: m.update(version=9), "malformed manifest (ValueError: expected format 'reshard' version 1, found 'reshard' 9)"),
+        (lambda m: m["ranks"][0].update(files=["../elsewhere.safetensors"]), "rank file '../elsewhere.safetensors' must be a name inside the split folder"),
+        (lambda m: m["tensors"]["model.norm.weight"].update(dtype="X9"), "tensor model.norm.weight: unknown dtype 'X9'"),
+    ],
+)  # fmt: skip
+def test_merge_refuses_a_damaged_manifest(model: Path, tmp_path: Path, damage, message: str) -> None:
+    out = tmp_path / "split"
+    assert run("split", model, "--tp", "2", "--out", out, "-q").exit_code == 0
+    manifest = json.loads((out / "reshard.json").read_text())
+    damage(manifest)
+    (out / "reshard.json").write_text(json.dumps(manifest))
+    result = run("merge", out)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {out}/reshard.json: ") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "split-merged").exists()
