@@ -70,6 +70,10 @@ def _tensor_entry(t: TensorCut) -> dict[str, Any]:
     entry: dict[str, Any] = {"shape": list(t.shape), "dtype": t.dtype, "style": t.style, "dim": t.dim, "rule": t.rule}
     if t.dim is not None:
         entry["slices"] = [[list(r) for r in ranges] for ranges in t.slices]
+    if t.parts:
+        entry["parts"] = list(t.parts)
+    if t.padding:
+        entry["padding"] = t.padding
     return entry
 
 
@@ -151,4 +155,8 @@ def _parse_tensor(name: str, e: dict[str, Any], tp: int) -> TensorCut:
         slices = tuple(tuple((int(a), int(b)) for a, b in ranges) for ranges in e["slices"])
         if len(slices) != tp or not 0 <= dim < len(shape):
             raise ValueError(f"tensor {name}: slices must list {tp} ranks and dim must be within its shape")
-    return TensorCut(name=name, dtype=dtype, shape=shape, style=style, dim=dim, rule=e.get("rule"), slices=slices)
+    parts = tuple(int(p) for p in e.get("parts", ()))
+    cut = TensorCut(name=name, dtype=dtype, shape=shape, style=style, dim=dim, rule=e.get("rule"), slices=slices, parts=parts)
+    if cut.padding != int(e.get("padding", 0)):
+        raise ValueError(f"tensor {name}: padding {e.get('padding', 0)} does not match its slices")
+    return cut

@@ -33,6 +33,14 @@ class TensorCut:
     dim: int | None
     rule: str | None
     slices: tuple[Ranges, ...]
+    parts: tuple[int, ...] = ()  # lengths along dim of the tensors packed in this one (q|k|v), when packed
+
+    @property
+    def padding(self) -> int:
+        """Zero rows or columns appended along dim so that every rank gets as many (vocabulary padding)."""
+        if self.dim is None:
+            return 0
+        return max(0, max(b for ranges in self.slices for _, b in ranges) - self.shape[self.dim])
 
     @property
     def nbytes(self) -> int:
@@ -60,12 +68,6 @@ class TensorCut:
 
 def replicated(info: TensorInfo, tp: int, rule: str | None) -> TensorCut:
     return TensorCut(info.name, info.dtype, info.shape, "replicate", None, rule, tuple(((0, 1),) for _ in range(tp)))
-
-
-def even_cut(info: TensorInfo, tp: int, style: str, dim: int, rule: str | None) -> TensorCut:
-    step = info.shape[dim] // tp
-    slices = tuple(((r * step, (r + 1) * step),) for r in range(tp))
-    return TensorCut(info.name, info.dtype, info.shape, style, dim, rule, slices)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,36 @@ class Plan:
         }
 
 
+# Tensor-name endings of formats that pack several values into one element (GPTQ, AWQ, bitsandbytes).
+PACKED_QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".absmax", ".quant_map", ".SCB", ".nested_absmax")
+# FP8 scales: they follow the cut of `<prefix>.weight`.
+SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale")
+
+
+@dataclass(frozen=True)
+class Count:
+    """A count the cut dim is made of, and how tp may relate to it."""
+
+    label: str  # how problems name it: "num_key_value_heads (8)"
+    value: int
+    replicate: bool = False
+    pad: bool = False
+
+    def allows(self, tp: int) -> bool:
+        return self.value % tp == 0 or (self.replicate and tp % self.value == 0) or self.pad
+
+    def rank_units(self, tp: int) -> list[tuple[int, int]]:
+        """The [start, stop) units each rank holds; past `value` on the last ranks when padded."""
+        if self.value % tp == 0 or not self.replicate:
+            per = -(-self.value // tp)
+            return [(r * per, (r + 1) * per) for r in range(tp)]
+        return [(r * self.value // tp, r * self.value // tp + 1) for r in range(tp)]
+
+    def problem(self, tp: int) -> str:
+        nor = ", nor --tp a multiple of it" if self.replicate else ""
+        return f"{self.label} is not divisible by --tp {tp}{nor}"
+
+
 def build_plan(
     tensors: Sequence[TensorInfo],
     config: ModelConfig,
@@ -120,75 +152,129 @@ def build_plan(
     """Decide every tensor's cut, or raise PlanError listing every problem found. Does no I/O."""
     tp = tp_config.num_devices
     matched = [(t, family.match(t.name)) for t in tensors]
-    used = {rule.units for _, rule in matched if rule is not None}
-    used_units = [unit for unit in family.units if unit in used]
+    used = {unit for _, rule in matched if rule is not None for unit in rule.parts}
     problems: list[str] = []
-    counts: dict[str, tuple[str, int]] = {}
-    for unit in used_units:
+    counts: dict[str, Count] = {}
+    for unit in (u for u in family.units if u in used):
         key, value = family.count(unit, config)
         if value is None:
             problems.append(f"{config.name}: {key} is missing or not a positive integer; the {family.name} rules need it")
         else:
-            counts[unit] = (key, value)
-    valid = valid_tp([value for _, value in counts.values()])
-    bad_units = {unit for unit, (_, value) in counts.items() if value % tp}
-    for unit in sorted(bad_units, key=lambda u: used_units.index(u)):
-        key, value = counts[unit]
-        problems.append(f"{key} ({value}) is not divisible by --tp {tp}; valid --tp: {', '.join(map(str, valid))}")
+            spec = family.units[unit]
+            counts[unit] = Count(f"{key} ({value})", value, spec.replicate, spec.pad)
+    # Dims that no config count describes must divide by tp themselves; one problem per rule and size.
+    bare = {
+        (rule.name, info.shape[rule.dim]): info.name
+        for info, rule in reversed(matched)
+        if rule is not None and rule.style != "replicate" and not rule.parts and rule.dim < len(info.shape)
+    }
+    bare_counts = {k: Count(f"tensor {name}: dim size {k[1]}", k[1]) for k, name in bare.items()}
+    all_counts = [*counts.values(), *bare_counts.values()]
+    failing = [c for c in all_counts if not c.allows(tp)]
+    if failing:
+        valid = ", ".join(map(str, valid_tp(all_counts)))
+        problems.extend(f"{c.problem(tp)}; valid --tp: {valid}" for c in failing)
 
-    cuts: list[TensorCut] = []
+    cuts: dict[str, TensorCut] = {}
     unknown: list[str] = []
+    quantized: list[str] = []
+    scales: list[TensorInfo] = []
     for info, rule in matched:
         if rule is None:
-            if len(info.shape) <= 1 or replicate_unknown:
-                cuts.append(replicated(info, tp, None))
+            if info.name.endswith(SCALE_SUFFIXES):
+                scales.append(info)
+            elif info.name.endswith(PACKED_QUANT_SUFFIXES) or ".quant_state." in info.name:
+                quantized.append(info.name)
+            elif len(info.shape) <= 1 or replicate_unknown:
+                cuts[info.name] = replicated(info, tp, None)
             else:
                 unknown.append(info.name)
-            continue
-        if rule.style == "replicate":
-            cuts.append(replicated(info, tp, rule.name))
-            continue
-        problem = _cut_problem(info, rule.name, rule.dim, rule.units, counts, bad_units, tp)
-        if problem:
-            problems.append(problem)
-        elif rule.units not in bad_units:
-            cuts.append(even_cut(info, tp, rule.style, rule.dim, rule.name))
+        elif rule.style == "replicate":
+            cuts[info.name] = replicated(info, tp, rule.name)
+        elif rule.dim >= len(info.shape):
+            problems.append(f"tensor {info.name} has shape {list(info.shape)}; rule {rule.name} cuts dim {rule.dim}, which it does not have")
+        else:
+            parts = [counts.get(u) for u in rule.parts] or [bare_counts[(rule.name, info.shape[rule.dim])]]
+            if any(p is None or not p.allows(tp) for p in parts):
+                continue  # the count's problem is already listed once
+            cut = _cut(info, rule.name, rule.style, rule.dim, parts, tp)
+            if isinstance(cut, str):
+                problems.append(cut)
+            else:
+                cuts[info.name] = cut
+    for info in scales:
+        cut = _scale_cut(info, cuts.get(_scaled_weight(info.name)), tp)
+        if isinstance(cut, str):
+            problems.append(cut)
+        else:
+            cuts[info.name] = cut
+    if quantized:
+        problems.append(
+            f"tensor {quantized[0]} is in a packed quantized format (GPTQ, AWQ or bitsandbytes), whose elements hold "
+            "several values and cannot be cut by rows or columns; dequantize the checkpoint first, or give a rule for it with --rules"
+        )
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         problems.append(
             f"{len(unknown)} tensor(s) match no {family.name} rule and are not 1-D: {shown}; "
-            "pass --replicate-unknown to copy them whole to every rank"
+            "give a rule for them with --rules FILE, or pass --replicate-unknown to copy them whole to every rank"
         )
     if problems:
         raise PlanError(problems)
-    return Plan(family=family.name, tp_config=tp_config, tensors=tuple(cuts))
+    return Plan(family=family.name, tp_config=tp_config, tensors=tuple(cuts[t.name] for t in tensors))
 
 
-def _cut_problem(
-    info: TensorInfo,
-    rule: str,
-    dim: int,
-    unit: str | None,
-    counts: dict[str, tuple[str, int]],
-    bad_units: set[str],
-    tp: int,
-) -> str | None:
-    if dim >= len(info.shape):
-        return f"tensor {info.name} has shape {list(info.shape)}; rule {rule} cuts dim {dim}, which it does not have"
+def _cut(info: TensorInfo, rule: str, style: str, dim: int, parts: list[Count], tp: int) -> TensorCut | str:
+    """Cut a dim made of `parts` (one count, or several packed back to back) so each rank gets its share of each."""
     size = info.shape[dim]
-    if unit in counts:
-        key, count = counts[unit]
-        if size % count:
-            return f"tensor {info.name}: dim {dim} is {size}, not a multiple of {key} ({count}); the config does not match the weights"
-    if unit not in bad_units and size % tp:
-        return f"tensor {info.name}: dim {dim} ({size}) is not divisible by --tp {tp}; valid --tp: {', '.join(map(str, valid_tp([size])))}"
-    return None
+    total = sum(p.value for p in parts)
+    if size % total:
+        labels = " + ".join(p.label for p in parts)
+        return f"tensor {info.name}: dim {dim} is {size}, not a multiple of {labels}; the config does not match the weights"
+    unit = size // total
+    slices: list[list[tuple[int, int]]] = [[] for _ in range(tp)]
+    offset = 0
+    for part in parts:
+        for rank, (a, b) in enumerate(part.rank_units(tp)):
+            slices[rank].append((offset + a * unit, offset + b * unit))
+        offset += part.value * unit
+    packed = tuple(p.value * unit for p in parts) if len(parts) > 1 else ()
+    return TensorCut(info.name, info.dtype, info.shape, style, dim, rule, tuple(tuple(r) for r in slices), packed)
 
 
-def valid_tp(counts: Sequence[int]) -> list[int]:
-    """Every tp that divides all the counts."""
-    g = math.gcd(*counts) if counts else 1
-    return [d for d in range(1, g + 1) if g % d == 0]
+def _scaled_weight(name: str) -> str:
+    suffix = next(s for s in SCALE_SUFFIXES if name.endswith(s))
+    return name[: -len(suffix)] + ".weight"
+
+
+def _scale_cut(info: TensorInfo, weight: TensorCut | None, tp: int) -> TensorCut | str:
+    """A scale is cut with its weight's rows or columns when it has one value per row, column or block of them."""
+    if math.prod(info.shape) <= 1 or weight is None or weight.dim is None:
+        return replicated(info, tp, None if weight is None else f"scale of {weight.rule}")
+    rule = f"scale of {weight.rule}"
+    shape = info.shape if len(info.shape) == len(weight.shape) else None
+    if shape is None and len(info.shape) == 1:
+        # A 1-D scale has one value per output channel (weight dim 0).
+        shape = info.shape + (1,) * (len(weight.shape) - 1)
+    if shape is None:
+        return f"tensor {info.name} has shape {list(info.shape)}, which does not line up with {weight.name} {list(weight.shape)}"
+    d = weight.dim
+    if shape[d] == 1:
+        return replicated(info, tp, rule)
+    if weight.shape[d] % shape[d]:
+        return f"tensor {info.name}: dim {d} ({shape[d]}) does not divide {weight.name} dim {d} ({weight.shape[d]})"
+    block = weight.shape[d] // shape[d]
+    if any(x % block for ranges in weight.slices for r in ranges for x in r):
+        return f"tensor {info.name}: blocks of {block} along dim {d} would be split between ranks; choose another --tp"
+    dim = d if len(info.shape) == len(weight.shape) else 0
+    slices = tuple(tuple((a // block, b // block) for a, b in ranges) for ranges in weight.slices)
+    return TensorCut(info.name, info.dtype, info.shape, weight.style, dim, rule, slices)
+
+
+def valid_tp(counts: Sequence[Count]) -> list[int]:
+    """Every tp that all the counts allow, up to the largest count that cannot be padded."""
+    limit = max([c.value for c in counts if not c.pad], default=1)
+    return [tp for tp in range(1, limit + 1) if all(c.allows(tp) for c in counts)]
 
 
 def make_plan(
@@ -198,6 +284,7 @@ def make_plan(
     config: Path | None = None,
     arch: str | None = None,
     replicate_unknown: bool = False,
+    rules: Path | None = None,
 ) -> tuple[Checkpoint, ModelConfig, Plan]:
     """Read a checkpoint's headers and config and plan its split.
 
@@ -208,6 +295,7 @@ def make_plan(
         config: the model's config.json when it is not beside the weights.
         arch: force a rules family instead of detecting it from the config.
         replicate_unknown: copy tensors that match no rule whole to every rank instead of refusing.
+        rules: a rules file whose rules are tried before the family's.
 
     Returns:
         The opened checkpoint, its model config, and the plan.
@@ -220,6 +308,6 @@ def make_plan(
     tp_config = TPConfig.create(tp, device_ids)
     ckpt = open_checkpoint(model)
     model_config = ModelConfig.load(config or ckpt.config_path)
-    family = detect_family(model_config, arch)
+    family = detect_family(model_config, arch, rules)
     plan = build_plan(ckpt.tensors, model_config, tp_config, family, replicate_unknown)
     return ckpt, model_config, plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -13,9 +14,9 @@ from reshard.config import ModelConfig
 from reshard.errors import InputError, RulesError
 
 STYLES = ("colwise", "rowwise", "vocab", "replicate")
-_FAMILY_KEYS = {"family", "model_types", "architectures", "units", "rules"}
-_UNIT_KEYS = {"key", "default_key"}
-_RULE_KEYS = {"name", "match", "style", "dim", "units"}
+_FAMILY_KEYS = {"family", "extends", "model_types", "architectures", "units", "rules"}
+_UNIT_KEYS = {"key", "default_key", "replicate", "pad"}
+_RULE_KEYS = {"name", "match", "style", "dim", "units", "parts"}
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class Unit:
 
     key: str
     default_key: str | None = None
+    # When tp is a multiple of the count, rank r gets unit r*count//tp (kv heads, as vLLM and TensorRT-LLM do).
+    replicate: bool = False
+    # When tp does not divide the count, zero units are appended to a multiple of tp (vocabulary rows).
+    pad: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,12 @@ class Rule:
     patterns: tuple[str, ...]
     style: str
     dim: int | None
-    units: str | None
+    parts: tuple[str, ...]  # the units the cut dim is made of, in order: ("heads", "kv_heads", "kv_heads") for q|k|v
     regex: re.Pattern[str]
+
+    @property
+    def packed(self) -> bool:
+        return len(self.parts) > 1
 
 
 @dataclass(frozen=True)
@@ -68,24 +77,39 @@ def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{a})" for a in alternatives))
 
 
-def load_family(path: Path) -> Family:
+def load_family(path: Path, parents: dict[str, Family] | None = None) -> Family:
+    return parse_family(_read_rules(path), str(path), parents if parents is not None else builtin_families())
+
+
+def _read_rules(path: Path) -> Any:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RulesError(f"{path}: cannot read rules file as JSON ({e})") from e
-    return parse_family(data, str(path))
 
 
-def parse_family(data: Any, source: str) -> Family:
+def parse_family(data: Any, source: str, parents: dict[str, Family] | None = None) -> Family:
+    """Validate a rules file. With `extends`, the parent's units and rules apply after this file's own."""
     where = source
-    _require_object(data, where, _FAMILY_KEYS, required={"family", "rules"})
-    units = {}
+    _require_object(data, where, _FAMILY_KEYS, required={"family"})
+    parent = None
+    if "extends" in data:
+        parent = (parents or {}).get(data["extends"])
+        if parent is None:
+            known = ", ".join(parents or {}) or "none"
+            raise RulesError(f"{where}: extends {data['extends']!r}, which is not a known family; known: {known}")
+    units = dict(parent.units) if parent else {}
     for unit_name, spec in (data.get("units") or {}).items():
-        _require_object(spec, f"{where}: units.{unit_name}", _UNIT_KEYS, required={"key"})
-        units[unit_name] = Unit(key=_string(spec["key"], f"{where}: units.{unit_name}.key"), default_key=spec.get("default_key"))
-    if not isinstance(data["rules"], list) or not data["rules"]:
+        at = f"{where}: units.{unit_name}"
+        _require_object(spec, at, _UNIT_KEYS, required={"key"})
+        flags = {k: spec.get(k, False) for k in ("replicate", "pad")}
+        if not all(isinstance(v, bool) for v in flags.values()):
+            raise RulesError(f"{at}: replicate and pad must be true or false")
+        units[unit_name] = Unit(key=_string(spec["key"], f"{at}.key"), default_key=spec.get("default_key"), **flags)
+    raw_rules = data.get("rules", [])
+    if not isinstance(raw_rules, list) or not (raw_rules or parent):
         raise RulesError(f"{where}: rules must be a non-empty list")
-    rules = tuple(_parse_rule(i, r, where, units) for i, r in enumerate(data["rules"]))
+    rules = tuple(_parse_rule(i, r, where, units) for i, r in enumerate(raw_rules)) + (parent.rules if parent else ())
     return Family(
         name=_string(data["family"], f"{where}: family"),
         model_types=tuple(_strings(data.get("model_types", []), f"{where}: model_types")),
@@ -110,14 +134,21 @@ def _parse_rule(index: int, rule: Any, where: str, units: dict[str, Unit]) -> Ru
         raise RulesError(f"{at}: unknown style {style!r}; use one of {', '.join(STYLES)}")
     dim = rule.get("dim")
     if style == "replicate":
-        if dim is not None or rule.get("units") is not None:
+        if dim is not None:
             raise RulesError(f"{at}: a replicate rule takes no dim or units; remove them")
     elif type(dim) is not int or dim < 0:
         raise RulesError(f"{at}: style {style} needs dim, a non-negative integer")
-    unit = rule.get("units")
-    if unit is not None and unit not in units:
-        raise RulesError(f"{at}: units {unit!r} is not defined in units; defined: {', '.join(units) or 'none'}")
-    return Rule(name=name, patterns=patterns, style=style, dim=dim, units=unit, regex=compile_patterns(patterns))
+    if "units" in rule and "parts" in rule:
+        raise RulesError(f"{at}: give units (one count) or parts (a packed tensor), not both")
+    parts = rule.get("parts", [rule["units"]] if rule.get("units") is not None else [])
+    if style == "replicate" and parts:
+        raise RulesError(f"{at}: a replicate rule takes no dim or units; remove them")
+    for unit in _strings(parts, f"{at}.parts"):
+        if unit not in units:
+            raise RulesError(f"{at}: units {unit!r} is not defined in units; defined: {', '.join(units) or 'none'}")
+    if len(parts) > 1 and any(units[u].pad for u in parts):
+        raise RulesError(f"{at}: a packed tensor cannot hold a padded unit")
+    return Rule(name=name, patterns=patterns, style=style, dim=dim, parts=tuple(parts), regex=compile_patterns(patterns))
 
 
 def _require_object(value: Any, at: str, allowed: set[str], required: set[str]) -> None:
@@ -145,27 +176,60 @@ def _strings(value: Any, at: str) -> list[str]:
 
 def builtin_families() -> dict[str, Family]:
     folder = resources.files("reshard") / "architectures"
-    families = {}
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".json"):
-            family = parse_family(json.loads(entry.read_text(encoding="utf-8")), f"reshard/architectures/{entry.name}")
+    pending = {
+        entry.name: json.loads(entry.read_text(encoding="utf-8"))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".json")
+    }
+    families: dict[str, Family] = {}
+    # Parents first: a file is parsed once the family it extends is known.
+    while pending:
+        ready = sorted(n for n, d in pending.items() if d.get("extends") in (None, *families))
+        if not ready:
+            raise RulesError(f"reshard/architectures: cannot resolve extends in {', '.join(sorted(pending))}")
+        for name in ready:
+            family = parse_family(pending.pop(name), f"reshard/architectures/{name}", families)
             families[family.name] = family
-    return families
+    return dict(sorted(families.items()))
 
 
-def detect_family(config: ModelConfig, arch: str | None = None) -> Family:
-    """The family named by --arch, else the one whose model_types or architectures list the config's."""
+def detect_family(config: ModelConfig, arch: str | None = None, rules: Path | None = None) -> Family:
+    """The family named by --arch, else the one whose model_types or architectures list the config's.
+
+    A --rules file adds or overrides rules: its rules are tried first, then the family's. A file without
+    `extends` builds on the detected family; one that lists the config's model_type, or is given for a model
+    no built-in family knows, stands on its own (or on the family it names in `extends`).
+    """
     families = builtin_families()
+    data = _read_rules(rules) if rules is not None else None
+    if data is not None and not isinstance(data, dict):
+        raise RulesError(f"{rules}: must be a JSON object")
+    own = data is not None and (config.model_type in (data.get("model_types") or []) or "extends" in data)
     if arch is not None:
-        if arch not in families:
+        if arch not in families and not (data is not None and data.get("family") == arch):
             raise InputError(f"--arch {arch}: unknown family; known: {', '.join(families)}")
-        return families[arch]
-    for family in families.values():
+        base = families.get(arch)
+    else:
+        base = _detect(config, families.values())
+    if data is None or own or base is None:
+        if data is not None:
+            return parse_family(data, str(rules), families)
+        if base is None:
+            known = sorted(t for f in families.values() for t in f.model_types)
+            raise InputError(
+                f"{config.name}: model_type {config.model_type or 'none'!r} is not supported; supported: "
+                f"{', '.join(known)} (or pass --arch NAME, or --rules FILE for a new layout)"
+            )
+        return base
+    return parse_family({"extends": base.name, **data, "family": base.name}, f"{rules} + {base.source}", families)
+
+
+def _detect(config: ModelConfig, families: Iterable[Family]) -> Family | None:
+    families = list(families)
+    for family in families:
         if config.model_type in family.model_types:
             return family
-    for family in families.values():
+    for family in families:
         if set(config.architectures) & set(family.architectures):
             return family
-    known = sorted(t for f in families.values() for t in f.model_types)
-    seen = config.model_type or "none"
-    raise InputError(f"{config.name}: model_type {seen!r} is not supported; supported: {', '.join(known)}")
+    return None

@@ -106,7 +106,10 @@ def rank_metadata(plan: Plan, rank: int) -> dict[str, str]:
 
 
 def split_tensor(reader: ByteReader, base: int, cut: TensorCut, sinks: Sequence[Sink], progress: Progress | None) -> None:
-    """Append each rank's slices of one tensor to that rank's sink, reading the tensor once, front to back."""
+    """Append each rank's slices of one tensor to that rank's sink, reading the tensor once, front to back.
+
+    Ranges past the end of the cut dim are padding (a vocabulary tp does not divide) and are written as zeros.
+    """
     outer, length, inner = cut.layout
     row = length * inner
     if row == 0 or outer == 0:
@@ -118,7 +121,12 @@ def split_tensor(reader: ByteReader, base: int, cut: TensorCut, sinks: Sequence[
             n = min(rows, outer - first)
             block = np.frombuffer(reader.read(base + first * row, n * row), dtype=np.uint8).reshape(n, row)
             for rank, ranges in enumerate(cut.slices):
-                parts = [block[:, a * inner : b * inner] for a, b in ranges]
+                parts = []
+                for a, b in ranges:
+                    if a < length:
+                        parts.append(block[:, a * inner : min(b, length) * inner])
+                    if b > length:
+                        parts.append(np.zeros((n, (b - max(a, length)) * inner), dtype=np.uint8))
                 piece = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
                 sinks[rank](np.ascontiguousarray(piece).data)
             if progress:
@@ -136,3 +144,13 @@ def split_tensor(reader: ByteReader, base: int, cut: TensorCut, sinks: Sequence[
                         sinks[rank](window[lo - w : hi - w])
             if progress:
                 progress(len(window))
+        for rank, ranges in enumerate(cut.slices):
+            # Padding only ever ends a rank's last range, so it follows all of that rank's data in this row.
+            a, b = ranges[-1]
+            _write_zeros(sinks[rank], (b - max(a, length)) * inner)
+
+
+def _write_zeros(sink: Sink, nbytes: int) -> None:
+    zeros = memoryview(bytes(min(nbytes, BLOCK_BYTES))) if nbytes > 0 else memoryview(b"")
+    for start in range(0, nbytes, BLOCK_BYTES):
+        sink(zeros[: min(BLOCK_BYTES, nbytes - start)])

@@ -32,9 +32,15 @@ def expected_dim(name: str) -> int | None:
     return LLAMA_CUT_DIMS.get(module)
 
 
-def reference_slice(tensor: torch.Tensor, name: str, rank: int, tp: int) -> torch.Tensor:
+def reference_slice(tensor: torch.Tensor, name: str, rank: int, tp: int, kv_heads: int | None = None) -> torch.Tensor:
+    """Rank r's part: torch.chunk along the cut dim; with fewer kv heads than ranks, k/v head r*kv//tp whole."""
     dim = expected_dim(name)
-    return tensor if dim is None else torch.chunk(tensor, tp, dim=dim)[rank]
+    if dim is None:
+        return tensor
+    if kv_heads is not None and kv_heads < tp and name.split(".")[-2] in ("k_proj", "v_proj"):
+        head = rank * kv_heads // tp
+        return torch.chunk(tensor, kv_heads, dim=0)[head]
+    return torch.chunk(tensor, tp, dim=dim)[rank]
 
 
 def raw_bytes(tensor: torch.Tensor) -> bytes:

@@ -21,7 +21,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    # 8 heads, 2 kv heads: tp 1 and 2 are valid.
+    # 8 heads, 2 kv heads (replicated at tp 4 and 8), FFN 48, vocabulary 64.
     return synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2)
 
 
@@ -91,14 +91,13 @@ def test_progress_bar_goes_to_stderr_unless_quiet(model: Path, tmp_path: Path, m
 
 
 BAD = [
-    (["plan", "{model}", "--tp", "4"], 1, ["Error: num_key_value_heads (2) is not divisible by --tp 4; valid --tp: 1, 2"]),
+    (["plan", "{model}", "--tp", "6"], 1, ["Error: num_attention_heads (8) is not divisible by --tp 6; valid --tp: 1, 2, 4, 8"]),
     (
         ["plan", "{model}", "--tp", "3"],
         1,
         [
-            "Error: num_attention_heads (8) is not divisible by --tp 3; valid --tp: 1, 2",
-            "Error: num_key_value_heads (2) is not divisible by --tp 3; valid --tp: 1, 2",
-            "Error: vocab_size (64) is not divisible by --tp 3; valid --tp: 1, 2",
+            "Error: num_attention_heads (8) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
+            "Error: num_key_value_heads (2) is not divisible by --tp 3, nor --tp a multiple of it; valid --tp: 1, 2, 4, 8",
         ],
     ),
     (["split", "{model}", "--tp", "2", "--devices", "0"], 2, ["Error: --devices lists 1 ids but --tp is 2; give one device id per rank"]),
@@ -108,7 +107,8 @@ BAD = [
     (["split", "{model}", "--tp", "2", "--out", "{model}", "--force"], 1, ["Error: {model}: output would replace the input {model}/model.safetensors; choose another --out"]),
     (["split", "{model}", "--tp", "2", "--out", "{tmp}", "--force"], 1, ["Error: {tmp}: output would replace the input {model}/model.safetensors; choose another --out"]),
     (["merge", "{model}"], 1, ["Error: {model}: no reshard.json here; pass a folder written by `reshard split`"]),
-    (["split", "{model}", "--tp", "2", "--arch", "gpt2"], 1, ["Error: --arch gpt2: unknown family; known: llama"]),
+    (["split", "{model}", "--tp", "2", "--arch", "opt"], 1, ["Error: --arch opt: unknown family; known: gemma, gpt2, llama, mixtral, phi3, qwen2_moe"]),
+    (["split", "{model}", "--tp", "2", "--arch", "gpt2"], 1, ["Error: 15 tensor(s) match no gpt2 rule and are not 1-D: model.embed_tokens.weight, model.layers.0.mlp.down_proj.weight, model.layers.0.mlp.gate_proj.weight and 12 more; give a rule for them with --rules FILE, or pass --replicate-unknown to copy them whole to every rank"]),
 ]  # fmt: skip
 
 

@@ -19,7 +19,6 @@ CASES = [
     for name in ("llama", "mistral", "qwen2", "qwen3")
     for layout in ("", "-sharded")
     for tp in (2, 4)
-    if not (name == "mistral" and tp == 4)  # 2 kv heads
 ]
 
 
@@ -44,12 +43,13 @@ def test_split_and_merge_transformers_checkpoint(hf_models: dict[str, Path], tmp
 
     out = split(model, tp=tp, out=tmp_path / "split")
     manifest = json.loads((out / "reshard.json").read_text())
+    kv_heads = manifest["source"]["config"]["num_key_value_heads"]
     assert manifest["source"]["config"]["model_type"] == name
     for rank in range(tp):
         got = load_file(str(out / manifest["ranks"][rank]["files"][0]))
         assert set(got) == set(source)
         for tensor_name, tensor in source.items():
-            assert raw_bytes(got[tensor_name]) == raw_bytes(reference_slice(tensor, tensor_name, rank, tp)), tensor_name
+            assert raw_bytes(got[tensor_name]) == raw_bytes(reference_slice(tensor, tensor_name, rank, tp, kv_heads)), tensor_name
 
     merged = merge(out, out=tmp_path / "merged")
     back = load_file(str(merged / "model.safetensors"))
@@ -72,8 +72,12 @@ def test_merged_checkpoint_loads_in_transformers_with_same_logits(hf_models: dic
     assert torch.equal(want, got)
 
 
-def test_mistral_refuses_more_ranks_than_kv_heads(hf_models: dict[str, Path], tmp_path: Path) -> None:
+def test_mistral_refuses_tp_that_neither_divides_nor_is_a_multiple_of_kv_heads(hf_models: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(PlanError) as e:
-        split(hf_models["mistral"], tp=4, out=tmp_path / "out")
-    assert e.value.problems == ["num_key_value_heads (2) is not divisible by --tp 4; valid --tp: 1, 2"]
+        split(hf_models["mistral"], tp=3, out=tmp_path / "out")
+    assert e.value.problems == [
+        "num_attention_heads (8) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
+        "num_key_value_heads (2) is not divisible by --tp 3, nor --tp a multiple of it; valid --tp: 1, 2, 4, 8",
+        "intermediate_size (128) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
+    ]
     assert not (tmp_path / "out").exists()

@@ -58,7 +58,7 @@ def test_llama2_7b_cuts() -> None:
     assert sum(plan.rank_nbytes(r) for r in range(4)) == plan.nbytes + 3 * 2 * 4096 * (2 * 2 + 1)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("tp", [1, 2, 4, 8, 16, 32])
 def test_query_heads_use_their_ranks_kv_heads(tp: int) -> None:
     """Heads stay whole, and every query head on rank r belongs to a kv group whose k/v rows are on rank r."""
     heads, kv, head_dim = 32, 8, 128
@@ -74,16 +74,17 @@ def test_query_heads_use_their_ranks_kv_heads(tp: int) -> None:
 
 def test_kv_heads_not_divisible_names_valid_tp() -> None:
     config = llama_config(heads=24, kv_heads=8, head_dim=128, ffn=12288, vocab=32016)
-    assert problems(config, 3) == ["num_key_value_heads (8) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8"]
+    assert problems(config, 3) == [
+        "num_key_value_heads (8) is not divisible by --tp 3, nor --tp a multiple of it; valid --tp: 1, 2, 4, 8, 24"
+    ]
 
 
 def test_every_problem_is_listed_once() -> None:
-    # valid --tp divides every count at once: gcd(32, 8, 11008, 32000) = 8
+    # valid --tp: divides heads and FFN, divides the kv heads or is a multiple of them; the vocabulary is padded.
     assert problems(LLAMA2_7B, 3) == [
-        "num_attention_heads (32) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
-        "num_key_value_heads (8) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
-        "intermediate_size (11008) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
-        "vocab_size (32000) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
+        "num_attention_heads (32) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8, 16, 32",
+        "num_key_value_heads (8) is not divisible by --tp 3, nor --tp a multiple of it; valid --tp: 1, 2, 4, 8, 16, 32",
+        "intermediate_size (11008) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8, 16, 32",
     ]
 
 
@@ -119,7 +120,7 @@ def test_unknown_matrix_is_refused_unless_replicate_unknown() -> None:
     extra = {"model.layers.0.mlp.extra_proj.weight": (16, 32), "model.rotary.inv_freq": (8,)}
     assert problems(LLAMA2_7B, 2, extra) == [
         "1 tensor(s) match no llama rule and are not 1-D: model.layers.0.mlp.extra_proj.weight; "
-        "pass --replicate-unknown to copy them whole to every rank"
+        "give a rule for them with --rules FILE, or pass --replicate-unknown to copy them whole to every rank"
     ]
     plan = plan_for(LLAMA2_7B, 2, extra, replicate_unknown=True)
     cuts = {t.name: t for t in plan.tensors}
@@ -162,5 +163,5 @@ def test_family_detection(raw: dict, family: str) -> None:
 def test_unsupported_model_type() -> None:
     from reshard import InputError
 
-    with pytest.raises(InputError, match=r"model_type 'gpt_neox' is not supported; supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(InputError, match=r"model_type 'gpt_neox' is not supported; supported: gemma, gemma2, gemma3_text, gpt2,"):
         detect_family(ModelConfig({"model_type": "gpt_neox"}))
