@@ -73,6 +73,9 @@ ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Use this rules f
 ReplicateOpt = Annotated[
     bool, typer.Option("--replicate-unknown", help="Copy tensors no rule matches whole to every rank instead of refusing.")
 ]
+RulesOpt = Annotated[
+    Optional[Path], typer.Option("--rules", help="A rules file (JSON) whose rules are tried before the family's.")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
@@ -128,11 +131,12 @@ def plan_command(
     config: ConfigOpt = None,
     arch: ArchOpt = None,
     replicate_unknown: ReplicateOpt = False,
+    rules: RulesOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Show how every tensor would be cut and what each rank gets, without writing anything."""
     device_ids = parse_devices(devices)
-    _, _, plan = _run(lambda: make_plan(model, tp, device_ids, config, arch, replicate_unknown))
+    _, _, plan = _run(lambda: make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules))
     if as_json:
         typer.echo(json.dumps(plan.to_dict(), indent=2))
         return
@@ -153,6 +157,7 @@ def split_command(
     config: ConfigOpt = None,
     arch: ArchOpt = None,
     replicate_unknown: ReplicateOpt = False,
+    rules: RulesOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -160,7 +165,7 @@ def split_command(
     device_ids = parse_devices(devices)
 
     def action() -> None:
-        ckpt, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown)
+        ckpt, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules)
         target = out if out is not None else default_split_dir(ckpt.root, tp)
         with _progress(plan.nbytes, "split", quiet) as progress:
             manifest = write_split(ckpt, model_config, plan, target, force, progress)

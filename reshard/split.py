@@ -33,6 +33,7 @@ def split(
     replicate_unknown: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    rules: Path | None = None,
 ) -> Path:
     """Split a checkpoint into per-rank safetensors files plus reshard.json.
 
@@ -46,6 +47,7 @@ def split(
         replicate_unknown: copy tensors that match no rule whole to every rank instead of refusing.
         force: replace an existing output folder.
         progress: called with the number of source bytes just processed.
+        rules: a rules file whose rules are tried before the family's.
 
     Returns:
         The output folder.
@@ -54,7 +56,7 @@ def split(
         >>> split(Path("examples/tiny-llama"), tp=2, out=Path("/tmp/tiny-tp2"))
         PosixPath('/tmp/tiny-tp2')
     """
-    ckpt, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown)
+    ckpt, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules)
     out = Path(out) if out is not None else default_split_dir(ckpt.root, tp)
     write_split(ckpt, model_config, plan, out, force, progress)
     return out

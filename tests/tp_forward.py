@@ -1,0 +1,127 @@
+"""A real tensor-parallel forward pass over reshard's rank files.
+
+tp processes under torch.distributed (gloo, CPU). Each loads only its own rank file into a transformers model
+configured with the rank-local sizes (heads/tp, kv heads/tp or 1 when replicated, FFN/tp, vocabulary/tp
+rounded up), and the ranks combine their partial results as an inference engine does: an all-reduce after
+the vocabulary-parallel embedding (masked lookup), after attention and after the MLP or MoE block, and an
+all-gather of the vocabulary-parallel logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from reshard import ModelConfig
+from reshard.rules import builtin_families
+
+TOKENS = torch.tensor([[3, 17, 101, 7, 249, 64, 9], [200, 1, 45, 45, 99, 12, 180]])
+
+
+def rank_local_config(config: dict, family_name: str, tp: int) -> dict:
+    """The model config one rank's shard is a complete model of."""
+    family = builtin_families()[family_name]
+    local = dict(config)
+    local["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    for unit_name, unit in family.units.items():
+        key, value = family.count(unit_name, ModelConfig(config))
+        if value is None:
+            continue
+        if value % tp == 0:
+            local[key] = value // tp
+        elif unit.replicate and tp % value == 0:
+            local[key] = 1
+        elif unit.pad:
+            local[key] = math.ceil(value / tp)
+    return local
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
+def _make_tensor_parallel(model: torch.nn.Module, rank: int, tp: int, vocab: int) -> None:
+    embed = model.get_input_embeddings()
+    local_vocab = embed.weight.shape[0]
+    start = rank * local_vocab
+    lookup = embed.forward
+
+    def embed_forward(ids: torch.Tensor) -> torch.Tensor:
+        local = ids - start
+        outside = (local < 0) | (local >= local_vocab)
+        out = lookup(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0.0)
+        return _all_reduce(out)
+
+    embed.forward = embed_forward
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(lambda m, i, out: (_all_reduce(out[0]), *out[1:]))
+        layer.mlp.register_forward_hook(lambda m, i, out: _all_reduce(out))
+
+    def gather_logits(module: torch.nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(out) for _ in range(tp)]
+        dist.all_gather(parts, out.contiguous())
+        return torch.cat(parts, dim=-1)[..., :vocab]
+
+    model.lm_head.register_forward_hook(gather_logits)
+
+
+def shard_logits(rank: int, tp: int, split_dir: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    manifest = json.loads((split_dir / "reshard.json").read_text())
+    config = manifest["source"]["config"]
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder)
+        (local / "config.json").write_text(json.dumps(rank_local_config(config, manifest["family"], tp)))
+        (local / "model.safetensors").symlink_to(split_dir / manifest["ranks"][rank]["files"][0])
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager").eval()
+    _make_tensor_parallel(model, rank, tp, config["vocab_size"])
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def full_logits(model_dir: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def worker(rank: int, tp: int, store: str, jobs: list[tuple[str, str, str]], results: str) -> None:
+    """Run every job's sharded forward as rank `rank`; rank 0 records each job's relative error or failure."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=tp, timeout=timedelta(seconds=120))
+    torch.set_num_threads(1)
+    out: dict[str, object] = {}
+    for name, model_dir, split_dir in jobs:
+        try:
+            got = shard_logits(rank, tp, Path(split_dir))
+            if rank == 0:
+                want = full_logits(Path(model_dir))
+                out[name] = float((got - want).abs().max() / want.abs().max()) if got.shape == want.shape else (
+                    f"logits shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+                )
+        except Exception:
+            out[name] = traceback.format_exc()
+    if rank == 0:
+        Path(results).write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def run_tensor_parallel(tp: int, jobs: list[tuple[str, Path, Path]], workdir: Path) -> dict[str, object]:
+    """Spawn tp processes over the jobs (name, unsharded model, split folder); return name -> error or traceback."""
+    import torch.multiprocessing as mp
+
+    store, results = workdir / f"store-{tp}", workdir / f"results-{tp}.json"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(worker, args=(tp, str(store), [(n, str(m), str(s)) for n, m, s in jobs], str(results)), nprocs=tp)
+    return json.loads(results.read_text())
