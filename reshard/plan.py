@@ -209,9 +209,11 @@ def build_plan(
         else:
             cuts[info.name] = cut
     if quantized:
-        problems.append(
+        # First: shape complaints about such a checkpoint are consequences of the packing.
+        problems.insert(
+            0,
             f"tensor {quantized[0]} is in a packed quantized format (GPTQ, AWQ or bitsandbytes), whose elements hold "
-            "several values and cannot be cut by rows or columns; dequantize the checkpoint first, or give a rule for it with --rules"
+            "several values and cannot be cut by rows or columns; dequantize the checkpoint first, or give a rule for it with --rules",
         )
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")

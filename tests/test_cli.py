@@ -199,3 +199,66 @@ def test_merge_refuses_a_damaged_manifest(model: Path, tmp_path: Path, damage, m
     assert result.stderr.startswith(f"Error: {out}/reshard.json: ") and message in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "split-merged").exists()
+
+
+def neox_like(folder: Path) -> Path:
+    """A layout no built-in family knows: fused query_key_value with heads interleaved is not assumed, just named."""
+    config = {"model_type": "toy", "num_attention_heads": 4, "vocab_size": 32}
+    tensors = {
+        "embed.weight": torch.arange(32 * 8, dtype=torch.float32).reshape(32, 8),
+        "blocks.0.attn.wq.weight": torch.arange(16 * 8, dtype=torch.float32).reshape(16, 8),
+        "blocks.0.attn.wo.weight": torch.arange(8 * 16, dtype=torch.float32).reshape(8, 16),
+        "blocks.0.norm.weight": torch.ones(8),
+    }
+    from helpers import write_checkpoint
+
+    return write_checkpoint(folder, tensors, config)
+
+
+def test_rules_file_for_a_new_layout(tmp_path: Path) -> None:
+    model = neox_like(tmp_path / "toy")
+    rules = tmp_path / "toy.json"
+    rules.write_text(json.dumps({
+        "family": "toy",
+        "model_types": ["toy"],
+        "units": {"heads": {"key": "num_attention_heads"}, "vocab": {"key": "vocab_size", "pad": True}},
+        "rules": [
+            {"name": "embed", "match": "embed.weight", "style": "vocab", "dim": 0, "units": "vocab"},
+            {"name": "wq", "match": "blocks.*.attn.wq.weight", "style": "colwise", "dim": 0, "units": "heads"},
+            {"name": "wo", "match": "blocks.*.attn.wo.weight", "style": "rowwise", "dim": 1, "units": "heads"},
+        ],
+    }))  # fmt: skip
+    without = run("plan", model, "--tp", "2")
+    assert without.exit_code == 1 and "model_type 'toy' is not supported" in without.stderr
+    result = run("plan", model, "--tp", "2", "--rules", rules, "--json")
+    assert result.exit_code == 0, result.output
+    cuts = {t["name"]: (t["rule"], t["style"], t["rank_shape"]) for t in json.loads(result.stdout)["tensors"]}
+    assert cuts == {
+        "blocks.0.attn.wo.weight": ("wo", "rowwise", [8, 8]),
+        "blocks.0.attn.wq.weight": ("wq", "colwise", [8, 8]),
+        "blocks.0.norm.weight": (None, "replicate", [8]),
+        "embed.weight": ("embed", "vocab", [16, 8]),
+    }
+    assert run("split", model, "--tp", "3", "--rules", rules, "-q").exit_code == 1  # 4 heads
+    assert run("split", model, "--tp", "4", "--rules", rules, "-q").exit_code == 0
+    merged = run("merge", tmp_path / "toy-tp4", "-q")
+    assert merged.exit_code == 0
+    assert (tmp_path / "toy-tp4-merged" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ({"rules": [{"name": "x", "match": "a", "style": "colwise", "dim": 0, "dims": 1}]}, "rules[0]: unknown key 'dims'; allowed keys: dim, match, name, parts, style, units"),
+        ({"rules": [{"name": "x", "match": "a", "style": "sideways", "dim": 0}]}, "rule 'x': unknown style 'sideways'; use one of colwise, rowwise, vocab, replicate"),
+        ({"family": "f", "extends": "bloom", "rules": []}, "extends 'bloom', which is not a known family; known: gemma, gpt2, llama, mixtral, phi3, qwen2_moe"),
+        ({"rules": [{"name": "x", "match": "a", "style": "colwise", "dim": 0, "parts": ["heads", "vocab"]}]}, "rule 'x': a packed tensor cannot hold a padded unit"),
+    ],
+)  # fmt: skip
+def test_rules_file_is_validated_strictly(model: Path, tmp_path: Path, rules: dict, message: str) -> None:
+    path = tmp_path / "my-rules.json"
+    path.write_text(json.dumps(rules))
+    result = run("plan", model, "--tp", "2", "--rules", path)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {path}") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1
