@@ -4,6 +4,7 @@ all work from the same Plan, so the dry run is exactly what split does."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 from reshard.checkpoint import Checkpoint, open_checkpoint
 from reshard.config import ModelConfig, TPConfig
 from reshard.errors import PlanError
-from reshard.rules import Family, detect_family
+from reshard.rules import Family, Rule, detect_family
 from reshard.safetensors_io import DTYPE_SIZES, TensorInfo
 
 Ranges = tuple[tuple[int, int], ...]
@@ -55,6 +56,12 @@ class TensorCut:
         outer = math.prod(self.shape[: self.dim])
         inner = math.prod(self.shape[self.dim + 1 :]) * itemsize
         return outer, self.shape[self.dim], inner
+
+    @property
+    def replicas(self) -> int:
+        """How many ranks hold each piece: above 1 when kv heads are replicated."""
+        holders = Counter(r for ranges in self.slices for r in ranges)
+        return max(holders.values())
 
     def rank_shape(self, rank: int) -> tuple[int, ...]:
         if self.dim is None:
@@ -103,6 +110,9 @@ class Plan:
                     "rank_shape": list(t.rank_shape(0)),
                     "bytes": t.nbytes,
                     "rank_bytes": t.rank_nbytes(0),
+                    "parts": list(t.parts),
+                    "replicas": t.replicas,
+                    "padding": t.padding,
                 }
                 for t in self.tensors
             ],
@@ -152,23 +162,7 @@ def build_plan(
     """Decide every tensor's cut, or raise PlanError listing every problem found. Does no I/O."""
     tp = tp_config.num_devices
     matched = [(t, family.match(t.name)) for t in tensors]
-    used = {unit for _, rule in matched if rule is not None for unit in rule.parts}
-    problems: list[str] = []
-    counts: dict[str, Count] = {}
-    for unit in (u for u in family.units if u in used):
-        key, value = family.count(unit, config)
-        if value is None:
-            problems.append(f"{config.name}: {key} is missing or not a positive integer; the {family.name} rules need it")
-        else:
-            spec = family.units[unit]
-            counts[unit] = Count(f"{key} ({value})", value, spec.replicate, spec.pad)
-    # Dims that no config count describes must divide by tp themselves; one problem per rule and size.
-    bare = {
-        (rule.name, info.shape[rule.dim]): info.name
-        for info, rule in reversed(matched)
-        if rule is not None and rule.style != "replicate" and not rule.parts and rule.dim < len(info.shape)
-    }
-    bare_counts = {k: Count(f"tensor {name}: dim size {k[1]}", k[1]) for k, name in bare.items()}
+    counts, bare_counts, problems = _counts(matched, config, family)
     all_counts = [*counts.values(), *bare_counts.values()]
     failing = [c for c in all_counts if not c.allows(tp)]
     if failing:
@@ -224,6 +218,30 @@ def build_plan(
     if problems:
         raise PlanError(problems)
     return Plan(family=family.name, tp_config=tp_config, tensors=tuple(cuts[t.name] for t in tensors))
+
+
+def _counts(
+    matched: list[tuple[TensorInfo, Rule | None]], config: ModelConfig, family: Family
+) -> tuple[dict[str, Count], dict[tuple[str, int], Count], list[str]]:
+    """The config counts the matched rules use, and the dims no count describes (which must divide by tp
+    themselves; one per rule and size, named after its first tensor)."""
+    used = {unit for _, rule in matched if rule is not None for unit in rule.parts}
+    problems: list[str] = []
+    counts: dict[str, Count] = {}
+    for unit in (u for u in family.units if u in used):
+        key, value = family.count(unit, config)
+        if value is None:
+            problems.append(f"{config.name}: {key} is missing or not a positive integer; the {family.name} rules need it")
+        else:
+            spec = family.units[unit]
+            counts[unit] = Count(f"{key} ({value})", value, spec.replicate, spec.pad)
+    bare = {
+        (rule.name, info.shape[rule.dim]): info.name
+        for info, rule in reversed(matched)
+        if rule is not None and rule.style != "replicate" and not rule.parts and rule.dim < len(info.shape)
+    }
+    bare_counts = {k: Count(f"tensor {name}: dim size {k[1]}", k[1]) for k, name in bare.items()}
+    return counts, bare_counts, problems
 
 
 def _cut(info: TensorInfo, rule: str, style: str, dim: int, parts: list[Count], tp: int) -> TensorCut | str:

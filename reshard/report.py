@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from reshard.manifest import Manifest
-from reshard.plan import Plan
+from reshard.plan import Plan, TensorCut
 
 
 def human_bytes(n: int) -> str:
@@ -40,6 +40,7 @@ def tensor_table(plan: Plan) -> Table:
         table.add_column(column)
     for column in ("bytes", "per rank"):
         table.add_column(column, justify="right")
+    table.add_column("notes")
     for t in plan.tensors:
         table.add_row(
             t.name,
@@ -51,8 +52,20 @@ def tensor_table(plan: Plan) -> Table:
             _shape(t.rank_shape(0)),
             human_bytes(t.nbytes),
             human_bytes(t.rank_nbytes(0)),
+            cut_notes(t),
         )
     return table
+
+
+def cut_notes(t: TensorCut) -> str:
+    notes = []
+    if t.parts:
+        notes.append("packed " + " + ".join(map(str, t.parts)))
+    if t.dim is not None and t.replicas > 1:
+        notes.append(f"slices shared by {t.replicas} ranks")
+    if t.padding:
+        notes.append(f"+{t.padding} zero rows" if t.dim == 0 else f"+{t.padding} zero columns")
+    return ", ".join(notes)
 
 
 def rank_table(plan: Plan, files: Manifest | None = None) -> Table:

@@ -36,13 +36,26 @@ def test_plan_prints_every_tensor_and_every_rank(model: Path) -> None:
     lines = result.stdout.splitlines()
     q = next(line for line in lines if "layers.0.self_attn.q_proj.weight" in line)
     assert [c.strip() for c in q.split("│")[1:-1]] == [
-        "model.layers.0.self_attn.q_proj.weight", "q_proj", "colwise", "0", "BF16", "[32, 32]", "[16, 32]", "2.0 KiB", "1.0 KiB"
+        "model.layers.0.self_attn.q_proj.weight", "q_proj", "colwise", "0", "BF16", "[32, 32]", "[16, 32]", "2.0 KiB", "1.0 KiB", ""
     ]  # fmt: skip
     down = next(line for line in lines if "layers.1.mlp.down_proj.weight" in line)
     assert "rowwise" in down and "[32, 48]" in down and "[32, 24]" in down
     assert any("model.norm.weight" in line and "replicate" in line for line in lines)
     assert [line.split("│")[1:3] for line in lines if "cuda:6" in line and "│" in line][0][1].strip() == "cuda:6"
     assert result.stderr == ""
+
+
+def test_plan_notes_show_replicated_kv_heads_and_padding(model: Path) -> None:
+    result = run("plan", model, "--tp", "8", "--json")
+    cuts = {t["name"]: t for t in json.loads(result.stdout)["tensors"]}
+    assert cuts["model.layers.1.self_attn.v_proj.weight"]["replicas"] == 4  # 2 kv heads on 8 ranks
+    table = run("plan", model, "--tp", "8").stdout
+    assert any("v_proj" in line and "slices shared by 4 ranks" in line for line in table.splitlines())
+    padded = run("plan", model, "--tp", "6", "--json")
+    assert padded.exit_code == 1  # 8 heads
+    odd = synthetic_llama(model.parent / "odd", torch.bfloat16, kv_heads=2, vocab=62)
+    table = run("plan", odd, "--tp", "4").stdout
+    assert any("lm_head.weight" in line and "+2 zero rows" in line for line in table.splitlines())
 
 
 def test_plan_json(model: Path) -> None:
@@ -54,6 +67,7 @@ def test_plan_json(model: Path) -> None:
     assert k == {
         "name": "model.layers.0.self_attn.k_proj.weight", "dtype": "BF16", "rule": "kv_proj", "style": "colwise",
         "dim": 0, "shape": [8, 32], "rank_shape": [4, 32], "bytes": 512, "rank_bytes": 256,
+        "parts": [], "replicas": 1, "padding": 0,
     }  # fmt: skip
     assert [r["device"] for r in data["ranks"]] == ["cuda:0", "cuda:1"]
     assert sum(r["bytes"] for r in data["ranks"]) > sum(t["bytes"] for t in data["tensors"])

@@ -74,7 +74,8 @@ def _make_tensor_parallel(model: torch.nn.Module, rank: int, tp: int, vocab: int
     model.lm_head.register_forward_hook(gather_logits)
 
 
-def shard_logits(rank: int, tp: int, split_dir: Path) -> torch.Tensor:
+def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
+    """Rank `rank`'s model: its own rank file only, in a model configured with the rank-local sizes."""
     from transformers import AutoModelForCausalLM
 
     manifest = json.loads((split_dir / "reshard.json").read_text())
@@ -85,8 +86,7 @@ def shard_logits(rank: int, tp: int, split_dir: Path) -> torch.Tensor:
         (local / "model.safetensors").symlink_to(split_dir / manifest["ranks"][rank]["files"][0])
         model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager").eval()
     _make_tensor_parallel(model, rank, tp, config["vocab_size"])
-    with torch.no_grad():
-        return model(TOKENS).logits
+    return model
 
 
 def full_logits(model_dir: Path) -> torch.Tensor:
@@ -98,22 +98,36 @@ def full_logits(model_dir: Path) -> torch.Tensor:
 
 
 def worker(rank: int, tp: int, store: str, jobs: list[tuple[str, str, str]], results: str) -> None:
-    """Run every job's sharded forward as rank `rank`; rank 0 records each job's relative error or failure."""
+    """Run every job's sharded forward as rank `rank`, and record its relative error or its own traceback.
+
+    The ranks agree that every shard loaded before any collective runs, so one rank's failure is reported as
+    that rank's traceback instead of leaving the others in mismatched collectives.
+    """
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=tp, timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     out: dict[str, object] = {}
     for name, model_dir, split_dir in jobs:
+        model = None
         try:
-            got = shard_logits(rank, tp, Path(split_dir))
+            model = load_shard(rank, tp, Path(split_dir))
+        except Exception:
+            out[name] = f"rank {rank}: {traceback.format_exc()}"
+        loaded = torch.tensor([0 if model is None else 1])
+        dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
+        if not loaded.item():
+            out.setdefault(name, "another rank failed to load its shard")
+            continue
+        try:
+            with torch.no_grad():
+                got = model(TOKENS).logits
             if rank == 0:
                 want = full_logits(Path(model_dir))
                 out[name] = float((got - want).abs().max() / want.abs().max()) if got.shape == want.shape else (
                     f"logits shape {tuple(got.shape)}, expected {tuple(want.shape)}"
                 )
         except Exception:
-            out[name] = traceback.format_exc()
-    if rank == 0:
-        Path(results).write_text(json.dumps(out))
+            out[name] = f"rank {rank}: {traceback.format_exc()}"
+    Path(f"{results}.rank{rank}").write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
@@ -121,7 +135,12 @@ def run_tensor_parallel(tp: int, jobs: list[tuple[str, Path, Path]], workdir: Pa
     """Spawn tp processes over the jobs (name, unsharded model, split folder); return name -> error or traceback."""
     import torch.multiprocessing as mp
 
-    store, results = workdir / f"store-{tp}", workdir / f"results-{tp}.json"
+    store, results = workdir / f"store-{tp}", workdir / f"results-{tp}"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(worker, args=(tp, str(store), [(n, str(m), str(s)) for n, m, s in jobs], str(results)), nprocs=tp)
-    return json.loads(results.read_text())
+    per_rank = [json.loads(Path(f"{results}.rank{r}").read_text()) for r in range(tp)]
+    merged: dict[str, object] = {}
+    for name, *_ in jobs:
+        failures = [r[name] for r in per_rank if isinstance(r.get(name), str)]
+        merged[name] = "\n".join(failures) if failures else per_rank[0][name]
+    return merged
