@@ -17,6 +17,8 @@ from rich.console import Console
 from tqdm import tqdm
 
 from reshard import __version__
+from reshard.checkpoint import INDEX_NAME
+from reshard.config import parse_size
 from reshard.errors import ReshardError, UsageError
 from reshard.manifest import read_manifest
 from reshard.merge import default_merge_dir, write_merge
@@ -77,6 +79,10 @@ RulesOpt = Annotated[
     Optional[Path], typer.Option("--rules", help="A rules file (JSON) whose rules are tried before the family's.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
+MaxShardOpt = Annotated[
+    Optional[str],
+    typer.Option("--max-shard-size", help="Cut outputs into files of at most this size, e.g. 5GB or 500MiB.", show_default=False),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
@@ -158,17 +164,19 @@ def split_command(
     arch: ArchOpt = None,
     replicate_unknown: ReplicateOpt = False,
     rules: RulesOpt = None,
+    max_shard_size: MaxShardOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Write one safetensors file per rank, config.json and the manifest reshard.json."""
+    """Write safetensors files for each rank, config.json and the manifest reshard.json."""
     device_ids = parse_devices(devices)
 
     def action() -> None:
+        max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         ckpt, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules)
         target = out if out is not None else default_split_dir(ckpt.root, tp)
         with _progress(plan.nbytes, "split", quiet) as progress:
-            manifest = write_split(ckpt, model_config, plan, target, force, progress)
+            manifest = write_split(ckpt, model_config, plan, target, force, progress, max_bytes)
         console = _console()
         console.print(f"Wrote {target}: {plan.family} family, tp {plan.tp}, {len(plan.tensors)} tensors per rank")
         console.print(rank_table(plan, manifest))
@@ -180,19 +188,22 @@ def split_command(
 def merge_command(
     split_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `reshard split`.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: <DIR>-merged beside it.")] = None,
+    max_shard_size: MaxShardOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Rebuild the original checkpoint (model.safetensors and config.json) from a split folder, bit for bit."""
+    """Rebuild the original checkpoint from a split folder, bit for bit."""
 
     def action() -> None:
+        max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         manifest = read_manifest(split_dir)
         target = out if out is not None else default_merge_dir(split_dir)
         total = sum(t.nbytes for t in manifest.tensors)
         with _progress(total, "merge", quiet) as progress:
-            write_merge(split_dir, manifest, target, force, progress)
+            names = write_merge(split_dir, manifest, target, force, progress, max_bytes)
+        files = names[0] if len(names) == 1 else f"{len(names)} files with {INDEX_NAME}"
         _console().print(
-            f"Wrote {target}: model.safetensors ({len(manifest.tensors)} tensors, {human_bytes(total)}) and config.json, "
+            f"Wrote {target}: {files} ({len(manifest.tensors)} tensors, {human_bytes(total)}) and config.json, "
             f"from tp {manifest.tp_config.tp}"
         )
 

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reshard.errors import InputError, UsageError
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (10^9, as transformers reads it), '512MiB' (2^20), or plain bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.I)
+    if not match or float(match.group(1)) <= 0:
+        raise UsageError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
 
 
 @dataclass(frozen=True)

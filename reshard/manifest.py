@@ -54,11 +54,18 @@ class Manifest:
         }
 
     @classmethod
-    def for_plan(cls, plan: Plan, source_files: list[str], metadata: dict[str, str], config: dict[str, Any]) -> Manifest:
+    def for_plan(
+        cls,
+        plan: Plan,
+        rank_files: list[list[str]],
+        source_files: list[str],
+        metadata: dict[str, str],
+        config: dict[str, Any],
+    ) -> Manifest:
         return cls(
             tp_config=plan.tp_config,
             family=plan.family,
-            rank_files=tuple((rank_file_name(r),) for r in range(plan.tp)),
+            rank_files=tuple(tuple(files) for files in rank_files),
             tensors=plan.tensors,
             source_files=tuple(source_files),
             source_metadata=metadata,

@@ -8,14 +8,22 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
-
-from reshard.checkpoint import SINGLE_NAME
+from reshard.checkpoint import INDEX_NAME, SINGLE_NAME
 from reshard.errors import InputError
 from reshard.manifest import Manifest, read_manifest
 from reshard.outputs import staged_output
 from reshard.plan import TensorCut
-from reshard.safetensors_io import ByteReader, SafetensorsWriter, TensorInfo, read_header
+from reshard.safetensors_io import (
+    Buffers,
+    ByteReader,
+    Entry,
+    PartedWriter,
+    SafetensorsWriter,
+    TensorInfo,
+    entry_nbytes,
+    partition,
+    read_header,
+)
 
 BLOCK_BYTES = 32 << 20
 
@@ -23,7 +31,13 @@ Progress = Callable[[int], None]
 Piece = tuple[int, int, int, int]  # [start, stop) along the dim, from rank, at this position in the rank's part
 
 
-def merge(split_dir: Path, out: Path | None = None, force: bool = False, progress: Progress | None = None) -> Path:
+def merge(
+    split_dir: Path,
+    out: Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    max_shard_size: int | None = None,
+) -> Path:
     """Rebuild the original checkpoint from a split folder, bit for bit.
 
     Args:
@@ -31,9 +45,11 @@ def merge(split_dir: Path, out: Path | None = None, force: bool = False, progres
         out: output folder; defaults to `<split_dir>-merged` beside it.
         force: replace an existing output folder.
         progress: called with the number of output bytes just written.
+        max_shard_size: write numbered files of at most this many bytes of tensor data, plus
+            model.safetensors.index.json, as transformers does.
 
     Returns:
-        The output folder, holding model.safetensors and config.json.
+        The output folder, holding model.safetensors (or numbered files and an index) and config.json.
 
     Example:
         >>> merge(Path("/tmp/tiny-tp2"), out=Path("/tmp/tiny-merged"))
@@ -42,7 +58,7 @@ def merge(split_dir: Path, out: Path | None = None, force: bool = False, progres
     split_dir = Path(split_dir)
     manifest = read_manifest(split_dir)
     out = Path(out) if out is not None else default_merge_dir(split_dir)
-    write_merge(split_dir, manifest, out, force, progress)
+    write_merge(split_dir, manifest, out, force, progress, max_shard_size)
     return out
 
 
@@ -51,19 +67,49 @@ def default_merge_dir(split_dir: Path) -> Path:
     return root.with_name(f"{root.name}-merged")
 
 
-def write_merge(split_dir: Path, manifest: Manifest, out: Path, force: bool, progress: Progress | None) -> None:
+def write_merge(
+    split_dir: Path,
+    manifest: Manifest,
+    out: Path,
+    force: bool,
+    progress: Progress | None,
+    max_shard_size: int | None = None,
+) -> list[str]:
+    """Write the merged checkpoint; returns the names of the safetensors files written."""
     rank_tensors = _rank_tensors(split_dir, manifest)
     pieces = {t.name: coverage(t) for t in manifest.tensors}
     rank_paths = sorted({info.path for tensors in rank_tensors for info in tensors.values()})
+    groups = partition([(t.name, t.dtype, t.shape) for t in manifest.tensors], max_shard_size)
+    names = merged_file_names(len(groups))
     with staged_output(out, [split_dir, *rank_paths], force) as staging, ExitStack() as stack:
         readers = {path: stack.enter_context(ByteReader(path)) for path in rank_paths}
-        entries = [(t.name, t.dtype, t.shape) for t in manifest.tensors]
-        writer = stack.enter_context(SafetensorsWriter(staging / SINGLE_NAME, entries, manifest.source_metadata))
+        writer = stack.enter_context(PartedWriter([staging / n for n in names], groups, manifest.source_metadata))
+        buffers = Buffers()
         for cut in manifest.tensors:
             infos = [tensors[cut.name] for tensors in rank_tensors]
-            merge_tensor(cut, pieces[cut.name], [readers[i.path] for i in infos], infos, writer.write, progress)
+            target = writer.begin(cut.name)
+            merge_tensor(cut, pieces[cut.name], [readers[i.path] for i in infos], infos, target, progress, buffers)
         writer.close()
+        if len(names) > 1:
+            _write_index(staging / INDEX_NAME, names, groups)
         _write_config(split_dir, manifest, staging / "config.json")
+    return names
+
+
+def merged_file_names(count: int) -> list[str]:
+    """transformers' names: model.safetensors alone, or model-00001-of-00003.safetensors and so on."""
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _write_index(path: Path, names: list[str], groups: list[list[Entry]]) -> None:
+    weight_map = {entry[0]: name for name, group in zip(names, groups) for entry in group}
+    index = {
+        "metadata": {"total_size": sum(entry_nbytes(e) for group in groups for e in group)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def _rank_tensors(split_dir: Path, manifest: Manifest) -> list[dict[str, TensorInfo]]:
@@ -121,41 +167,39 @@ def merge_tensor(
     pieces: list[Piece],
     readers: Sequence[ByteReader],
     infos: Sequence[TensorInfo],
-    sink: Callable[[memoryview], None],
+    target: SafetensorsWriter,
     progress: Progress | None,
+    buffers: Buffers | None = None,
 ) -> None:
     outer, length, inner = cut.layout
     row = length * inner
     if row == 0 or outer == 0:
         return
     rank_rows = [info.nbytes // outer for info in infos]
-    if row <= BLOCK_BYTES:
-        rows = max(1, BLOCK_BYTES // row)
-        needed = sorted({p[2] for p in pieces})
-        for first in range(0, outer, rows):
-            n = min(rows, outer - first)
-            blocks = {
-                r: np.frombuffer(
-                    readers[r].read(infos[r].offset + first * rank_rows[r], n * rank_rows[r]), dtype=np.uint8
-                ).reshape(n, rank_rows[r])
-                for r in needed
-            }
-            out = np.empty((n, row), dtype=np.uint8)
+    if outer == 1 or row > BLOCK_BYTES:
+        # Every piece of a row is a contiguous run of one rank file: copied in the kernel.
+        for o in range(outer):
             for a, b, r, pos in pieces:
-                out[:, a * inner : b * inner] = blocks[r][:, pos * inner : (pos + b - a) * inner]
-            sink(out.data)
-            if progress:
-                progress(n * row)
-        return
-    for o in range(outer):
-        for a, b, r, pos in pieces:
-            start = infos[r].offset + o * rank_rows[r] + pos * inner
-            size = (b - a) * inner
-            for s in range(0, size, BLOCK_BYTES):
-                chunk = readers[r].read(start + s, min(BLOCK_BYTES, size - s))
-                sink(memoryview(chunk))
+                n = (b - a) * inner
+                target.copy_from(readers[r].fd, infos[r].offset + o * rank_rows[r] + pos * inner, n)
                 if progress:
-                    progress(len(chunk))
+                    progress(n)
+        return
+    buffers = buffers or Buffers()
+    rows = max(1, BLOCK_BYTES // row)
+    needed = sorted({p[2] for p in pieces})
+    for first in range(0, outer, rows):
+        n = min(rows, outer - first)
+        blocks = {
+            r: readers[r].read_into(infos[r].offset + first * rank_rows[r], buffers.get(f"rank{r}", (n, rank_rows[r])))
+            for r in needed
+        }
+        out = buffers.get("out", (n, row))
+        for a, b, r, pos in pieces:
+            out[:, a * inner : b * inner] = blocks[r][:, pos * inner : (pos + b - a) * inner]
+        target.write(out.data)
+        if progress:
+            progress(n * row)
 
 
 def _write_config(split_dir: Path, manifest: Manifest, target: Path) -> None:

@@ -78,6 +78,7 @@ def rank_table(plan: Plan, files: Manifest | None = None) -> Table:
     for r in range(plan.tp):
         cells = [str(r), plan.tp_config.device(r)]
         if files is not None:
-            cells.append(", ".join(files.rank_files[r]))
+            names = files.rank_files[r]
+            cells.append(names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)} files)")
         table.add_row(*cells, human_bytes(plan.rank_nbytes(r)))
     return table

@@ -7,12 +7,16 @@ touches file bytes, so no dtype is ever decoded and every dtype round-trips bit 
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+import numpy as np
 
 from reshard.errors import InputError, OutputError
 
@@ -152,32 +156,95 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     return struct.pack("<Q", len(raw)) + raw
 
 
+Entry = tuple[str, str, tuple[int, ...]]  # name, dtype, shape
+
+# Writeback of written data starts every this many bytes, so the fsync at the end has little left to do.
+WRITEBACK_BYTES = 64 << 20
+
+
+@cache
+def _writeback_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshard-writeback")
+
+
+def entry_nbytes(entry: Entry) -> int:
+    return math.prod(entry[2]) * DTYPE_SIZES[entry[1]]
+
+
 class SafetensorsWriter:
     """Writes a safetensors file whose header is known up front and whose data arrives in order."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str]) -> None:
         self.path = path
         header = encode_header(entries, metadata)
-        self.expected = len(header) + sum(math.prod(s) * DTYPE_SIZES[d] for _, d, s in entries)
-        self._file = open(path, "xb")
-        self._file.write(header)
-        self.written = len(header)
+        self.expected = len(header) + sum(entry_nbytes(e) for e in entries)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.written = 0
+        self._flushed = 0
+        self._pending: list[Future[None]] = []
+        self._copy_file_range = hasattr(os, "copy_file_range")
+        self.write(header)
 
     def write(self, data: memoryview | bytes) -> None:
-        self._file.write(data)
-        self.written += memoryview(data).nbytes
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+            self._advance(n)
+
+    def copy_from(self, src_fd: int, offset: int, n: int) -> None:
+        """Append n bytes of another file, copied inside the kernel where it can (as cp does)."""
+        while n > 0:
+            copied = 0
+            if self._copy_file_range:
+                try:
+                    copied = os.copy_file_range(src_fd, self._fd, min(n, 1 << 30), offset)
+                except OSError:
+                    self._copy_file_range = False  # another filesystem or an old kernel: plain reads
+            if not copied:
+                data = os.pread(src_fd, min(n, 32 << 20), offset)
+                if not data:
+                    raise InputError(f"file ended {n} bytes early while copying into {self.path}; it changed while being read")
+                self.write(data)
+                copied = len(data)
+            else:
+                self._advance(copied)
+            offset += copied
+            n -= copied
+
+    def write_zeros(self, n: int) -> None:
+        zeros = bytes(min(n, 32 << 20))
+        while n > 0:
+            self.write(zeros[: min(n, len(zeros))])
+            n -= min(n, len(zeros))
+
+    def _advance(self, n: int) -> None:
+        self.written += n
+        if self.written - self._flushed >= WRITEBACK_BYTES:
+            # Start writing this stretch to disk now rather than all at once in close(); a background thread
+            # submits it, since submitting can block while the disk is busy.
+            self._pending.append(
+                _writeback_pool().submit(os.posix_fadvise, self._fd, self._flushed, self.written - self._flushed, os.POSIX_FADV_DONTNEED)
+            )
+            self._flushed = self.written
 
     def close(self) -> None:
         """Flush to disk; a short file means the caller's arithmetic is wrong, never a silent success."""
-        if self._file.closed:
+        if self._fd < 0:
             return
         try:
+            self._drain()
             if self.written != self.expected:
                 raise OutputError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            os.fsync(self._fd)
         finally:
-            self._file.close()
+            os.close(self._fd)
+            self._fd = -1
+
+    def _drain(self) -> None:
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
 
     def __enter__(self) -> SafetensorsWriter:
         return self
@@ -185,8 +252,76 @@ class SafetensorsWriter:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self._file.close()
+        elif self._fd >= 0:
+            self._drain()
+            os.close(self._fd)
+            self._fd = -1
+
+
+def partition(entries: list[Entry], max_bytes: int | None) -> list[list[Entry]]:
+    """Consecutive groups of at most max_bytes of tensor data; a larger tensor makes a group of its own."""
+    groups: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        n = entry_nbytes(entry)
+        if max_bytes is not None and groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += n
+    return groups
+
+
+class PartedWriter:
+    """Writes tensors in order into consecutive safetensors files, one group of tensors per file."""
+
+    def __init__(self, paths: list[Path], groups: list[list[Entry]], metadata: dict[str, str]) -> None:
+        self._paths, self._groups, self._metadata = paths, groups, metadata
+        self._part_of = {name: i for i, group in enumerate(groups) for name, _, _ in group}
+        self._index = -1
+        self._current: SafetensorsWriter | None = None
+
+    def begin(self, name: str) -> SafetensorsWriter:
+        """The file the tensor `name` goes to; the files before it are finished and closed."""
+        index = self._part_of[name]
+        while self._index < index:
+            self._open_next()
+        assert self._current is not None
+        return self._current
+
+    def close(self) -> None:
+        """Finish every file; one that did not get all its bytes raises, as SafetensorsWriter.close does."""
+        while self._index < len(self._groups) - 1:
+            self._open_next()
+        if self._current is not None:
+            self._current.close()
+
+    def _open_next(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        self._index += 1
+        self._current = SafetensorsWriter(self._paths[self._index], self._groups[self._index], self._metadata)
+
+    def __enter__(self) -> PartedWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._current is not None:
+            self._current.__exit__(exc_type, exc, tb)
+
+
+class Buffers:
+    """Scratch uint8 arrays kept between blocks, so the engines allocate (and fault in) their memory once."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        size = shape[0] * shape[1]
+        array = self._arrays.get(name)
+        if array is None or array.size < size:
+            array = self._arrays[name] = np.empty(size, dtype=np.uint8)
+        return array[:size].reshape(shape)
 
 
 class ByteReader:
@@ -195,6 +330,10 @@ class ByteReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDONLY)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     def read(self, offset: int, n: int) -> bytes:
         data = os.pread(self._fd, n, offset)
@@ -209,6 +348,17 @@ class ByteReader:
             chunks.append(more)
             got += len(more)
         return b"".join(chunks)
+
+    def read_into(self, offset: int, out: np.ndarray) -> np.ndarray:
+        """Fill `out` (a uint8 array) from the file at `offset`; reusing `out` spares the page faults of a new buffer."""
+        view = memoryview(out).cast("B")
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n == 0:
+                raise InputError(f"{self.path}: file ended at byte {offset + got}, expected {offset + len(view)}; it was truncated while being read")
+            got += n
+        return out
 
     def close(self) -> None:
         os.close(self._fd)

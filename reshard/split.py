@@ -1,5 +1,7 @@
-"""The split engine: read each source tensor once, in large contiguous blocks, and append each rank's part of
-every block to that rank's file. Memory stays at about two blocks whatever the checkpoint size."""
+"""The split engine: read each source tensor once, front to back, and append each rank's part to that rank's file.
+
+Contiguous runs (row cuts, replicated tensors) are copied inside the kernel, as cp copies; column cuts are read in
+blocks of whole rows and gathered with numpy. Memory stays at about two blocks whatever the checkpoint size."""
 
 from __future__ import annotations
 
@@ -8,19 +10,16 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
-
 from reshard.checkpoint import Checkpoint
 from reshard.config import ModelConfig
-from reshard.manifest import Manifest, write_manifest
+from reshard.manifest import Manifest, rank_file_name, write_manifest
 from reshard.outputs import staged_output
 from reshard.plan import Plan, TensorCut, make_plan
-from reshard.safetensors_io import ByteReader, SafetensorsWriter
+from reshard.safetensors_io import Buffers, ByteReader, PartedWriter, SafetensorsWriter, partition
 
 BLOCK_BYTES = 32 << 20
 
 Progress = Callable[[int], None]
-Sink = Callable[[memoryview], None]
 
 
 def split(
@@ -34,6 +33,7 @@ def split(
     force: bool = False,
     progress: Progress | None = None,
     rules: Path | None = None,
+    max_shard_size: int | None = None,
 ) -> Path:
     """Split a checkpoint into per-rank safetensors files plus reshard.json.
 
@@ -48,6 +48,7 @@ def split(
         force: replace an existing output folder.
         progress: called with the number of source bytes just processed.
         rules: a rules file whose rules are tried before the family's.
+        max_shard_size: cut each rank's output into files of at most this many bytes of tensor data.
 
     Returns:
         The output folder.
@@ -58,7 +59,7 @@ def split(
     """
     ckpt, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules)
     out = Path(out) if out is not None else default_split_dir(ckpt.root, tp)
-    write_split(ckpt, model_config, plan, out, force, progress)
+    write_split(ckpt, model_config, plan, out, force, progress, max_shard_size)
     return out
 
 
@@ -68,11 +69,19 @@ def default_split_dir(model_root: Path, tp: int) -> Path:
 
 
 def write_split(
-    ckpt: Checkpoint, model_config: ModelConfig, plan: Plan, out: Path, force: bool, progress: Progress | None
+    ckpt: Checkpoint,
+    model_config: ModelConfig,
+    plan: Plan,
+    out: Path,
+    force: bool,
+    progress: Progress | None,
+    max_shard_size: int | None = None,
 ) -> Manifest:
     inputs = [*ckpt.paths] + ([model_config.path] if model_config.path else [])
+    groups = [partition([(t.name, t.dtype, t.rank_shape(r)) for t in plan.tensors], max_shard_size) for r in range(plan.tp)]
     manifest = Manifest.for_plan(
         plan,
+        rank_files=[[rank_file_name(r, part) for part in range(len(groups[r]))] for r in range(plan.tp)],
         source_files=[p.name for p in ckpt.paths],
         metadata=ckpt.files[0].metadata,
         config=model_config.raw,
@@ -80,20 +89,14 @@ def write_split(
     by_name = {t.name: t for t in ckpt.tensors}
     with staged_output(out, inputs, force) as staging, ExitStack() as stack:
         writers = [
-            stack.enter_context(
-                SafetensorsWriter(
-                    staging / files[0],
-                    [(t.name, t.dtype, t.rank_shape(rank)) for t in plan.tensors],
-                    rank_metadata(plan, rank),
-                )
-            )
-            for rank, files in enumerate(manifest.rank_files)
+            stack.enter_context(PartedWriter([staging / f for f in files], groups[r], rank_metadata(plan, r)))
+            for r, files in enumerate(manifest.rank_files)
         ]
         readers = {path: stack.enter_context(ByteReader(path)) for path in ckpt.paths}
-        sinks = [w.write for w in writers]
+        buffers = Buffers()
         for cut in plan.tensors:
             info = by_name[cut.name]
-            split_tensor(readers[info.path], info.offset, cut, sinks, progress)
+            split_tensor(readers[info.path], info.offset, cut, [w.begin(cut.name) for w in writers], progress, buffers)
         for w in writers:
             w.close()
         if model_config.path:
@@ -107,8 +110,15 @@ def rank_metadata(plan: Plan, rank: int) -> dict[str, str]:
     return {"format": "pt", "rank": str(rank), "tp": str(plan.tp), "device": plan.tp_config.device(rank)}
 
 
-def split_tensor(reader: ByteReader, base: int, cut: TensorCut, sinks: Sequence[Sink], progress: Progress | None) -> None:
-    """Append each rank's slices of one tensor to that rank's sink, reading the tensor once, front to back.
+def split_tensor(
+    reader: ByteReader,
+    base: int,
+    cut: TensorCut,
+    targets: Sequence[SafetensorsWriter],
+    progress: Progress | None,
+    buffers: Buffers | None = None,
+) -> None:
+    """Append each rank's slices of one tensor to that rank's file, reading the tensor once, front to back.
 
     Ranges past the end of the cut dim are padding (a vocabulary tp does not divide) and are written as zeros.
     """
@@ -116,43 +126,46 @@ def split_tensor(reader: ByteReader, base: int, cut: TensorCut, sinks: Sequence[
     row = length * inner
     if row == 0 or outer == 0:
         return
-    if row <= BLOCK_BYTES:
-        # Many whole rows per read; numpy gathers each rank's columns out of the block.
-        rows = max(1, BLOCK_BYTES // row)
-        for first in range(0, outer, rows):
-            n = min(rows, outer - first)
-            block = np.frombuffer(reader.read(base + first * row, n * row), dtype=np.uint8).reshape(n, row)
-            for rank, ranges in enumerate(cut.slices):
-                parts = []
-                for a, b in ranges:
-                    if a < length:
-                        parts.append(block[:, a * inner : min(b, length) * inner])
-                    if b > length:
-                        parts.append(np.zeros((n, (b - max(a, length)) * inner), dtype=np.uint8))
-                piece = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-                sinks[rank](np.ascontiguousarray(piece).data)
-            if progress:
-                progress(n * row)
+    if outer == 1 or row > BLOCK_BYTES:
+        _split_runs(reader, base, cut, targets, progress)
         return
-    # One row is larger than a block: every range is a contiguous run of bytes, so stream windows of it.
-    for o in range(outer):
-        for w in range(0, row, BLOCK_BYTES):
-            window = memoryview(reader.read(base + o * row + w, min(BLOCK_BYTES, row - w)))
-            end = w + len(window)
-            for rank, ranges in enumerate(cut.slices):
-                for a, b in ranges:
-                    lo, hi = max(a * inner, w), min(b * inner, end)
-                    if lo < hi:
-                        sinks[rank](window[lo - w : hi - w])
-            if progress:
-                progress(len(window))
+    buffers = buffers or Buffers()
+    rows = max(1, BLOCK_BYTES // row)
+    for first in range(0, outer, rows):
+        n = min(rows, outer - first)
+        block = reader.read_into(base + first * row, buffers.get("block", (n, row)))
         for rank, ranges in enumerate(cut.slices):
-            # Padding only ever ends a rank's last range, so it follows all of that rank's data in this row.
-            a, b = ranges[-1]
-            _write_zeros(sinks[rank], (b - max(a, length)) * inner)
+            width = sum(b - a for a, b in ranges) * inner
+            piece = buffers.get("piece", (n, width))
+            at = 0
+            for a, b in ranges:
+                if a < length:
+                    w = (min(b, length) - a) * inner
+                    piece[:, at : at + w] = block[:, a * inner : a * inner + w]
+                    at += w
+                if b > length:
+                    piece[:, at : at + (b - max(a, length)) * inner] = 0
+                    at += (b - max(a, length)) * inner
+            targets[rank].write(piece.data)
+        if progress:
+            progress(n * row)
 
 
-def _write_zeros(sink: Sink, nbytes: int) -> None:
-    zeros = memoryview(bytes(min(nbytes, BLOCK_BYTES))) if nbytes > 0 else memoryview(b"")
-    for start in range(0, nbytes, BLOCK_BYTES):
-        sink(zeros[: min(BLOCK_BYTES, nbytes - start)])
+def _split_runs(
+    reader: ByteReader, base: int, cut: TensorCut, targets: Sequence[SafetensorsWriter], progress: Progress | None
+) -> None:
+    """Each range of each row is a contiguous run of the source: copy it in the kernel, row by row."""
+    outer, length, inner = cut.layout
+    row = length * inner
+    for o in range(outer):
+        counted: set[tuple[int, int]] = set()  # a replicated range is progress once
+        for rank, ranges in enumerate(cut.slices):
+            for a, b in ranges:
+                if a < length:
+                    n = (min(b, length) - a) * inner
+                    targets[rank].copy_from(reader.fd, base + o * row + a * inner, n)
+                    if progress and (a, b) not in counted:
+                        counted.add((a, b))
+                        progress(n)
+                if b > length:
+                    targets[rank].write_zeros((b - max(a, length)) * inner)

@@ -1,0 +1,175 @@
+"""Time `reshard split --tp 4` and `reshard merge` against cp and the usual load-everything script.
+
+Makes a synthetic Llama-shaped bf16 checkpoint of the given size (random bytes, config.json), then runs, in one
+run and alternating round by round: cp, cp followed by sync, reshard split, reshard merge, and the usual
+alternative (safetensors load_file + torch.chunk + save_file per rank, see naive_split.py). Every command runs
+as its own process; its wall time and peak resident memory (ru_maxrss, what /usr/bin/time -v reports) are
+measured. `sync` runs between commands, untimed, so none pays for another's writeback. The source stays in the
+page cache throughout, as it does for a user who just downloaded it.
+
+    python benchmarks/bench.py --size 2GiB
+    python benchmarks/bench.py --size 8GiB --rounds 3 --workdir /data/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from reshard import __version__
+from reshard.config import parse_size
+from reshard.safetensors_io import SafetensorsWriter
+
+HERE = Path(__file__).resolve().parent
+
+# Llama-2-7B's shapes; the layer count is chosen to reach the requested size.
+HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 4096, 32, 8, 11008, 32000
+
+
+def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    head_dim = HIDDEN // HEADS
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes |= {
+            f"{p}.input_layernorm.weight": (HIDDEN,),
+            f"{p}.self_attn.q_proj.weight": (HEADS * head_dim, HIDDEN),
+            f"{p}.self_attn.k_proj.weight": (KV_HEADS * head_dim, HIDDEN),
+            f"{p}.self_attn.v_proj.weight": (KV_HEADS * head_dim, HIDDEN),
+            f"{p}.self_attn.o_proj.weight": (HIDDEN, HEADS * head_dim),
+            f"{p}.post_attention_layernorm.weight": (HIDDEN,),
+            f"{p}.mlp.gate_proj.weight": (FFN, HIDDEN),
+            f"{p}.mlp.up_proj.weight": (FFN, HIDDEN),
+            f"{p}.mlp.down_proj.weight": (HIDDEN, FFN),
+        }
+    return shapes | {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+
+
+def make_checkpoint(folder: Path, size: int) -> int:
+    def nbytes(shapes: dict[str, tuple[int, ...]]) -> int:
+        return sum(2 * int(np.prod(s)) for s in shapes.values())
+
+    per_layer = nbytes(llama_shapes(1)) - nbytes(llama_shapes(0))
+    layers = max(1, round((size - nbytes(llama_shapes(0))) / per_layer))
+    shapes = llama_shapes(layers)
+    folder.mkdir(parents=True)
+    config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "intermediate_size": FFN,
+        "vocab_size": VOCAB, "num_hidden_layers": layers, "torch_dtype": "bfloat16",
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    rng = np.random.default_rng(0)
+    entries = [(name, "BF16", shape) for name, shape in shapes.items()]
+    with SafetensorsWriter(folder / "model.safetensors", entries, {"format": "pt"}) as writer:
+        for _, _, shape in entries:
+            writer.write(rng.bytes(2 * int(np.prod(shape))))
+    return (folder / "model.safetensors").stat().st_size
+
+
+TIME = shutil.which("time", path="/usr/bin:/bin")
+
+
+def run(command: list[str], scratch: Path) -> tuple[float, int]:
+    """Wall seconds and peak RSS in bytes of one command in its own process.
+
+    Measured by /usr/bin/time: a child forked straight from this (large) process would report this process's
+    peak memory as its own, since Linux carries the high-water mark across exec.
+    """
+    report = scratch / "time.txt"
+    if TIME:
+        command = [TIME, "-f", "%e %M", "-o", str(report), *command]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()}")
+    if TIME:
+        _, rss_kib = report.read_text().split()[-2:]
+        return elapsed, int(rss_kib) * 1024
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
+    return f"{cpu}, {os.cpu_count()} cores, {mem / 2**20:.0f} GiB RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def filesystem(path: Path) -> str:
+    out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True).stdout.splitlines()
+    return out[-1].split()[1] if len(out) > 1 else "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="2GiB", help="checkpoint size, e.g. 2GiB or 8GiB")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of all commands, alternating")
+    parser.add_argument("--tp", type=int, default=4)
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temporary folder)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the load-everything script (it needs torch)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="reshard-bench-", dir=args.workdir))
+    try:
+        src = work / "model"
+        size = make_checkpoint(src, parse_size(args.size))
+        reshard = [sys.executable, "-m", "reshard"]
+        split_name, merge_name = f"reshard split --tp {args.tp}", "reshard merge"
+        # name -> (output folder, command)
+        commands = {
+            "cp -r": ("copy", ["cp", "-r", str(src), str(work / "copy")]),
+            "cp -r && sync": ("copy", ["sh", "-c", f"cp -r '{src}' '{work / 'copy'}' && sync"]),
+            split_name: ("split", [*reshard, "split", str(src), "--tp", str(args.tp), "--out", str(work / "split"), "--quiet"]),
+            merge_name: ("merged", [*reshard, "merge", str(work / "split"), "--out", str(work / "merged"), "--quiet"]),
+            f"load_file + torch.chunk + save_file (tp {args.tp})": ("naive", [sys.executable, str(HERE / "naive_split.py"), str(src), str(work / "naive"), str(args.tp)]),
+        }  # fmt: skip
+        if args.no_naive:
+            commands.pop(next(k for k in commands if k.startswith("load_file")))
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        peaks: dict[str, int] = {name: 0 for name in commands}
+        same = True
+        for round_ in range(args.rounds):
+            for name, (output, command) in commands.items():
+                shutil.rmtree(work / output, ignore_errors=True)
+                os.sync()
+                seconds, rss = run(command, work)
+                times[name].append(seconds)
+                peaks[name] = max(peaks[name], rss)
+                print(f"round {round_ + 1}: {name}: {seconds:.2f} s, {rss / 2**20:.0f} MiB", file=sys.stderr)
+                if name == merge_name:
+                    same &= filecmp.cmp(work / "merged" / "model.safetensors", src / "model.safetensors", shallow=False)
+                if name != split_name:  # merge reads the split; everything else is removed at once
+                    shutil.rmtree(work / output, ignore_errors=True)
+        base = statistics.median(times["cp -r"])
+        print(f"Checkpoint: {size / 2**30:.2f} GiB bf16 (Llama-2-7B shapes), tp {args.tp}, {args.rounds} rounds, median seconds")
+        print(f"Machine: {machine()}; {filesystem(work)} filesystem; reshard {__version__}")
+        if not TIME:
+            print("Peak RSS from wait4 (no /usr/bin/time here): it includes this script's own memory at fork")
+        print(f"Merged checkpoint identical to the source: {'yes' if same else 'NO'}")
+        print()
+        print("| command | seconds | vs cp | peak RSS |")
+        print("|---|---:|---:|---:|")
+        for name in commands:
+            median = statistics.median(times[name])
+            print(f"| {name} | {median:.2f} | {median / base:.2f}x | {peaks[name] / 2**20:.0f} MiB |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
