@@ -139,7 +139,7 @@ def test_errors(model: Path, tmp_path: Path, args: list[str], code: int, lines: 
 
 @pytest.mark.parametrize(
     ("args", "text"),
-    [(["plan", "x", "--tp", "0"], "Invalid value for '--tp'"), (["split", "x"], "Missing option '--tp'"), (["plan", "x", "--tp", "2", "--devices", "a"], "is not a comma-separated list of GPU ids")],
+    [(["split", "x", "--tp", "2", "--max-shard-size", "5XB"], "Error: --max-shard-size '5XB' is not a size; write e.g. 5GB, 500MB or 2GiB"), (["plan", "x", "--tp", "0"], "Invalid value for '--tp'"), (["split", "x"], "Missing option '--tp'"), (["plan", "x", "--tp", "2", "--devices", "a"], "is not a comma-separated list of GPU ids")],
 )  # fmt: skip
 def test_bad_flags_exit_2(args: list[str], text: str) -> None:
     result = run(*args)

@@ -119,3 +119,46 @@ def test_force_replaces_an_existing_output(tmp_path: Path) -> None:
     assert not (out / "stale.txt").exists()
     assert (out / "reshard.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+
+
+def test_max_shard_size_cuts_rank_files_into_parts(tmp_path: Path) -> None:
+    model = synthetic_llama(tmp_path / "model", torch.float32)
+    source = load_file(str(model / "model.safetensors"))
+    out = split(model, tp=2, max_shard_size=5000)
+    manifest = json.loads((out / "reshard.json").read_text())
+    for rank in range(2):
+        files = manifest["ranks"][rank]["files"]
+        assert len(files) > 3
+        assert files == [f"model-rank-{rank}-part-{p}.safetensors" for p in range(len(files))]
+        sizes = []
+        for name in files:
+            with safe_open(str(out / name), framework="pt") as f:
+                sizes.append(sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()))
+                assert f.metadata()["rank"] == str(rank)
+        # No part holds more than 5000 bytes of tensors unless one tensor alone is larger (the embeddings: 4096).
+        assert all(size <= 5000 for size in sizes)
+    assert_ranks_match_reference(source, out, 2)
+    merged = merge(out)
+    assert (merged / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+
+
+def test_merge_with_max_shard_size_writes_an_index_transformers_reads(hf_models: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model_dir = hf_models["llama"]
+    merged = merge(split(model_dir, tp=2, out=tmp_path / "split"), out=tmp_path / "merged", max_shard_size=60_000)
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == files
+    source = load_file(str(model_dir / "model.safetensors"))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in source.values())
+    back = {}
+    for name in files:
+        back.update(load_file(str(merged / name)))
+    assert all(raw_bytes(back[k]) == raw_bytes(source[k]) for k in source) and set(back) == set(source)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(model_dir)(tokens).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(tokens).logits
+    assert torch.equal(want, got)
