@@ -74,8 +74,8 @@ def make_checkpoint(folder: Path, size: int) -> int:
     rng = np.random.default_rng(0)
     entries = [(name, "BF16", shape) for name, shape in shapes.items()]
     with SafetensorsWriter(folder / "model.safetensors", entries, {"format": "pt"}) as writer:
-        for _, _, shape in entries:
-            writer.write(rng.bytes(2 * int(np.prod(shape))))
+        for name, _, shape in entries:
+            writer.region(name).write(rng.bytes(2 * int(np.prod(shape))))
     return (folder / "model.safetensors").stat().st_size
 
 

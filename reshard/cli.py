@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,8 +124,14 @@ def _progress(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], ob
         disable=quiet,
         delay=PROGRESS_DELAY_S,
     )
+    lock = threading.Lock()  # the engines report from several threads
+
+    def update(n: int) -> None:
+        with lock:
+            bar.update(n)
+
     try:
-        yield bar.update
+        yield update
     finally:
         bar.close()
 

@@ -1,4 +1,5 @@
-"""The merge engine: rebuild every tensor from the rank files as the manifest says it was cut, streaming."""
+"""The merge engine: rebuild every tensor from the rank files as the manifest says it was cut, streaming, a few
+tensors at once, each into its place in the output."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from reshard.errors import InputError
 from reshard.manifest import Manifest, read_manifest
 from reshard.outputs import staged_output
 from reshard.plan import TensorCut
+from reshard.workers import run_all, thread_buffers
 from reshard.safetensors_io import (
     Buffers,
     ByteReader,
     Entry,
     PartedWriter,
-    SafetensorsWriter,
+    Region,
     TensorInfo,
     entry_nbytes,
     partition,
@@ -84,11 +86,14 @@ def write_merge(
     with staged_output(out, [split_dir, *rank_paths], force) as staging, ExitStack() as stack:
         readers = {path: stack.enter_context(ByteReader(path)) for path in rank_paths}
         writer = stack.enter_context(PartedWriter([staging / n for n in names], groups, manifest.source_metadata))
-        buffers = Buffers()
-        for cut in manifest.tensors:
+
+        def task(cut: TensorCut) -> Callable[[], None]:
             infos = [tensors[cut.name] for tensors in rank_tensors]
-            target = writer.begin(cut.name)
-            merge_tensor(cut, pieces[cut.name], [readers[i.path] for i in infos], infos, target, progress, buffers)
+            target = writer.region(cut.name)
+            rank_readers = [readers[i.path] for i in infos]
+            return lambda: merge_tensor(cut, pieces[cut.name], rank_readers, infos, target, progress, thread_buffers())
+
+        run_all(task(cut) for cut in manifest.tensors)
         writer.close()
         if len(names) > 1:
             _write_index(staging / INDEX_NAME, names, groups)
@@ -167,7 +172,7 @@ def merge_tensor(
     pieces: list[Piece],
     readers: Sequence[ByteReader],
     infos: Sequence[TensorInfo],
-    target: SafetensorsWriter,
+    target: Region,
     progress: Progress | None,
     buffers: Buffers | None = None,
 ) -> None:

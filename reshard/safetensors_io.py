@@ -12,6 +12,7 @@ from functools import cache
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -172,61 +173,45 @@ def entry_nbytes(entry: Entry) -> int:
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file whose header is known up front and whose data arrives in order."""
+    """Writes a safetensors file whose header, and so every tensor's place, is known up front.
+
+    Each tensor is written through its own Region, front to back; regions of different tensors may be written
+    at the same time from different threads.
+    """
 
     def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str]) -> None:
         self.path = path
         header = encode_header(entries, metadata)
         self.expected = len(header) + sum(entry_nbytes(e) for e in entries)
+        self._starts: dict[str, tuple[int, int]] = {}
+        position = len(header)
+        for entry in entries:
+            self._starts[entry[0]] = (position, entry_nbytes(entry))
+            position += entry_nbytes(entry)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._lock = threading.Lock()
         self.written = 0
-        self._flushed = 0
+        self._unflushed: list[tuple[int, int]] = []  # written stretches whose writeback has not been started
+        self._unflushed_bytes = 0
         self._pending: list[Future[None]] = []
         self._copy_file_range = hasattr(os, "copy_file_range")
-        self.write(header)
+        Region(self, 0, len(header)).write(header)
 
-    def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            self._advance(n)
+    def region(self, name: str) -> Region:
+        start, size = self._starts[name]
+        return Region(self, start, size)
 
-    def copy_from(self, src_fd: int, offset: int, n: int) -> None:
-        """Append n bytes of another file, copied inside the kernel where it can (as cp does)."""
-        while n > 0:
-            copied = 0
-            if self._copy_file_range:
-                try:
-                    copied = os.copy_file_range(src_fd, self._fd, min(n, 1 << 30), offset)
-                except OSError:
-                    self._copy_file_range = False  # another filesystem or an old kernel: plain reads
-            if not copied:
-                data = os.pread(src_fd, min(n, 32 << 20), offset)
-                if not data:
-                    raise InputError(f"file ended {n} bytes early while copying into {self.path}; it changed while being read")
-                self.write(data)
-                copied = len(data)
-            else:
-                self._advance(copied)
-            offset += copied
-            n -= copied
-
-    def write_zeros(self, n: int) -> None:
-        zeros = bytes(min(n, 32 << 20))
-        while n > 0:
-            self.write(zeros[: min(n, len(zeros))])
-            n -= min(n, len(zeros))
-
-    def _advance(self, n: int) -> None:
-        self.written += n
-        if self.written - self._flushed >= WRITEBACK_BYTES:
-            # Start writing this stretch to disk now rather than all at once in close(); a background thread
-            # submits it, since submitting can block while the disk is busy.
-            self._pending.append(
-                _writeback_pool().submit(os.posix_fadvise, self._fd, self._flushed, self.written - self._flushed, os.POSIX_FADV_DONTNEED)
-            )
-            self._flushed = self.written
+    def note_written(self, position: int, n: int) -> None:
+        with self._lock:
+            self.written += n
+            self._unflushed.append((position, n))
+            self._unflushed_bytes += n
+            if self._unflushed_bytes < WRITEBACK_BYTES:
+                return
+            stretches, self._unflushed, self._unflushed_bytes = self._unflushed, [], 0
+        # Start writing these stretches to disk now rather than all at once in close(); a background thread
+        # submits them, since submitting can block while the disk is busy.
+        self._pending.append(_writeback_pool().submit(_start_writeback, self._fd, stretches))
 
     def close(self) -> None:
         """Flush to disk; a short file means the caller's arithmetic is wrong, never a silent success."""
@@ -241,6 +226,12 @@ class SafetensorsWriter:
             os.close(self._fd)
             self._fd = -1
 
+    def abort(self) -> None:
+        if self._fd >= 0:
+            self._drain()
+            os.close(self._fd)
+            self._fd = -1
+
     def _drain(self) -> None:
         for future in self._pending:
             future.result()
@@ -252,10 +243,62 @@ class SafetensorsWriter:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
-        elif self._fd >= 0:
-            self._drain()
-            os.close(self._fd)
-            self._fd = -1
+        else:
+            self.abort()
+
+
+def _start_writeback(fd: int, stretches: list[tuple[int, int]]) -> None:
+    for position, n in stretches:
+        os.posix_fadvise(fd, position, n, os.POSIX_FADV_DONTNEED)
+
+
+class Region:
+    """One tensor's bytes in an output file, written front to back by one thread."""
+
+    def __init__(self, writer: SafetensorsWriter, start: int, size: int) -> None:
+        self._writer, self._position, self._end = writer, start, start + size
+
+    def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        self._check(len(view))
+        while view:
+            n = os.pwrite(self._writer._fd, view, self._position)
+            self._writer.note_written(self._position, n)
+            self._position += n
+            view = view[n:]
+
+    def copy_from(self, src_fd: int, offset: int, n: int) -> None:
+        """n bytes of another file, copied inside the kernel where it can (as cp does)."""
+        self._check(n)
+        writer = self._writer
+        while n > 0:
+            copied = 0
+            if writer._copy_file_range:
+                try:
+                    copied = os.copy_file_range(src_fd, writer._fd, min(n, 1 << 30), offset, self._position)
+                except OSError:
+                    writer._copy_file_range = False  # another filesystem or an old kernel: plain reads
+            if copied:
+                writer.note_written(self._position, copied)
+                self._position += copied
+            else:
+                data = os.pread(src_fd, min(n, 32 << 20), offset)
+                if not data:
+                    raise InputError(f"file ended {n} bytes early while copying into {writer.path}; it changed while being read")
+                self.write(data)
+                copied = len(data)
+            offset += copied
+            n -= copied
+
+    def write_zeros(self, n: int) -> None:
+        zeros = bytes(min(n, 32 << 20))
+        while n > 0:
+            self.write(zeros[: min(n, len(zeros))])
+            n -= min(n, len(zeros))
+
+    def _check(self, n: int) -> None:
+        if self._position + n > self._end:
+            raise OutputError(f"{self._writer.path}: a tensor's data overruns its {self._end - self._position} remaining bytes")
 
 
 def partition(entries: list[Entry], max_bytes: int | None) -> list[list[Entry]]:
@@ -273,41 +316,38 @@ def partition(entries: list[Entry], max_bytes: int | None) -> list[list[Entry]]:
 
 
 class PartedWriter:
-    """Writes tensors in order into consecutive safetensors files, one group of tensors per file."""
+    """One output cut into consecutive safetensors files, one group of tensors per file, all open at once."""
 
     def __init__(self, paths: list[Path], groups: list[list[Entry]], metadata: dict[str, str]) -> None:
-        self._paths, self._groups, self._metadata = paths, groups, metadata
+        self._writers: list[SafetensorsWriter] = []
+        try:
+            for path, group in zip(paths, groups):
+                self._writers.append(SafetensorsWriter(path, group, metadata))
+        except BaseException:
+            self.abort()
+            raise
         self._part_of = {name: i for i, group in enumerate(groups) for name, _, _ in group}
-        self._index = -1
-        self._current: SafetensorsWriter | None = None
 
-    def begin(self, name: str) -> SafetensorsWriter:
-        """The file the tensor `name` goes to; the files before it are finished and closed."""
-        index = self._part_of[name]
-        while self._index < index:
-            self._open_next()
-        assert self._current is not None
-        return self._current
+    def region(self, name: str) -> Region:
+        return self._writers[self._part_of[name]].region(name)
 
     def close(self) -> None:
-        """Finish every file; one that did not get all its bytes raises, as SafetensorsWriter.close does."""
-        while self._index < len(self._groups) - 1:
-            self._open_next()
-        if self._current is not None:
-            self._current.close()
+        """Finish every file; one that did not get all its bytes raises."""
+        for writer in self._writers:
+            writer.close()
 
-    def _open_next(self) -> None:
-        if self._current is not None:
-            self._current.close()
-        self._index += 1
-        self._current = SafetensorsWriter(self._paths[self._index], self._groups[self._index], self._metadata)
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.abort()
 
     def __enter__(self) -> PartedWriter:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._current is not None:
-            self._current.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class Buffers:
@@ -334,20 +374,6 @@ class ByteReader:
     @property
     def fd(self) -> int:
         return self._fd
-
-    def read(self, offset: int, n: int) -> bytes:
-        data = os.pread(self._fd, n, offset)
-        if len(data) == n:
-            return data
-        chunks = [data]
-        got = len(data)
-        while got < n:
-            more = os.pread(self._fd, n - got, offset + got)
-            if not more:
-                raise InputError(f"{self.path}: file ended at byte {offset + got}, expected {offset + n}; it was truncated while being read")
-            chunks.append(more)
-            got += len(more)
-        return b"".join(chunks)
 
     def read_into(self, offset: int, out: np.ndarray) -> np.ndarray:
         """Fill `out` (a uint8 array) from the file at `offset`; reusing `out` spares the page faults of a new buffer."""

@@ -1,4 +1,5 @@
-"""The split engine: read each source tensor once, front to back, and append each rank's part to that rank's file.
+"""The split engine: read each source tensor once, front to back, and write each rank's part into its place in
+that rank's file (known from the plan, so a few tensors are processed at once).
 
 Contiguous runs (row cuts, replicated tensors) are copied inside the kernel, as cp copies; column cuts are read in
 blocks of whole rows and gathered with numpy. Memory stays at about two blocks whatever the checkpoint size."""
@@ -15,7 +16,8 @@ from reshard.config import ModelConfig
 from reshard.manifest import Manifest, rank_file_name, write_manifest
 from reshard.outputs import staged_output
 from reshard.plan import Plan, TensorCut, make_plan
-from reshard.safetensors_io import Buffers, ByteReader, PartedWriter, SafetensorsWriter, partition
+from reshard.safetensors_io import Buffers, ByteReader, PartedWriter, Region, partition
+from reshard.workers import run_all, thread_buffers
 
 BLOCK_BYTES = 32 << 20
 
@@ -93,10 +95,13 @@ def write_split(
             for r, files in enumerate(manifest.rank_files)
         ]
         readers = {path: stack.enter_context(ByteReader(path)) for path in ckpt.paths}
-        buffers = Buffers()
-        for cut in plan.tensors:
+
+        def task(cut: TensorCut) -> Callable[[], None]:
             info = by_name[cut.name]
-            split_tensor(readers[info.path], info.offset, cut, [w.begin(cut.name) for w in writers], progress, buffers)
+            regions = [w.region(cut.name) for w in writers]
+            return lambda: split_tensor(readers[info.path], info.offset, cut, regions, progress, thread_buffers())
+
+        run_all(task(cut) for cut in plan.tensors)
         for w in writers:
             w.close()
         if model_config.path:
@@ -114,7 +119,7 @@ def split_tensor(
     reader: ByteReader,
     base: int,
     cut: TensorCut,
-    targets: Sequence[SafetensorsWriter],
+    targets: Sequence[Region],
     progress: Progress | None,
     buffers: Buffers | None = None,
 ) -> None:
@@ -152,7 +157,7 @@ def split_tensor(
 
 
 def _split_runs(
-    reader: ByteReader, base: int, cut: TensorCut, targets: Sequence[SafetensorsWriter], progress: Progress | None
+    reader: ByteReader, base: int, cut: TensorCut, targets: Sequence[Region], progress: Progress | None
 ) -> None:
     """Each range of each row is a contiguous run of the source: copy it in the kernel, row by row."""
     outer, length, inner = cut.layout
