@@ -123,7 +123,7 @@ def split_tensor(
     progress: Progress | None,
     buffers: Buffers | None = None,
 ) -> None:
-    """Append each rank's slices of one tensor to that rank's file, reading the tensor once, front to back.
+    """Write each rank's slices of one tensor into its region of that rank's file, reading the tensor once.
 
     Ranges past the end of the cut dim are padding (a vocabulary tp does not divide) and are written as zeros.
     """
