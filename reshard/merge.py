@@ -1,5 +1,5 @@
-"""The merge engine: rebuild every tensor from the rank files as the manifest says it was cut, streaming, a few
-tensors at once, each into its place in the output."""
+"""The merge engine: rebuild every tensor from the rank files as the manifest says it was cut, streaming, each
+into its place in the output, one thread per output file."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from reshard.errors import InputError
 from reshard.manifest import Manifest, read_manifest
 from reshard.outputs import staged_output
 from reshard.plan import TensorCut
-from reshard.workers import run_all, thread_buffers
+from reshard.workers import WORKERS, run_all, thread_buffers
 from reshard.safetensors_io import (
     Buffers,
     ByteReader,
@@ -93,7 +93,8 @@ def write_merge(
             rank_readers = [readers[i.path] for i in infos]
             return lambda: merge_tensor(cut, pieces[cut.name], rank_readers, infos, target, progress, thread_buffers())
 
-        run_all(task(cut) for cut in manifest.tensors)
+        # Writers to one file queue on its inode lock, so more threads than files only add contention.
+        run_all((task(cut) for cut in manifest.tensors), workers=min(WORKERS, len(names)))
         writer.close()
         if len(names) > 1:
             _write_index(staging / INDEX_NAME, names, groups)
