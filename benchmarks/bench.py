@@ -4,8 +4,8 @@ Makes a synthetic Llama-shaped bf16 checkpoint of the given size (random bytes, 
 run and alternating round by round: cp, cp followed by sync, reshard split, reshard merge, and the usual
 alternative (safetensors load_file + torch.chunk + save_file per rank, see naive_split.py). Every command runs
 as its own process; its wall time and peak resident memory (ru_maxrss, what /usr/bin/time -v reports) are
-measured. `sync` runs between commands, untimed, so none pays for another's writeback. The source stays in the
-page cache throughout, as it does for a user who just downloaded it.
+measured. `sync` and a short pause run between commands, untimed, so none pays for another's writeback. The
+source stays in the page cache throughout, as it does for a user who just downloaded it.
 
     python benchmarks/bench.py --size 2GiB
     python benchmarks/bench.py --size 8GiB --rounds 3 --workdir /data/bench
@@ -79,6 +79,10 @@ def make_checkpoint(folder: Path, size: int) -> int:
     return (folder / "model.safetensors").stat().st_size
 
 
+# After sync, virtualised disks can still be flushing their own caches; a pause keeps one command's writes
+# from slowing the next.
+SETTLE_S = 3.0
+
 TIME = shutil.which("time", path="/usr/bin:/bin")
 
 
@@ -147,6 +151,7 @@ def main() -> None:
             for name, (output, command) in commands.items():
                 shutil.rmtree(work / output, ignore_errors=True)
                 os.sync()
+                time.sleep(SETTLE_S)
                 seconds, rss = run(command, work)
                 times[name].append(seconds)
                 peaks[name] = max(peaks[name], rss)

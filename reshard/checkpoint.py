@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from reshard.errors import InputError
-from reshard.safetensors_io import SafetensorsFile, TensorInfo, read_header
+from reshard.safetensors_io import SafetensorsFile, TensorInfo, _Duplicate, _object, read_header, shown
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -19,6 +19,7 @@ class Checkpoint:
     root: Path  # the folder holding the weights and, normally, config.json
     files: tuple[SafetensorsFile, ...]
     index_path: Path | None = None
+    folder: Path | None = None  # the model folder, when one was given (or an index, which names one)
 
     @property
     def config_path(self) -> Path:
@@ -40,12 +41,12 @@ def open_checkpoint(model: Path) -> Checkpoint:
         if (model / MANIFEST_NAME).exists():
             raise InputError(f"{model}: this is a reshard split folder, not a checkpoint; run `reshard merge {model}` first")
         if (model / INDEX_NAME).is_file():
-            return _from_index(model / INDEX_NAME)
+            return replace(_from_index(model / INDEX_NAME), folder=model)
         if (model / SINGLE_NAME).is_file():
-            return _from_file(model / SINGLE_NAME)
+            return replace(_from_file(model / SINGLE_NAME), folder=model)
         found = sorted(model.glob("*.safetensors"))
         if len(found) == 1:
-            return _from_file(found[0])
+            return replace(_from_file(found[0]), folder=model)
         what = f"{len(found)} .safetensors files and no {INDEX_NAME}" if found else "no .safetensors file"
         raise InputError(f"{model}: folder has {what}; pass the .safetensors file or the index to use")
     if not model.exists():
@@ -63,8 +64,10 @@ def _from_file(path: Path) -> Checkpoint:
 
 def _from_index(index_path: Path) -> Checkpoint:
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_object)
+    except _Duplicate as e:
+        raise InputError(f"{index_path}: tensor {shown(str(e))} is listed twice; the index is corrupt, re-save the checkpoint") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(f"{index_path}: cannot read the index as JSON ({e}); fix or re-save it") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -90,4 +93,4 @@ def _from_index(index_path: Path) -> Checkpoint:
     missing = sorted(set(weight_map) - seen)
     if missing:
         raise InputError(f"{index_path}: tensor {missing[0]} is listed under {weight_map[missing[0]]} but not stored there")
-    return Checkpoint(root=root, files=files, index_path=index_path)
+    return Checkpoint(root=root, files=files, index_path=index_path, folder=root)

@@ -18,7 +18,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 from reshard import __version__
-from reshard.checkpoint import INDEX_NAME
+from reshard.checkpoint import INDEX_NAME, MANIFEST_NAME
 from reshard.config import parse_size
 from reshard.errors import ReshardError, UsageError
 from reshard.manifest import read_manifest
@@ -26,6 +26,7 @@ from reshard.merge import default_merge_dir, write_merge
 from reshard.plan import make_plan
 from reshard.report import human_bytes, plan_summary, rank_table, tensor_table
 from reshard.split import default_split_dir, write_split
+from reshard.verify import Report, verify
 
 app = typer.Typer(
     help="Split LLM safetensors checkpoints for tensor parallelism, and merge them back bit for bit.",
@@ -41,6 +42,8 @@ def _console() -> Console:
 T = TypeVar("T")
 # The bar appears only for work that lasts longer, so quick runs and early errors stay clean.
 PROGRESS_DELAY_S = 0.5
+# verify names at most this many problems, then how many more there are.
+MAX_PROBLEMS = 10
 
 
 class Terminated(KeyboardInterrupt):
@@ -215,6 +218,37 @@ def merge_command(
         )
 
     _run(action)
+
+
+@app.command("verify")
+def verify_command(
+    split_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `reshard split`.", show_default=False)],
+    against: Annotated[
+        Optional[Path],
+        typer.Option("--against", help="The checkpoint DIR was split from: compare every rank tensor with its slice.", show_default=False),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check every file against the manifest's sha256 and, with --against, every tensor against the source."""
+
+    def action() -> Report:
+        manifest = read_manifest(split_dir)
+        total = sum(r.bytes for r in manifest.files.values()) + (sum(t.nbytes for t in manifest.tensors) if against else 0)
+        with _progress(total, "verify", quiet) as progress:
+            return verify(split_dir, against, progress)
+
+    report = _run(action)
+    if not report.ok:
+        shown = report.problems[:MAX_PROBLEMS]
+        more = len(report.problems) - len(shown)
+        message = "\n".join(shown + ([f"{more} more problems"] if more else []))
+        _fail(ReshardError(message), message, 1)
+    console = _console()
+    console.print(f"{report.files} files ({human_bytes(report.file_bytes)}) match the sizes and sha256 in {split_dir / MANIFEST_NAME}")
+    if against is not None:
+        console.print(
+            f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}"
+        )
 
 
 def _version(value: bool) -> None:

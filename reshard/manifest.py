@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reshard.checkpoint import MANIFEST_NAME
+from reshard.checksums import FileRecord
 from reshard.config import TPConfig
 from reshard.errors import InputError, ReshardError
+from reshard.outputs import write_durably
 from reshard.plan import Plan, TensorCut
 from reshard.rules import STYLES
 from reshard.safetensors_io import DTYPE_SIZES
@@ -25,14 +26,27 @@ def rank_file_name(rank: int, part: int = 0) -> str:
 
 
 @dataclass(frozen=True)
+class SourceFile:
+    """A file of the checkpoint that was split: enough to tell it again without reading its data."""
+
+    name: str
+    bytes: int
+    header_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "bytes": self.bytes, "header_sha256": self.header_sha256}
+
+
+@dataclass(frozen=True)
 class Manifest:
     tp_config: TPConfig
     family: str
     rank_files: tuple[tuple[str, ...], ...]
     tensors: tuple[TensorCut, ...]
-    source_files: tuple[str, ...]
+    source_files: tuple[SourceFile, ...]
     source_metadata: dict[str, str]
     source_config: dict[str, Any]
+    files: dict[str, FileRecord] = field(default_factory=dict)  # every file of the split folder but reshard.json
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,8 +59,9 @@ class Manifest:
                 {"rank": r, "device": self.tp_config.device(r), "files": list(files)}
                 for r, files in enumerate(self.rank_files)
             ],
+            "files": {name: r.to_dict() for name, r in self.files.items()},
             "source": {
-                "files": list(self.source_files),
+                "files": [f.to_dict() for f in self.source_files],
                 "metadata": self.source_metadata,
                 "config": self.source_config,
             },
@@ -58,7 +73,7 @@ class Manifest:
         cls,
         plan: Plan,
         rank_files: list[list[str]],
-        source_files: list[str],
+        source_files: list[SourceFile],
         metadata: dict[str, str],
         config: dict[str, Any],
     ) -> Manifest:
@@ -85,11 +100,7 @@ def _tensor_entry(t: TensorCut) -> dict[str, Any]:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    path = folder / MANIFEST_NAME
-    with open(path, "x", encoding="utf-8") as f:
-        f.write(dumps(manifest.to_dict()))
-        f.flush()
-        os.fsync(f.fileno())
+    write_durably(folder / MANIFEST_NAME, dumps(manifest.to_dict()).encode())
 
 
 def dumps(data: dict[str, Any]) -> str:
@@ -133,22 +144,40 @@ def _parse(data: dict[str, Any]) -> Manifest:
     rank_files = tuple(tuple(_relative(f) for f in r["files"]) for r in ranks)
     tensors = tuple(_parse_tensor(name, e, tp_config.tp) for name, e in data["tensors"].items())
     source = data["source"]
+    files = {_relative(name, "file"): FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
+    listed = {name for names in rank_files for name in names} - set(files)
+    if listed:
+        raise ValueError(f"rank file {sorted(listed)[0]} has no size and sha256 under files")
     return Manifest(
         tp_config=tp_config,
         family=str(data["family"]),
         rank_files=rank_files,
         tensors=tensors,
-        source_files=tuple(str(f) for f in source["files"]),
+        source_files=tuple(
+            SourceFile(str(f["name"]), _count(f["bytes"]), _hex(f["header_sha256"])) for f in source["files"]
+        ),
         source_metadata={str(k): str(v) for k, v in source["metadata"].items()},
         source_config=dict(source["config"]),
+        files=files,
     )
 
 
-def _relative(name: str) -> str:
-    pure = PurePosixPath(name)
-    if not isinstance(name, str) or pure.is_absolute() or ".." in pure.parts:
-        raise ValueError(f"rank file {name!r} must be a name inside the split folder")
+def _relative(name: str, what: str = "rank file") -> str:
+    if not isinstance(name, str) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+        raise ValueError(f"{what} {name!r} must be a name inside the split folder")
     return name
+
+
+def _count(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"file size {value!r} is not a non-negative integer")
+    return value
+
+
+def _hex(value: object) -> str:
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"{value!r} is not a sha256 in hex")
+    return value
 
 
 def _parse_tensor(name: str, e: dict[str, Any], tp: int) -> TensorCut:

@@ -4,15 +4,15 @@ into its place in the output, one thread per output file."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from reshard.checkpoint import INDEX_NAME, SINGLE_NAME
+from reshard.checkpoint import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
+from reshard.checksums import BackgroundHashes
 from reshard.errors import InputError
 from reshard.manifest import Manifest, read_manifest
-from reshard.outputs import staged_output
+from reshard.outputs import copy_durably, staged_output, write_durably
 from reshard.plan import TensorCut
 from reshard.workers import WORKERS, run_all, thread_buffers
 from reshard.safetensors_io import (
@@ -77,18 +77,24 @@ def write_merge(
     progress: Progress | None,
     max_shard_size: int | None = None,
 ) -> list[str]:
-    """Write the merged checkpoint; returns the names of the safetensors files written."""
-    rank_tensors = _rank_tensors(split_dir, manifest)
+    """Write the merged checkpoint; returns the names of the safetensors files written.
+
+    The rank files' sizes and headers are checked against the manifest before anything is written, their sha256
+    while the merge runs; a mismatch leaves no output.
+    """
+    listed = check_sizes(split_dir, manifest)
+    by_rank = rank_tensors(split_dir, manifest)
     pieces = {t.name: coverage(t) for t in manifest.tensors}
-    rank_paths = sorted({info.path for tensors in rank_tensors for info in tensors.values()})
+    rank_paths = sorted({info.path for tensors in by_rank for info in tensors.values()})
     groups = partition([(t.name, t.dtype, t.shape) for t in manifest.tensors], max_shard_size)
     names = merged_file_names(len(groups))
     with staged_output(out, [split_dir, *rank_paths], force) as staging, ExitStack() as stack:
+        hashes = stack.enter_context(BackgroundHashes(listed))
         readers = {path: stack.enter_context(ByteReader(path)) for path in rank_paths}
         writer = stack.enter_context(PartedWriter([staging / n for n in names], groups, manifest.source_metadata))
 
         def task(cut: TensorCut) -> Callable[[], None]:
-            infos = [tensors[cut.name] for tensors in rank_tensors]
+            infos = [tensors[cut.name] for tensors in by_rank]
             target = writer.region(cut.name)
             rank_readers = [readers[i.path] for i in infos]
             return lambda: merge_tensor(cut, pieces[cut.name], rank_readers, infos, target, progress, thread_buffers())
@@ -99,7 +105,31 @@ def write_merge(
         if len(names) > 1:
             _write_index(staging / INDEX_NAME, names, groups)
         _write_config(split_dir, manifest, staging / "config.json")
+        check_hashes(split_dir, manifest, hashes.results())
     return names
+
+
+def check_sizes(split_dir: Path, manifest: Manifest) -> list[Path]:
+    """Every file the manifest lists is there with its recorded size; returns their paths."""
+    paths = []
+    for name, expected in manifest.files.items():
+        path = split_dir / name
+        if not path.is_file():
+            continue  # a missing rank file is named by the header checks; config.json has the manifest's copy
+        size = path.stat().st_size
+        if size != expected.bytes:
+            raise InputError(
+                f"{path}: {size} bytes, but {MANIFEST_NAME} records {expected.bytes}; the file is truncated or was changed, split again"
+            )
+        paths.append(path)
+    return paths
+
+
+def check_hashes(split_dir: Path, manifest: Manifest, digests: dict[Path, str]) -> None:
+    for name, expected in manifest.files.items():
+        path = split_dir / name
+        if path in digests and digests[path] != expected.sha256:
+            raise InputError(f"{path}: sha256 differs from {MANIFEST_NAME}; the file is corrupt, split again")
 
 
 def merged_file_names(count: int) -> list[str]:
@@ -115,10 +145,10 @@ def _write_index(path: Path, names: list[str], groups: list[list[Entry]]) -> Non
         "metadata": {"total_size": sum(entry_nbytes(e) for group in groups for e in group)},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_durably(path, (json.dumps(index, indent=2) + "\n").encode())
 
 
-def _rank_tensors(split_dir: Path, manifest: Manifest) -> list[dict[str, TensorInfo]]:
+def rank_tensors(split_dir: Path, manifest: Manifest) -> list[dict[str, TensorInfo]]:
     """Each rank's tensors by name, checked against the manifest before anything is written."""
     result = []
     for rank, files in enumerate(manifest.rank_files):
@@ -211,6 +241,6 @@ def merge_tensor(
 def _write_config(split_dir: Path, manifest: Manifest, target: Path) -> None:
     # The split folder's copy is the source's file byte for byte; the manifest's parsed copy is the fallback.
     if (split_dir / "config.json").is_file():
-        shutil.copyfile(split_dir / "config.json", target)
+        copy_durably(split_dir / "config.json", target)
     else:
-        target.write_text(json.dumps(manifest.source_config, indent=2) + "\n", encoding="utf-8")
+        write_durably(target, (json.dumps(manifest.source_config, indent=2) + "\n").encode())

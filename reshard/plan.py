@@ -136,6 +136,8 @@ class Count:
     value: int
     replicate: bool = False
     pad: bool = False
+    size: int | None = None  # elements of the cut dim per unit, when the config says
+    size_label: str = ""  # "head_dim (128)"; empty for a size of 1
 
     def allows(self, tp: int) -> bool:
         return self.value % tp == 0 or (self.replicate and tp % self.value == 0) or self.pad
@@ -171,6 +173,7 @@ def build_plan(
 
     cuts: dict[str, TensorCut] = {}
     unknown: list[str] = []
+    mismatches: list[str] = []
     quantized: list[str] = []
     scales: list[TensorInfo] = []
     for info, rule in matched:
@@ -191,11 +194,16 @@ def build_plan(
             parts = [counts.get(u) for u in rule.parts] or [bare_counts[(rule.name, info.shape[rule.dim])]]
             if any(p is None or not p.allows(tp) for p in parts):
                 continue  # the count's problem is already listed once
-            cut = _cut(info, rule.name, rule.style, rule.dim, parts, tp)
+            cut = _cut(info, rule.name, rule.style, rule.dim, parts, tp, config.name)
             if isinstance(cut, str):
-                problems.append(cut)
+                mismatches.append(cut)
             else:
                 cuts[info.name] = cut
+    if mismatches:
+        # One wrong config key makes every tensor it sizes disagree: the first one says what to fix.
+        n = len(mismatches) - 1
+        more = "" if n == 0 else " (nor does 1 other tensor)" if n == 1 else f" (nor do {n} other tensors)"
+        problems.append(mismatches[0] + more)
     for info in scales:
         cut = _scale_cut(info, cuts.get(_scaled_weight(info.name)), tp)
         if isinstance(cut, str):
@@ -234,7 +242,9 @@ def _counts(
             problems.append(f"{config.name}: {key} is missing or not a positive integer; the {family.name} rules need it")
         else:
             spec = family.units[unit]
-            counts[unit] = Count(f"{key} ({value})", value, spec.replicate, spec.pad)
+            size_key, size = family.size(unit, config)
+            size_label = f"{size_key} ({size})" if size_key else ""
+            counts[unit] = Count(f"{key} ({value})", value, spec.replicate, spec.pad, size, size_label)
     bare = {
         (rule.name, info.shape[rule.dim]): info.name
         for info, rule in reversed(matched)
@@ -244,13 +254,21 @@ def _counts(
     return counts, bare_counts, problems
 
 
-def _cut(info: TensorInfo, rule: str, style: str, dim: int, parts: list[Count], tp: int) -> TensorCut | str:
+def _cut(info: TensorInfo, rule: str, style: str, dim: int, parts: list[Count], tp: int, config: str) -> TensorCut | str:
     """Cut a dim made of `parts` (one count, or several packed back to back) so each rank gets its share of each."""
     size = info.shape[dim]
     total = sum(p.value for p in parts)
+    if all(p.size is not None for p in parts):
+        expected = sum(p.value * (p.size or 0) for p in parts)
+        if size != expected:
+            if len(parts) == 1 and not parts[0].size_label:
+                says = f"{parts[0].label.split(' ')[0]} is {expected}"
+            else:
+                says = " + ".join(f"{p.label} x {p.size_label}" if p.size_label else p.label for p in parts) + f" = {expected}"
+            return f"tensor {info.name}: dim {dim} is {size}, but {says}; {config} does not match the weights"
     if size % total:
         labels = " + ".join(p.label for p in parts)
-        return f"tensor {info.name}: dim {dim} is {size}, not a multiple of {labels}; the config does not match the weights"
+        return f"tensor {info.name}: dim {dim} is {size}, not a multiple of {labels}; {config} does not match the weights"
     unit = size // total
     slices: list[list[tuple[int, int]]] = [[] for _ in range(tp)]
     offset = 0

@@ -15,7 +15,7 @@ from reshard.errors import InputError, RulesError
 
 STYLES = ("colwise", "rowwise", "vocab", "replicate")
 _FAMILY_KEYS = {"family", "extends", "model_types", "architectures", "units", "rules"}
-_UNIT_KEYS = {"key", "default_key", "replicate", "pad"}
+_UNIT_KEYS = {"key", "default_key", "replicate", "pad", "size"}
 _RULE_KEYS = {"name", "match", "style", "dim", "units", "parts"}
 
 
@@ -29,6 +29,9 @@ class Unit:
     replicate: bool = False
     # When tp does not divide the count, zero units are appended to a multiple of tp (vocabulary rows).
     pad: bool = False
+    # How many elements of the cut dim one unit is: a number (1 for FFN columns and vocabulary rows), or config
+    # keys tried in order, each a key ("head_dim") or a ratio ("hidden_size/num_attention_heads"). None: unchecked.
+    size: int | tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,27 @@ class Family:
         ok = type(value) is int and value > 0
         return key, value if ok else None
 
+    def size(self, unit: str, config: ModelConfig) -> tuple[str, int | None]:
+        """How the config sizes one unit, and the size: None when the config does not say.
+
+        Raises InputError for a size key that is present but not a positive integer.
+        """
+        spec = self.units[unit].size
+        if spec is None or isinstance(spec, int):
+            return "", spec
+        for choice in spec:
+            names = choice.split("/")
+            values = [config.raw.get(name) for name in names]
+            if values[0] is None:
+                continue
+            if len(values) == 1:
+                if type(values[0]) is not int or values[0] <= 0:
+                    raise InputError(f"{config.name}: {choice} must be a positive integer, got {json.dumps(values[0])}; fix the model config")
+                return choice, values[0]
+            if all(type(v) is int and v > 0 for v in values) and values[0] % values[1] == 0:
+                return choice, values[0] // values[1]
+        return "", None
+
 
 def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern[str]:
     """`*` stands for one dotted name component (a layer index, an expert number)."""
@@ -105,7 +129,9 @@ def parse_family(data: Any, source: str, parents: dict[str, Family] | None = Non
         flags = {k: spec.get(k, False) for k in ("replicate", "pad")}
         if not all(isinstance(v, bool) for v in flags.values()):
             raise RulesError(f"{at}: replicate and pad must be true or false")
-        units[unit_name] = Unit(key=_string(spec["key"], f"{at}.key"), default_key=spec.get("default_key"), **flags)
+        units[unit_name] = Unit(
+            key=_string(spec["key"], f"{at}.key"), default_key=spec.get("default_key"), size=_size(spec.get("size"), at), **flags
+        )
     raw_rules = data.get("rules", [])
     if not isinstance(raw_rules, list) or not (raw_rules or parent):
         raise RulesError(f"{where}: rules must be a non-empty list")
@@ -149,6 +175,15 @@ def _parse_rule(index: int, rule: Any, where: str, units: dict[str, Unit]) -> Ru
     if len(parts) > 1 and any(units[u].pad for u in parts):
         raise RulesError(f"{at}: a packed tensor cannot hold a padded unit")
     return Rule(name=name, patterns=patterns, style=style, dim=dim, parts=tuple(parts), regex=compile_patterns(patterns))
+
+
+def _size(value: Any, at: str) -> int | tuple[str, ...] | None:
+    if value is None or (type(value) is int and value > 0):
+        return value
+    choices = _strings(value, f"{at}.size") if isinstance(value, list) else []
+    if not choices or any(not re.fullmatch(r"[\w.]+(/[\w.]+)?", c) for c in choices):
+        raise RulesError(f"{at}.size: must be a positive integer or a list of config keys or ratios like \"hidden_size/num_attention_heads\"")
+    return tuple(choices)
 
 
 def _require_object(value: Any, at: str, allowed: set[str], required: set[str]) -> None:

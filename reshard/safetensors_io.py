@@ -7,6 +7,8 @@ touches file bytes, so no dtype is ever decoded and every dtype round-trips bit 
 from __future__ import annotations
 
 import ctypes
+import errno
+import hashlib
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
@@ -21,6 +23,7 @@ from types import TracebackType
 
 import numpy as np
 
+from reshard.checksums import FileRecord, FollowingHash
 from reshard.errors import InputError, OutputError
 
 # Bytes per element of every whole-byte safetensors dtype.
@@ -71,6 +74,8 @@ class SafetensorsFile:
     path: Path
     metadata: dict[str, str]
     tensors: tuple[TensorInfo, ...]  # in data order
+    size: int  # of the whole file
+    header_sha256: str  # of the length prefix and the header: what the manifest records of a source file
 
 
 def read_header(path: Path) -> SafetensorsFile:
@@ -96,14 +101,31 @@ def read_header(path: Path) -> SafetensorsFile:
     return parse_header(path, raw, size)
 
 
+class _Duplicate(ValueError):
+    """A JSON object with a key given twice."""
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object that refuses a key given twice (json.loads would keep the last silently)."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Duplicate(key)
+        result[key] = value
+    return result
+
+
 def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsFile:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object)
+    except _Duplicate as e:
+        raise InputError(f"{path}: {shown(str(e))} appears twice in the header; the file is corrupt") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(f"{path}: header is not UTF-8 JSON ({e}); the file is corrupt") from e
     if not isinstance(header, dict):
         raise InputError(f"{path}: header is not a JSON object; the file is corrupt")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise InputError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
     data_start = 8 + len(raw)
@@ -113,31 +135,40 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsFile:
     for t in tensors:
         if t.offset != pos:
             what = "overlaps the previous tensor" if t.offset < pos else f"leaves a hole of {t.offset - pos} bytes"
-            raise InputError(f"{path}: tensor {t.name} {what}; the file is corrupt")
+            raise InputError(f"{path}: tensor {shown(t.name)} {what}; the file is corrupt")
         pos += t.nbytes
     if pos != file_size:
         problem = "is truncated" if pos > file_size else f"has {file_size - pos} bytes after the last tensor"
         raise InputError(f"{path}: the file {problem} (header describes {pos} bytes, file has {file_size})")
-    return SafetensorsFile(path=path, metadata=dict(metadata), tensors=tuple(tensors))
+    digest = hashlib.sha256(struct.pack("<Q", len(raw)) + raw).hexdigest()
+    return SafetensorsFile(path=path, metadata=dict(metadata), tensors=tuple(tensors), size=file_size, header_sha256=digest)
+
+
+def shown(name: str) -> str:
+    """A name as an error line shows it: quoted when it holds line breaks or other unprintable characters."""
+    return name if name.isprintable() else json.dumps(name)
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    where = f"{path}: tensor {shown(name)}"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise InputError(f"{path}: tensor {name}: entry must have exactly dtype, shape and data_offsets")
+        raise InputError(f"{where}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise InputError(f"{where}: dtype must be a string, got {dtype!r}")
     if dtype in SUB_BYTE_DTYPES:
-        raise InputError(f"{path}: tensor {name} has dtype {dtype}, which packs values below a byte and cannot be cut safely")
+        raise InputError(f"{where} has dtype {dtype}, which packs values below a byte and cannot be cut safely")
     if dtype not in DTYPE_SIZES:
-        raise InputError(f"{path}: tensor {name} has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
+        raise InputError(f"{where} has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise InputError(f"{path}: tensor {name}: shape must be a list of non-negative integers, got {shape!r}")
+        raise InputError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
-        raise InputError(f"{path}: tensor {name}: data_offsets must be two non-negative integers, got {offsets!r}")
+        raise InputError(f"{where}: data_offsets must be two non-negative integers, got {offsets!r}")
     begin, end = offsets
     nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != nbytes:
         raise InputError(
-            f"{path}: tensor {name}: data_offsets span {end - begin} bytes but {dtype} {shape} needs {nbytes}; the file is corrupt"
+            f"{where}: data_offsets span {end - begin} bytes but {dtype} {shape} needs {nbytes}; the file is corrupt"
         )
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), path=path, offset=data_start + begin, nbytes=nbytes)
 
@@ -190,7 +221,9 @@ class SafetensorsWriter:
         for entry in entries:
             self._starts[entry[0]] = (position, entry_nbytes(entry))
             position += entry_nbytes(entry)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        self._hash = FollowingHash(self._fd)
+        self.record: FileRecord | None = None  # size and sha256, once closed
         self._lock = threading.Lock()
         self.written = 0
         self._unflushed: list[tuple[int, int]] = []  # written stretches whose writeback has not been started
@@ -204,6 +237,7 @@ class SafetensorsWriter:
         return Region(self, start, size)
 
     def note_written(self, position: int, n: int) -> None:
+        self._hash.written(position, n)
         with self._lock:
             self.written += n
             self._unflushed.append((position, n))
@@ -223,13 +257,20 @@ class SafetensorsWriter:
             self._drain()
             if self.written != self.expected:
                 raise OutputError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
-            os.fsync(self._fd)
+            digest = self._hash.hexdigest(self.expected)
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            self.record = FileRecord(self.expected, digest)
         finally:
+            self._hash.stop()
             os.close(self._fd)
             self._fd = -1
 
     def abort(self) -> None:
         if self._fd >= 0:
+            self._hash.stop()
             self._drain()
             os.close(self._fd)
             self._fd = -1
@@ -275,6 +316,10 @@ def _start_writeback(fd: int, stretches: list[tuple[int, int]]) -> None:
             os.posix_fadvise(fd, position, n, os.POSIX_FADV_DONTNEED)
 
 
+# copy_file_range errors that mean "not here" (across filesystems, unsupported), not a failed write.
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM, errno.ETXTBSY}
+
+
 class Region:
     """One tensor's bytes in an output file, written front to back by one thread."""
 
@@ -285,7 +330,10 @@ class Region:
         view = memoryview(data).cast("B")
         self._check(len(view))
         while view:
-            n = os.pwrite(self._writer._fd, view, self._position)
+            try:
+                n = os.pwrite(self._writer._fd, view, self._position)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self._writer.path)) from e
             self._writer.note_written(self._position, n)
             self._position += n
             view = view[n:]
@@ -299,7 +347,9 @@ class Region:
             if writer._copy_file_range:
                 try:
                     copied = os.copy_file_range(src_fd, writer._fd, min(n, 1 << 30), offset, self._position)
-                except OSError:
+                except OSError as e:
+                    if e.errno not in _NO_COPY_FILE_RANGE:
+                        raise OSError(e.errno, e.strerror, str(writer.path)) from e
                     writer._copy_file_range = False  # another filesystem or an old kernel: plain reads
             if copied:
                 writer.note_written(self._position, copied)
@@ -358,6 +408,10 @@ class PartedWriter:
         """Finish every file; one that did not get all its bytes raises."""
         for writer in self._writers:
             writer.close()
+
+    def records(self) -> dict[str, FileRecord]:
+        """Each file's name, size and sha256, once closed."""
+        return {w.path.name: w.record for w in self._writers if w.record is not None}
 
     def abort(self) -> None:
         for writer in self._writers:

@@ -6,15 +6,16 @@ blocks of whole rows and gathered with numpy. Memory stays at about two blocks w
 
 from __future__ import annotations
 
-import shutil
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 from reshard.checkpoint import Checkpoint
 from reshard.config import ModelConfig
-from reshard.manifest import Manifest, rank_file_name, write_manifest
-from reshard.outputs import staged_output
+from reshard.checksums import record
+from reshard.manifest import Manifest, SourceFile, rank_file_name, write_manifest
+from reshard.outputs import copy_durably, staged_output
 from reshard.plan import Plan, TensorCut, make_plan
 from reshard.safetensors_io import Buffers, ByteReader, PartedWriter, Region, partition
 from reshard.workers import run_all, thread_buffers
@@ -79,12 +80,12 @@ def write_split(
     progress: Progress | None,
     max_shard_size: int | None = None,
 ) -> Manifest:
-    inputs = [*ckpt.paths] + ([model_config.path] if model_config.path else [])
+    inputs = [*ckpt.paths, *([ckpt.folder] if ckpt.folder else []), *([model_config.path] if model_config.path else [])]
     groups = [partition([(t.name, t.dtype, t.rank_shape(r)) for t in plan.tensors], max_shard_size) for r in range(plan.tp)]
     manifest = Manifest.for_plan(
         plan,
         rank_files=[[rank_file_name(r, part) for part in range(len(groups[r]))] for r in range(plan.tp)],
-        source_files=[p.name for p in ckpt.paths],
+        source_files=[SourceFile(f.path.name, f.size, f.header_sha256) for f in ckpt.files],
         metadata=ckpt.files[0].metadata,
         config=model_config.raw,
     )
@@ -102,10 +103,14 @@ def write_split(
             return lambda: split_tensor(readers[info.path], info.offset, cut, regions, progress, thread_buffers())
 
         run_all(task(cut) for cut in plan.tensors)
+        files = {}
         for w in writers:
             w.close()
+            files |= w.records()
         if model_config.path:
-            shutil.copyfile(model_config.path, staging / "config.json")
+            copy_durably(model_config.path, staging / "config.json")
+            files["config.json"] = record(staging / "config.json")
+        manifest = replace(manifest, files=files)
         write_manifest(staging, manifest)
     return manifest
 

@@ -172,7 +172,7 @@ def test_merge_refuses_missing_or_mismatched_rank_file(model: Path, tmp_path: Pa
     (tmp_path / "tp1" / "model-rank-0-part-0.safetensors").replace(out / "model-rank-0-part-0.safetensors")
     result = run("merge", out)
     assert result.exit_code == 1
-    assert "the rank file does not belong to this manifest" in result.stderr
+    assert "bytes, but reshard.json records" in result.stderr
     assert not (tmp_path / "split-merged").exists()
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from reshard import ModelConfig, PlanError, TPConfig, UsageError, build_plan
+from reshard.errors import InputError
 from reshard.rules import builtin_families, detect_family
 from reshard.safetensors_io import TensorInfo
 
@@ -110,10 +111,32 @@ def test_config_that_disagrees_with_weights() -> None:
     config = dict(weights, num_attention_heads=6, num_key_value_heads=6, head_dim=4)
     with pytest.raises(PlanError) as e:
         build_plan(header(weights), ModelConfig(config), TPConfig.create(2), LLAMA)
+    # One line for the one wrong key, however many tensors it sizes.
+    assert e.value.problems == [
+        "tensor model.layers.0.self_attn.q_proj.weight: dim 0 is 32, but num_attention_heads (6) x head_dim (4) = 24; "
+        "the model config does not match the weights (nor do 7 other tensors)"
+    ]
+    # Without head_dim or hidden_size the size of a head is unknown: the dim must still divide into heads.
+    config = {k: v for k, v in config.items() if k not in ("head_dim", "hidden_size")}
+    with pytest.raises(PlanError) as e:
+        build_plan(header(weights), ModelConfig(config), TPConfig.create(2), LLAMA)
     assert e.value.problems[0] == (
         "tensor model.layers.0.self_attn.q_proj.weight: dim 0 is 32, not a multiple of num_attention_heads (6); "
-        "the config does not match the weights"
+        "the model config does not match the weights (nor do 7 other tensors)"
     )
+
+
+def test_head_dim_from_the_config_or_the_hidden_size() -> None:
+    # Gemma-style: head_dim is not hidden_size / heads.
+    weights = dict(llama_config(heads=4, kv_heads=2, head_dim=8), hidden_size=16)
+    assert plan_for(weights, 2).tensors
+    without = {k: v for k, v in weights.items() if k != "head_dim"}  # 16 / 4 = 4, but q_proj has 32 rows
+    with pytest.raises(PlanError) as e:
+        build_plan(header(weights), ModelConfig(without), TPConfig.create(2), LLAMA)
+    assert "dim 0 is 32, but num_attention_heads (4) x hidden_size/num_attention_heads (4) = 16" in e.value.problems[0]
+    bad = dict(weights, head_dim=0)
+    with pytest.raises(InputError, match=r"the model config: head_dim must be a positive integer, got 0; fix the model config"):
+        build_plan(header(weights), ModelConfig(bad), TPConfig.create(2), LLAMA)
 
 
 def test_unknown_matrix_is_refused_unless_replicate_unknown() -> None:
