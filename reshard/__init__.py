@@ -5,6 +5,7 @@ from reshard.errors import InputError, OutputError, PlanError, ReshardError, Rul
 from reshard.merge import merge
 from reshard.plan import Plan, TensorCut, build_plan, make_plan
 from reshard.split import split
+from reshard.verify import verify
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "make_plan",
     "merge",
     "split",
+    "verify",
 ]

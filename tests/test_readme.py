@@ -20,7 +20,7 @@ def sessions() -> list[tuple[str, str]]:
 def test_readme_sessions_print_what_the_readme_shows(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "examples" / "tiny-llama", tmp_path / "examples" / "tiny-llama")
     found = sessions()
-    assert [c.split()[1] for c, _ in found] == ["plan", "plan", "split", "merge"]
+    assert [c.split()[1] for c, _ in found] == ["plan", "plan", "split", "merge", "verify"]
     for command, shown in found:
         args = shlex.split(command)[1:]
         run = subprocess.run(
