@@ -9,6 +9,16 @@ from reshard.verify import verify
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # load_rank needs torch, which reshard itself does not: imported on first use.
+    if name == "load_rank":
+        from reshard.runtime import load_rank
+
+        return load_rank
+    raise AttributeError(f"module 'reshard' has no attribute {name!r}")
+
+
 __all__ = [
     "InputError",
     "ModelConfig",
@@ -21,6 +31,7 @@ __all__ = [
     "TensorCut",
     "UsageError",
     "build_plan",
+    "load_rank",
     "make_plan",
     "merge",
     "split",

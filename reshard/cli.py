@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from reshard import __version__
 from reshard.checkpoint import INDEX_NAME, MANIFEST_NAME
-from reshard.config import parse_size
+from reshard.config import TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
 from reshard.errors import ReshardError, UsageError
 from reshard.manifest import read_manifest
 from reshard.merge import default_merge_dir, write_merge
-from reshard.plan import make_plan
+from reshard.plan import Plan, make_plan
 from reshard.report import human_bytes, plan_summary, rank_table, tensor_table
 from reshard.split import default_split_dir, write_split
 from reshard.verify import Report, verify
@@ -67,13 +67,26 @@ ModelArg = Annotated[
         show_default=False,
     ),
 ]
-TpOpt = Annotated[int, typer.Option("--tp", min=1, help="Number of tensor-parallel ranks.", show_default=False)]
+TpOpt = Annotated[
+    Optional[int],
+    typer.Option("--tp", min=1, help="Number of tensor-parallel ranks (or `tp` in a TP config).", show_default=False),
+]
 DevicesOpt = Annotated[
     Optional[str],
     typer.Option("--devices", help="GPU id for each rank, comma-separated: rank r runs on cuda:ids[r]. Default 0..tp-1."),
 ]
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", help="The model's config.json, when it is not beside the weights.")
+    Optional[list[Path]],
+    typer.Option(
+        "--config",
+        help="The model's config.json, when it is not beside the weights, and/or a TP config (TOML or JSON with "
+        "tp and device_ids); may be given twice.",
+        show_default=False,
+    ),
+]
+GpuMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option("--gpu-memory", help="Mark ranks whose weights exceed this much GPU memory, e.g. 80GiB.", show_default=False),
 ]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Use this rules family instead of detecting it.")]
 ReplicateOpt = Annotated[
@@ -88,6 +101,32 @@ MaxShardOpt = Annotated[
     typer.Option("--max-shard-size", help="Cut outputs into files of at most this size, e.g. 5GB or 500MiB.", show_default=False),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _tp_settings(
+    tp: Optional[int], devices: Optional[str], configs: Optional[list[Path]]
+) -> tuple[int, Optional[list[int]], Optional[Path]]:
+    """--tp, --devices and the --config files together: flags override a TP config; returns the model config too."""
+    device_ids = parse_devices(devices)
+    model_config: Optional[Path] = None
+    settings, tp_file = TPSettings(), None
+    for path in configs or []:
+        if is_tp_config(path):
+            settings, tp_file = load_tp_config(path), path
+        elif model_config is None:
+            model_config = path
+        else:
+            raise UsageError(f"--config {path}: a model config was already given ({model_config}); pass one")
+    ids = device_ids if device_ids is not None else (list(settings.device_ids) if settings.device_ids is not None else None)
+    count = tp if tp is not None else settings.tp if settings.tp is not None else (len(ids) if ids else None)
+    if count is None:
+        raise UsageError("Missing option '--tp' (or a TP config giving tp, through --config)")
+    if device_ids is None and ids is not None and len(ids) != count:
+        raise UsageError(f"{tp_file}: device_ids lists {len(ids)} ids but --tp is {count}; pass --devices as well, or fix the TP config")
+    if ids is not None:
+        TPConfig.create(count, ids)  # one id per rank, distinct, non-negative: before any GPU is asked
+        check_visible_gpus(ids)
+    return count, ids, model_config
 
 
 def _fail(error: BaseException, message: str, code: int) -> NoReturn:
@@ -142,30 +181,47 @@ def _progress(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], ob
 @app.command("plan")
 def plan_command(
     model: ModelArg,
-    tp: TpOpt,
+    tp: TpOpt = None,
     devices: DevicesOpt = None,
     config: ConfigOpt = None,
     arch: ArchOpt = None,
     replicate_unknown: ReplicateOpt = False,
     rules: RulesOpt = None,
+    gpu_memory: GpuMemoryOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Show how every tensor would be cut and what each rank gets, without writing anything."""
-    device_ids = parse_devices(devices)
-    _, _, plan = _run(lambda: make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules))
+
+    def action() -> tuple[Plan, Optional[int]]:
+        count, device_ids, model_config = _tp_settings(tp, devices, config)
+        limit = parse_size(gpu_memory, "--gpu-memory") if gpu_memory is not None else None
+        _, _, plan = make_plan(model, count, device_ids, model_config, arch, replicate_unknown, rules)
+        return plan, limit
+
+    plan, limit = _run(action)
     if as_json:
-        typer.echo(json.dumps(plan.to_dict(), indent=2))
+        data = plan.to_dict()
+        if limit is not None:
+            for entry in data["ranks"]:
+                entry["fits"] = entry["bytes"] <= limit
+        typer.echo(json.dumps(data, indent=2))
         return
     console = _console()
     console.print(plan_summary(plan, model))
     console.print(tensor_table(plan))
-    console.print(rank_table(plan))
+    console.print(rank_table(plan, gpu_memory=limit))
+    over = [r for r in range(plan.tp) if limit is not None and plan.rank_nbytes(r) > limit]
+    if over:
+        console.print(
+            f"{len(over)} of {plan.tp} ranks need more than {human_bytes(limit or 0)} for their weights alone; "
+            "use a larger --tp"
+        )
 
 
 @app.command("split")
 def split_command(
     model: ModelArg,
-    tp: TpOpt,
+    tp: TpOpt = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: <model folder>-tp<N> beside it.")
     ] = None,
@@ -179,12 +235,12 @@ def split_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Write safetensors files for each rank, config.json and the manifest reshard.json."""
-    device_ids = parse_devices(devices)
 
     def action() -> None:
+        count, device_ids, config_path = _tp_settings(tp, devices, config)
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
-        ckpt, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules)
-        target = out if out is not None else default_split_dir(ckpt.root, tp)
+        ckpt, model_config, plan = make_plan(model, count, device_ids, config_path, arch, replicate_unknown, rules)
+        target = out if out is not None else default_split_dir(ckpt.root, count)
         with _progress(plan.nbytes, "split", quiet) as progress:
             manifest = write_split(ckpt, model_config, plan, target, force, progress, max_bytes)
         console = _console()

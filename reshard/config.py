@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,11 @@ from reshard.errors import InputError, UsageError
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     """'5GB' (10^9, as transformers reads it), '512MiB' (2^20), or plain bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.I)
     if not match or float(match.group(1)) <= 0:
-        raise UsageError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+        raise UsageError(f"{flag} {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
 
 
@@ -83,3 +84,82 @@ class TPConfig:
 
     def device(self, rank: int) -> str:
         return f"cuda:{self.device_ids[rank]}"
+
+
+TP_KEYS = ("tp", "num_devices", "device_ids")
+
+
+@dataclass(frozen=True)
+class TPSettings:
+    """What a TP config file says; either part may be absent, and flags override both."""
+
+    tp: int | None = None
+    device_ids: tuple[int, ...] | None = None
+
+
+def is_tp_config(path: Path) -> bool:
+    """A TOML file, or a JSON object whose keys are all TP keys (a model config has model_type and sizes)."""
+    if path.suffix.lower() == ".toml":
+        return True
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False  # read again, and reported, as a model config
+    return isinstance(data, dict) and bool(data) and set(data) <= set(TP_KEYS)
+
+
+def load_tp_config(path: Path) -> TPSettings:
+    """A TP config: `tp` (or `num_devices`, as the seed's TPConfig calls it) and `device_ids`, in TOML or JSON."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such TP config") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the TP config ({e}); fix the file") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the TP config must be a table of tp and device_ids")
+    unknown = sorted(set(data) - set(TP_KEYS))
+    if unknown:
+        raise InputError(f"{path}: unknown key {unknown[0]!r} in the TP config; allowed: {', '.join(TP_KEYS)}")
+    tp = data.get("tp", data.get("num_devices"))
+    if "tp" in data and "num_devices" in data and data["tp"] != data["num_devices"]:
+        raise InputError(f"{path}: tp ({data['tp']}) and num_devices ({data['num_devices']}) disagree; keep one")
+    if tp is not None and (type(tp) is not int or tp < 1):
+        raise InputError(f"{path}: tp must be a positive integer, got {json.dumps(tp)}")
+    ids = data.get("device_ids")
+    if ids is not None and (not isinstance(ids, list) or not all(type(i) is int for i in ids)):
+        raise InputError(f"{path}: device_ids must be a list of integers, got {json.dumps(ids)}")
+    if ids is not None:
+        if tp is not None and len(ids) != tp:
+            raise InputError(f"{path}: device_ids lists {len(ids)} ids but tp is {tp}; give one device id per rank")
+        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise InputError(f"{path}: device_ids must be distinct non-negative GPU ids, got {json.dumps(ids)}")
+    return TPSettings(tp, tuple(ids) if ids is not None else None)
+
+
+def check_visible_gpus(ids: Sequence[int]) -> None:
+    """Each id below the number of CUDA devices, when torch with CUDA is here to count them.
+
+    torch is consulted only when it is already loaded or an NVIDIA driver is present, so splitting on a
+    machine without GPUs never pays for importing it.
+    """
+    if "torch" not in sys.modules and not Path("/dev/nvidiactl").exists():
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    beyond = [i for i in ids if i >= count]
+    if beyond:
+        raise UsageError(f"device id {beyond[0]} is not a GPU here: torch sees {count} CUDA device(s), ids 0..{count - 1}")

@@ -68,17 +68,23 @@ def cut_notes(t: TensorCut) -> str:
     return ", ".join(notes)
 
 
-def rank_table(plan: Plan, files: Manifest | None = None) -> Table:
+def rank_table(plan: Plan, files: Manifest | None = None, gpu_memory: int | None = None) -> Table:
+    """Bytes per rank and its device; with `gpu_memory`, whether the rank's weights fit in that much."""
     table = Table(title="Ranks", title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("device")
     if files is not None:
         table.add_column("files")
     table.add_column("bytes", justify="right")
+    if gpu_memory is not None:
+        table.add_column(f"fits {human_bytes(gpu_memory)}")
     for r in range(plan.tp):
         cells = [str(r), plan.tp_config.device(r)]
         if files is not None:
             names = files.rank_files[r]
             cells.append(names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)} files)")
-        table.add_row(*cells, human_bytes(plan.rank_nbytes(r)))
+        cells.append(human_bytes(plan.rank_nbytes(r)))
+        if gpu_memory is not None:
+            cells.append("yes" if plan.rank_nbytes(r) <= gpu_memory else "NO")
+        table.add_row(*cells)
     return table
