@@ -24,7 +24,7 @@ from reshard.errors import ReshardError, UsageError
 from reshard.manifest import read_manifest
 from reshard.merge import default_merge_dir, write_merge
 from reshard.plan import Plan, make_plan
-from reshard.report import human_bytes, plan_summary, rank_table, tensor_table
+from reshard.report import forward_table, human_bytes, plan_summary, rank_table, tensor_table
 from reshard.split import default_split_dir, write_split
 from reshard.verify import Report, verify
 
@@ -283,6 +283,11 @@ def verify_command(
         Optional[Path],
         typer.Option("--against", help="The checkpoint DIR was split from: compare every rank tensor with its slice.", show_default=False),
     ] = None,
+    forward: Annotated[
+        bool,
+        typer.Option("--forward", help="Also run every sharded weight tensor-parallel, one process per rank (needs torch)."),
+    ] = False,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Worst relative error --forward accepts.")] = 1e-5,
     quiet: QuietOpt = False,
 ) -> None:
     """Check every file against the manifest's sha256 and, with --against, every tensor against the source."""
@@ -294,17 +299,39 @@ def verify_command(
             return verify(split_dir, against, progress)
 
     report = _run(action)
-    if not report.ok:
-        shown = report.problems[:MAX_PROBLEMS]
-        more = len(report.problems) - len(shown)
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
+    console = _console()
+    if lead and report.files_ok:
+        console.print(f"{report.files} files ({human_bytes(report.file_bytes)}) match the sizes and sha256 in {split_dir / MANIFEST_NAME}")
+    if lead and against is not None and report.ok:
+        console.print(f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}")
+    # The products run even when --against found problems (they show where it matters), not on bad checksums.
+    errors = _run(lambda: _forward(split_dir, against)) if forward and report.files_ok else []
+    if errors and lead:
+        console.print(forward_table(errors, tolerance))
+    failing = [e for e in errors if not e.worst <= tolerance]
+    problems = report.problems + [
+        f"{e.kind}: relative error {e.worst:.2e} in {e.worst_tensor} is above --tolerance {tolerance:g}; "
+        "the tensor is cut wrongly, split again"
+        for e in failing
+    ]
+    if problems:
+        shown = problems[:MAX_PROBLEMS]
+        more = len(problems) - len(shown)
         message = "\n".join(shown + ([f"{more} more problems"] if more else []))
         _fail(ReshardError(message), message, 1)
-    console = _console()
-    console.print(f"{report.files} files ({human_bytes(report.file_bytes)}) match the sizes and sha256 in {split_dir / MANIFEST_NAME}")
-    if against is not None:
-        console.print(
-            f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}"
-        )
+    if lead and forward:
+        worst = max((e.worst for e in errors), default=0.0)
+        reference = against if against is not None else "the weights rebuilt from the rank files"
+        console.print(f"tensor-parallel products match {reference}: worst relative error {worst:.1e} <= {tolerance:g}")
+
+
+def _forward(split_dir: Path, against: Optional[Path]) -> list:
+    try:
+        from reshard.forward import run_forward
+    except ImportError:
+        raise UsageError("verify --forward needs torch; install it with `pip install reshard[torch]`") from None
+    return run_forward(split_dir, source=against)
 
 
 def _version(value: bool) -> None:

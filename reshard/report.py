@@ -88,3 +88,17 @@ def rank_table(plan: Plan, files: Manifest | None = None, gpu_memory: int | None
             cells.append("yes" if plan.rank_nbytes(r) <= gpu_memory else "NO")
         table.add_row(*cells)
     return table
+
+
+def forward_table(errors: list, tolerance: float) -> Table:
+    """`verify --forward`: the worst relative error per kind of tensor (KindError rows)."""
+    table = Table(title="Tensor-parallel products", title_justify="left")
+    table.add_column("kind")
+    table.add_column("combined by")
+    table.add_column("tensors", justify="right")
+    table.add_column("worst relative error", justify="right")
+    table.add_column("in")
+    for e in sorted(errors, key=lambda e: e.kind):
+        flag = "" if e.worst <= tolerance else "  FAIL"
+        table.add_row(e.kind, e.how, str(e.tensors), f"{e.worst:.1e}{flag}", e.worst_tensor)
+    return table

@@ -33,6 +33,8 @@ class Report:
     tensor_bytes: int = 0
     problems: list[str] = field(default_factory=list)
 
+    files_ok: bool = True  # every file has its recorded size and sha256
+
     @property
     def ok(self) -> bool:
         return not self.problems
@@ -51,6 +53,7 @@ def verify(split_dir: Path, against: Path | None = None, progress: Progress | No
     manifest = read_manifest(split_dir)
     report = Report(manifest)
     _check_files(split_dir, manifest, report, progress)
+    report.files_ok = report.ok
     if against is not None and report.ok:
         _check_against(split_dir, manifest, Path(against), report, progress)
     return report

@@ -152,3 +152,15 @@ def test_gpt2_slices_are_the_expected_cut(family_models: dict[str, Path], splits
         assert set(got) == set(source)
         for name in source:
             assert torch.equal(got[name], expected(name, rank)), (rank, name)
+
+
+@pytest.mark.parametrize(("family", "tp"), [("phi3", 4), ("gpt2", 4), ("mixtral", 2)])
+def test_verify_forward_on_real_models(family_models: dict[str, Path], splits: dict, family: str, tp: int) -> None:
+    """`reshard verify --forward` on packed q|k|v with replicated kv heads, Conv1D with a padded vocabulary, MoE."""
+    from reshard.forward import run_forward
+
+    errors = run_forward(splits[(family, tp)], source=family_models[family])
+    kinds = {e.kind: e for e in errors}
+    assert all(e.worst <= 1e-5 for e in errors), errors
+    expected = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, "gpt2": {"c_attn_weight", "c_attn_bias", "attn_c_proj", "mlp_c_proj", "wte"}, "mixtral": {"expert_w1_w3", "expert_w2"}}
+    assert expected[family] <= set(kinds), sorted(kinds)
