@@ -288,6 +288,10 @@ def verify_command(
         typer.Option("--forward", help="Also run every sharded weight tensor-parallel, one process per rank (needs torch)."),
     ] = False,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Worst relative error --forward accepts.")] = 1e-5,
+    device: Annotated[
+        Optional[str],
+        typer.Option("--device", help="Run --forward on this device instead of each rank's GPU, e.g. cpu.", show_default=False),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Check every file against the manifest's sha256 and, with --against, every tensor against the source."""
@@ -306,7 +310,7 @@ def verify_command(
     if lead and against is not None and report.ok:
         console.print(f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}")
     # The products run even when --against found problems (they show where it matters), not on bad checksums.
-    errors = _run(lambda: _forward(split_dir, against)) if forward and report.files_ok else []
+    errors = _run(lambda: _forward(split_dir, against, device)) if forward and report.files_ok else []
     if errors and lead:
         console.print(forward_table(errors, tolerance))
     failing = [e for e in errors if not e.worst <= tolerance]
@@ -326,12 +330,12 @@ def verify_command(
         console.print(f"tensor-parallel products match {reference}: worst relative error {worst:.1e} <= {tolerance:g}")
 
 
-def _forward(split_dir: Path, against: Optional[Path]) -> list:
+def _forward(split_dir: Path, against: Optional[Path], device: Optional[str]) -> list:
     try:
         from reshard.forward import run_forward
     except ImportError:
         raise UsageError("verify --forward needs torch; install it with `pip install reshard[torch]`") from None
-    return run_forward(split_dir, source=against)
+    return run_forward(split_dir, device=device, source=against)
 
 
 def _version(value: bool) -> None:

@@ -205,9 +205,9 @@ def run_forward(split_dir: Path, device: str | None = None, source: Path | None 
     split_dir = Path(split_dir)
     manifest = read_manifest(split_dir)
     # On GPUs each rank goes on its manifest device and talks over NCCL; without CUDA, on the CPU over gloo.
-    cuda = device is None and torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     backend = "nccl" if cuda else "gloo"
-    place = None if cuda else (device or "cpu")
+    place = device if device is not None else (None if cuda else "cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         from reshard.parallel import TorchDistributed
 

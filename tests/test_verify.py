@@ -153,7 +153,7 @@ def weights(tmp_path: Path) -> Path:
 
 def test_forward_passes_a_good_split_with_replicas_and_padding(weights: Path, model: Path, tmp_path: Path) -> None:
     out = split(weights, tmp_path / "split", 4)
-    result = runner.invoke(app, ["verify", str(out), "--forward"])
+    result = runner.invoke(app, ["verify", str(out), "--forward", "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
     assert "masked lookup" in result.stdout and "all-reduce" in result.stdout and "all-gather" in result.stdout
     assert "tensor-parallel products match the weights rebuilt from the rank files" in result.stdout
