@@ -239,10 +239,10 @@ def split_command(
     def action() -> None:
         count, device_ids, config_path = _tp_settings(tp, devices, config)
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
-        ckpt, model_config, plan = make_plan(model, count, device_ids, config_path, arch, replicate_unknown, rules)
-        target = out if out is not None else default_split_dir(ckpt.root, count)
+        source, model_config, plan = make_plan(model, count, device_ids, config_path, arch, replicate_unknown, rules)
+        target = out if out is not None else default_split_dir(source.root, count)
         with _progress(plan.nbytes, "split", quiet) as progress:
-            manifest = write_split(ckpt, model_config, plan, target, force, progress, max_bytes)
+            manifest = write_split(source, model_config, plan, target, force, progress, max_bytes)
         console = _console()
         console.print(f"Wrote {target}: {plan.family} family, tp {plan.tp}, {len(plan.tensors)} tensors per rank")
         console.print(rank_table(plan, manifest))

@@ -8,13 +8,15 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reshard.checkpoint import Checkpoint, open_checkpoint
 from reshard.config import ModelConfig, TPConfig
 from reshard.errors import PlanError
 from reshard.rules import Family, Rule, detect_family
 from reshard.safetensors_io import DTYPE_SIZES, TensorInfo
+
+if TYPE_CHECKING:
+    from reshard.sources import Source
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -323,11 +325,12 @@ def make_plan(
     arch: str | None = None,
     replicate_unknown: bool = False,
     rules: Path | None = None,
-) -> tuple[Checkpoint, ModelConfig, Plan]:
+) -> tuple[Source, ModelConfig, Plan]:
     """Read a checkpoint's headers and config and plan its split.
 
     Args:
-        model: a .safetensors file, a model.safetensors.index.json, or a folder holding either.
+        model: a .safetensors file, a model.safetensors.index.json, or a folder holding either; or a folder
+            written by `reshard split`, read as the checkpoint it was split from.
         tp: number of ranks.
         device_ids: GPU id per rank; defaults to 0..tp-1.
         config: the model's config.json when it is not beside the weights.
@@ -336,16 +339,18 @@ def make_plan(
         rules: a rules file whose rules are tried before the family's.
 
     Returns:
-        The opened checkpoint, its model config, and the plan.
+        The opened source (checkpoint or split folder), its model config, and the plan.
 
     Example:
         >>> ckpt, cfg, plan = make_plan(Path("examples/tiny-llama"), tp=2)
         >>> plan.rank_nbytes(0) < plan.nbytes
         True
     """
+    from reshard.sources import open_source  # sources reads manifests, which hold plans
+
     tp_config = TPConfig.create(tp, device_ids)
-    ckpt = open_checkpoint(model)
-    model_config = ModelConfig.load(config or ckpt.config_path)
+    source = open_source(model)
+    model_config = source.model_config(config)
     family = detect_family(model_config, arch, rules)
-    plan = build_plan(ckpt.tensors, model_config, tp_config, family, replicate_unknown)
-    return ckpt, model_config, plan
+    plan = build_plan(source.tensors, model_config, tp_config, family, replicate_unknown)
+    return source, model_config, plan

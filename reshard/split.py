@@ -1,23 +1,26 @@
 """The split engine: read each source tensor once, front to back, and write each rank's part into its place in
-that rank's file (known from the plan, so a few tensors are processed at once).
+that rank's file (known from the plan, so a few tensors are processed at once). The source is a checkpoint or
+a split folder of another tp, whose rank files are read as the checkpoint they came from.
 
 Contiguous runs (row cuts, replicated tensors) are copied inside the kernel, as cp copies; column cuts are read in
 blocks of whole rows and gathered with numpy. Memory stays at about two blocks whatever the checkpoint size."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from reshard.checkpoint import Checkpoint
+from reshard.checkpoint import MANIFEST_NAME
 from reshard.config import ModelConfig
 from reshard.checksums import record
-from reshard.manifest import Manifest, SourceFile, rank_file_name, write_manifest
+from reshard.manifest import Manifest, rank_file_name, write_manifest
 from reshard.outputs import copy_durably, staged_output
 from reshard.plan import Plan, TensorCut, make_plan
-from reshard.safetensors_io import Buffers, ByteReader, PartedWriter, Region, partition
+from reshard.sources import Source, TensorBytes
+from reshard.safetensors_io import Buffers, PartedWriter, Region, partition
 from reshard.workers import run_all, thread_buffers
 
 BLOCK_BYTES = 32 << 20
@@ -60,19 +63,21 @@ def split(
         >>> split(Path("examples/tiny-llama"), tp=2, out=Path("/tmp/tiny-tp2"))
         PosixPath('/tmp/tiny-tp2')
     """
-    ckpt, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules)
-    out = Path(out) if out is not None else default_split_dir(ckpt.root, tp)
-    write_split(ckpt, model_config, plan, out, force, progress, max_shard_size)
+    source, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules)
+    out = Path(out) if out is not None else default_split_dir(source.root, tp)
+    write_split(source, model_config, plan, out, force, progress, max_shard_size)
     return out
 
 
 def default_split_dir(model_root: Path, tp: int) -> Path:
+    """`<model>-tp<N>` beside the model folder; a split folder `<model>-tp8` gives `<model>-tp4`."""
     root = model_root if model_root.name else model_root.absolute()
-    return root.with_name(f"{root.name}-tp{tp}")
+    name = re.sub(r"-tp\d+$", "", root.name) if (root / MANIFEST_NAME).is_file() else root.name
+    return root.with_name(f"{name}-tp{tp}")
 
 
 def write_split(
-    ckpt: Checkpoint,
+    source: Source,
     model_config: ModelConfig,
     plan: Plan,
     out: Path,
@@ -80,29 +85,33 @@ def write_split(
     progress: Progress | None,
     max_shard_size: int | None = None,
 ) -> Manifest:
-    inputs = [*ckpt.paths, *([ckpt.folder] if ckpt.folder else []), *([model_config.path] if model_config.path else [])]
+    inputs = [*source.inputs, *([model_config.path] if model_config.path else [])]
     groups = [partition([(t.name, t.dtype, t.rank_shape(r)) for t in plan.tensors], max_shard_size) for r in range(plan.tp)]
     manifest = Manifest.for_plan(
         plan,
         rank_files=[[rank_file_name(r, part) for part in range(len(groups[r]))] for r in range(plan.tp)],
-        source_files=[SourceFile(f.path.name, f.size, f.header_sha256) for f in ckpt.files],
-        metadata=ckpt.files[0].metadata,
+        source_files=source.source_files,
+        metadata=source.metadata,
         config=model_config.raw,
     )
-    by_name = {t.name: t for t in ckpt.tensors}
     with staged_output(out, inputs, force) as staging, ExitStack() as stack:
         writers = [
             stack.enter_context(PartedWriter([staging / f for f in files], groups[r], rank_metadata(plan, r)))
             for r, files in enumerate(manifest.rank_files)
         ]
-        readers = {path: stack.enter_context(ByteReader(path)) for path in ckpt.paths}
+        tensor_bytes = source.open(stack)
 
         def task(cut: TensorCut) -> Callable[[], None]:
-            info = by_name[cut.name]
             regions = [w.region(cut.name) for w in writers]
-            return lambda: split_tensor(readers[info.path], info.offset, cut, regions, progress, thread_buffers())
+
+            def run() -> None:
+                buffers = thread_buffers()
+                split_tensor(tensor_bytes(cut, buffers), cut, regions, progress, buffers)
+
+            return run
 
         run_all(task(cut) for cut in plan.tensors)
+        source.finish()
         files = {}
         for w in writers:
             w.close()
@@ -121,30 +130,32 @@ def rank_metadata(plan: Plan, rank: int) -> dict[str, str]:
 
 
 def split_tensor(
-    reader: ByteReader,
-    base: int,
+    source: TensorBytes,
     cut: TensorCut,
-    targets: Sequence[Region],
+    targets: Sequence[Region | None],
     progress: Progress | None,
     buffers: Buffers | None = None,
 ) -> None:
     """Write each rank's slices of one tensor into its region of that rank's file, reading the tensor once.
 
-    Ranges past the end of the cut dim are padding (a vocabulary tp does not divide) and are written as zeros.
+    A target of None is a rank not being written: its slices are not read. Ranges past the end of the cut dim
+    are padding (a vocabulary tp does not divide) and are written as zeros.
     """
     outer, length, inner = cut.layout
     row = length * inner
     if row == 0 or outer == 0:
         return
     if outer == 1 or row > BLOCK_BYTES:
-        _split_runs(reader, base, cut, targets, progress)
+        _split_runs(source, cut, targets, progress)
         return
     buffers = buffers or Buffers()
     rows = max(1, BLOCK_BYTES // row)
     for first in range(0, outer, rows):
         n = min(rows, outer - first)
-        block = reader.read_into(base + first * row, buffers.get("block", (n, row)))
+        block = source.read_rows(first, buffers.get("block", (n, row)))
         for rank, ranges in enumerate(cut.slices):
+            if targets[rank] is None:
+                continue
             width = sum(b - a for a, b in ranges) * inner
             piece = buffers.get("piece", (n, width))
             at = 0
@@ -161,21 +172,21 @@ def split_tensor(
             progress(n * row)
 
 
-def _split_runs(
-    reader: ByteReader, base: int, cut: TensorCut, targets: Sequence[Region], progress: Progress | None
-) -> None:
-    """Each range of each row is a contiguous run of the source: copy it in the kernel, row by row."""
+def _split_runs(source: TensorBytes, cut: TensorCut, targets: Sequence[Region | None], progress: Progress | None) -> None:
+    """Each range of each row is a run (or a few) of the source: copied in the kernel, row by row."""
     outer, length, inner = cut.layout
-    row = length * inner
     for o in range(outer):
         counted: set[tuple[int, int]] = set()  # a replicated range is progress once
         for rank, ranges in enumerate(cut.slices):
+            target = targets[rank]
+            if target is None:
+                continue
             for a, b in ranges:
                 if a < length:
-                    n = (min(b, length) - a) * inner
-                    targets[rank].copy_from(reader.fd, base + o * row + a * inner, n)
+                    for fd, offset, n in source.runs(o, a, min(b, length)):
+                        target.copy_from(fd, offset, n)
                     if progress and (a, b) not in counted:
                         counted.add((a, b))
-                        progress(n)
+                        progress((min(b, length) - a) * inner)
                 if b > length:
-                    targets[rank].write_zeros((b - max(a, length)) * inner)
+                    target.write_zeros((b - max(a, length)) * inner)
