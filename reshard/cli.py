@@ -306,7 +306,9 @@ def verify_command(
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     console = _console()
     if lead and report.files_ok:
-        console.print(f"{report.files} files ({human_bytes(report.file_bytes)}) match the sizes and sha256 in {split_dir / MANIFEST_NAME}")
+        manifest = report.manifest
+        held = "" if manifest.complete else f" (ranks {', '.join(map(str, manifest.ranks_present)) or 'none'} of 0..{manifest.tp_config.tp - 1})"
+        console.print(f"{report.files} files ({human_bytes(report.file_bytes)}) match the sizes and sha256 in {split_dir / MANIFEST_NAME}{held}")
     if lead and against is not None and report.ok:
         console.print(f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}")
     # The products run even when --against found problems (they show where it matters), not on bad checksums.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from reshard.checkpoint import open_checkpoint
 from reshard.errors import ReshardError, UsageError
 from reshard.manifest import Manifest, read_manifest
-from reshard.merge import coverage
+from reshard.merge import coverage, require_all_ranks
 from reshard.plan import TensorCut
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ def run_rank(split_dir: Path, comm: Communicator, device: str | None = None, sou
 
     split_dir = Path(split_dir)
     manifest = read_manifest(split_dir)
+    require_all_ranks(split_dir, manifest, "--forward")
     if comm.world_size != manifest.tp_config.tp:
         raise UsageError(f"{split_dir} is split for tp {manifest.tp_config.tp}, but {comm.world_size} processes were started")
     rank = comm.rank

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -17,7 +18,13 @@ from reshard.rules import STYLES
 from reshard.safetensors_io import DTYPE_SIZES
 
 FORMAT = "reshard"
+RANK_FORMAT = "reshard-rank"
 VERSION = 1
+
+
+def rank_record_name(rank: int) -> str:
+    """The sizes and sha256 of one rank's files, beside them: written last, so it marks the rank complete."""
+    return f"reshard-rank-{rank}.json"
 
 
 def rank_file_name(rank: int, part: int = 0) -> str:
@@ -46,7 +53,20 @@ class Manifest:
     source_files: tuple[SourceFile, ...]
     source_metadata: dict[str, str]
     source_config: dict[str, Any]
-    files: dict[str, FileRecord] = field(default_factory=dict)  # every file of the split folder but reshard.json
+    files: dict[str, FileRecord] = field(default_factory=dict)  # every file of the folder but the manifests
+    ranks_present: tuple[int, ...] = ()  # ranks whose record file is in the folder (all, unless extracted with --rank)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.ranks_present) == self.tp_config.tp
+
+    def rank_record(self, rank: int) -> dict[str, Any]:
+        return {
+            "format": RANK_FORMAT,
+            "version": VERSION,
+            "rank": rank,
+            "files": {name: self.files[name].to_dict() for name in self.rank_files[rank]},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,7 +79,7 @@ class Manifest:
                 {"rank": r, "device": self.tp_config.device(r), "files": list(files)}
                 for r, files in enumerate(self.rank_files)
             ],
-            "files": {name: r.to_dict() for name, r in self.files.items()},
+            "files": {name: r.to_dict() for name, r in self.files.items() if name not in self._rank_names},
             "source": {
                 "files": [f.to_dict() for f in self.source_files],
                 "metadata": self.source_metadata,
@@ -67,6 +87,17 @@ class Manifest:
             },
             "tensors": {t.name: _tensor_entry(t) for t in self.tensors},
         }
+
+    def record_file(self, name: str) -> str:
+        """Which manifest file records a file's size and sha256."""
+        for rank, names in enumerate(self.rank_files):
+            if name in names:
+                return rank_record_name(rank)
+        return MANIFEST_NAME
+
+    @property
+    def _rank_names(self) -> set[str]:
+        return {name for names in self.rank_files for name in names}
 
     @classmethod
     def for_plan(
@@ -99,7 +130,10 @@ def _tensor_entry(t: TensorCut) -> dict[str, Any]:
     return entry
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> None:
+def write_manifest(folder: Path, manifest: Manifest, ranks: Iterable[int] | None = None) -> None:
+    """reshard.json, the same whichever ranks a folder holds, and the record of each rank written here."""
+    for rank in range(manifest.tp_config.tp) if ranks is None else ranks:
+        write_durably(folder / rank_record_name(rank), dumps(manifest.rank_record(rank)).encode())
     write_durably(folder / MANIFEST_NAME, dumps(manifest.to_dict()).encode())
 
 
@@ -125,13 +159,35 @@ def read_manifest(folder: Path) -> Manifest:
         raise InputError(f"{folder}: no {MANIFEST_NAME} here; pass a folder written by `reshard split`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return _parse(data)
+        manifest = _parse(data)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: cannot read the manifest as JSON ({e}); split again") from e
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"{path}: malformed manifest ({type(e).__name__}: {e}); split again") from e
     except ReshardError as e:
         raise InputError(f"{path}: {e}") from e
+    return _with_rank_records(Path(folder), manifest)
+
+
+def _with_rank_records(folder: Path, manifest: Manifest) -> Manifest:
+    files, present = dict(manifest.files), []
+    for rank, names in enumerate(manifest.rank_files):
+        path = folder / rank_record_name(rank)
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format") != RANK_FORMAT or data.get("version") != VERSION or data.get("rank") != rank:
+                raise ValueError(f"expected format {RANK_FORMAT!r} version {VERSION} for rank {rank}")
+            if list(data["files"]) != list(names):
+                raise ValueError(f"lists {list(data['files'])}, {MANIFEST_NAME} lists {list(names)}")
+            files |= {name: FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: cannot read the rank record as JSON ({e}); split again") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InputError(f"{path}: malformed rank record ({type(e).__name__}: {e}); split again") from e
+        present.append(rank)
+    return replace(manifest, files=files, ranks_present=tuple(present))
 
 
 def _parse(data: dict[str, Any]) -> Manifest:
@@ -145,9 +201,6 @@ def _parse(data: dict[str, Any]) -> Manifest:
     tensors = tuple(_parse_tensor(name, e, tp_config.tp) for name, e in data["tensors"].items())
     source = data["source"]
     files = {_relative(name, "file"): FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
-    listed = {name for names in rank_files for name in names} - set(files)
-    if listed:
-        raise ValueError(f"rank file {sorted(listed)[0]} has no size and sha256 under files")
     return Manifest(
         tp_config=tp_config,
         family=str(data["family"]),

@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from reshard.checkpoint import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
+from reshard.checkpoint import INDEX_NAME, SINGLE_NAME
 from reshard.checksums import BackgroundHashes
 from reshard.errors import InputError
-from reshard.manifest import Manifest, read_manifest
+from reshard.manifest import Manifest, rank_record_name, read_manifest
 from reshard.outputs import copy_durably, staged_output, write_durably
 from reshard.plan import TensorCut
 from reshard.workers import WORKERS, run_all, thread_buffers
@@ -82,6 +82,7 @@ def write_merge(
     The rank files' sizes and headers are checked against the manifest before anything is written, their sha256
     while the merge runs; a mismatch leaves no output.
     """
+    require_all_ranks(split_dir, manifest, "merge")
     listed = check_sizes(split_dir, manifest)
     by_rank = rank_tensors(split_dir, manifest)
     pieces = {t.name: coverage(t) for t in manifest.tensors}
@@ -109,6 +110,23 @@ def write_merge(
     return names
 
 
+def require_all_ranks(split_dir: Path, manifest: Manifest, what: str) -> None:
+    """Every rank's record file is there: a folder extracted with --rank holds only some ranks."""
+    tp = manifest.tp_config.tp
+    for rank in range(tp):
+        if rank in manifest.ranks_present:
+            continue
+        if any((split_dir / name).is_file() for name in manifest.rank_files[rank]):
+            raise InputError(
+                f"{split_dir / rank_record_name(rank)}: missing, so rank {rank}'s files were never finished; split again"
+            )
+        held = ", ".join(map(str, manifest.ranks_present)) or "none"
+        raise InputError(
+            f"{split_dir}: holds ranks {held} of 0..{tp - 1}; {what} needs every rank: gather the other ranks' "
+            "files (with their reshard-rank-N.json) beside them, or split again"
+        )
+
+
 def check_sizes(split_dir: Path, manifest: Manifest) -> list[Path]:
     """Every file the manifest lists is there with its recorded size; returns their paths."""
     paths = []
@@ -119,7 +137,7 @@ def check_sizes(split_dir: Path, manifest: Manifest) -> list[Path]:
         size = path.stat().st_size
         if size != expected.bytes:
             raise InputError(
-                f"{path}: {size} bytes, but {MANIFEST_NAME} records {expected.bytes}; the file is truncated or was changed, split again"
+                f"{path}: {size} bytes, but {manifest.record_file(name)} records {expected.bytes}; the file is truncated or was changed, split again"
             )
         paths.append(path)
     return paths
@@ -129,7 +147,7 @@ def check_hashes(split_dir: Path, manifest: Manifest, digests: dict[Path, str]) 
     for name, expected in manifest.files.items():
         path = split_dir / name
         if path in digests and digests[path] != expected.sha256:
-            raise InputError(f"{path}: sha256 differs from {MANIFEST_NAME}; the file is corrupt, split again")
+            raise InputError(f"{path}: sha256 differs from {manifest.record_file(name)}; the file is corrupt, split again")
 
 
 def merged_file_names(count: int) -> list[str]:

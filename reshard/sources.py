@@ -20,7 +20,7 @@ from reshard.checksums import BackgroundHashes
 from reshard.config import ModelConfig
 from reshard.errors import InputError
 from reshard.manifest import Manifest, SourceFile, read_manifest
-from reshard.merge import Piece, check_hashes, check_sizes, coverage, rank_tensors
+from reshard.merge import Piece, check_hashes, check_sizes, coverage, rank_tensors, require_all_ranks
 from reshard.plan import TensorCut
 from reshard.safetensors_io import Buffers, ByteReader, TensorInfo
 
@@ -145,6 +145,7 @@ class SplitSource:
     manifest: Manifest
 
     def __post_init__(self) -> None:
+        require_all_ranks(self.split_dir, self.manifest, "a new split")
         self._listed = check_sizes(self.split_dir, self.manifest)
         self._ranks = rank_tensors(self.split_dir, self.manifest)
         self._hashes: BackgroundHashes | None = None

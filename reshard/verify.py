@@ -15,8 +15,8 @@ import numpy as np
 
 from reshard.checkpoint import MANIFEST_NAME, open_checkpoint
 from reshard.checksums import BackgroundHashes
-from reshard.manifest import Manifest, read_manifest
-from reshard.merge import rank_tensors
+from reshard.manifest import Manifest, rank_record_name, read_manifest
+from reshard.merge import rank_tensors, require_all_ranks
 from reshard.plan import TensorCut
 from reshard.safetensors_io import Buffers, ByteReader, TensorInfo
 
@@ -54,19 +54,26 @@ def verify(split_dir: Path, against: Path | None = None, progress: Progress | No
     report = Report(manifest)
     _check_files(split_dir, manifest, report, progress)
     report.files_ok = report.ok
+    if against is not None:
+        require_all_ranks(split_dir, manifest, "--against")
     if against is not None and report.ok:
         _check_against(split_dir, manifest, Path(against), report, progress)
     return report
 
 
 def _check_files(split_dir: Path, manifest: Manifest, report: Report, progress: Progress | None) -> None:
+    for rank, names in enumerate(manifest.rank_files):
+        if rank not in manifest.ranks_present and any((split_dir / n).is_file() for n in names):
+            report.problems.append(
+                f"{split_dir / rank_record_name(rank)}: missing, so rank {rank}'s files were never finished; split again"
+            )
     present = []
     for name, expected in manifest.files.items():
         path = split_dir / name
         if not path.is_file():
             report.problems.append(f"{path}: missing; the split folder is incomplete, split again")
         elif (size := path.stat().st_size) != expected.bytes:
-            report.problems.append(f"{path}: {size} bytes, but {MANIFEST_NAME} records {expected.bytes}; split again")
+            report.problems.append(f"{path}: {size} bytes, but {manifest.record_file(name)} records {expected.bytes}; split again")
         else:
             present.append(path)
     with BackgroundHashes(present) as hashes:
@@ -74,7 +81,7 @@ def _check_files(split_dir: Path, manifest: Manifest, report: Report, progress: 
     for path in present:
         expected = manifest.files[path.name]
         if digests[path] != expected.sha256:
-            report.problems.append(f"{path}: sha256 differs from {MANIFEST_NAME}; the file is corrupt, split again")
+            report.problems.append(f"{path}: sha256 differs from {manifest.record_file(path.name)}; the file is corrupt, split again")
         report.files += 1
         report.file_bytes += expected.bytes
         if progress:

@@ -81,7 +81,8 @@ def test_split_then_merge(model: Path, tmp_path: Path) -> None:
     assert f"Wrote {out}: llama family, tp 2, 21 tensors per rank" in result.stdout
     assert "model-rank-1-part-0.safetensors" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors", "reshard.json"
+        "config.json", "model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors",
+        "reshard-rank-0.json", "reshard-rank-1.json", "reshard.json",
     ]  # fmt: skip
     result = run("merge", out, "--quiet")
     assert result.exit_code == 0, result.output
@@ -172,7 +173,7 @@ def test_merge_refuses_missing_or_mismatched_rank_file(model: Path, tmp_path: Pa
     (tmp_path / "tp1" / "model-rank-0-part-0.safetensors").replace(out / "model-rank-0-part-0.safetensors")
     result = run("merge", out)
     assert result.exit_code == 1
-    assert "bytes, but reshard.json records" in result.stderr
+    assert "bytes, but reshard-rank-0.json records" in result.stderr
     assert not (tmp_path / "split-merged").exists()
 
 

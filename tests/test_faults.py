@@ -104,7 +104,7 @@ def test_merge_refuses_a_truncated_rank_file(model: Path, tmp_path: Path) -> Non
     result = runner.invoke(app, ["merge", str(out)])
     assert result.exit_code == 1
     assert result.stderr == (
-        f"Error: {rank1}: {size - 100} bytes, but reshard.json records {size}; the file is truncated or was changed, split again\n"
+        f"Error: {rank1}: {size - 100} bytes, but reshard-rank-1.json records {size}; the file is truncated or was changed, split again\n"
     )
     assert not (tmp_path / "split-merged").exists() and leftovers(tmp_path) == []
 
@@ -118,7 +118,7 @@ def test_merge_refuses_a_corrupted_rank_file(model: Path, tmp_path: Path) -> Non
     before = snapshot(tmp_path)
     result = runner.invoke(app, ["merge", str(out)])
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {rank0}: sha256 differs from reshard.json; the file is corrupt, split again\n"
+    assert result.stderr == f"Error: {rank0}: sha256 differs from reshard-rank-0.json; the file is corrupt, split again\n"
     assert not (tmp_path / "split-merged").exists() and leftovers(tmp_path) == []
     assert snapshot(tmp_path) == before
 

@@ -44,7 +44,7 @@ def test_a_fresh_split_verifies(model: Path, tmp_path: Path, tp: int, flags: lis
     result = runner.invoke(app, ["verify", str(out), "--against", str(model)])
     assert result.exit_code == 0, result.stderr
     manifest = json.loads((out / "reshard.json").read_text())
-    files = len(manifest["files"])
+    files = 1 + sum(len(r["files"]) for r in manifest["ranks"])  # config.json and the rank files
     assert result.stdout.splitlines()[0].startswith(f"{files} files (")
     assert result.stdout.splitlines()[1].startswith(f"{len(manifest['tensors'])} tensors (")
     assert result.stderr == ""
@@ -59,7 +59,7 @@ def test_checksums_catch_a_flipped_bit(model: Path, tmp_path: Path) -> None:
     rank1.write_bytes(bytes(data))
     result = runner.invoke(app, ["verify", str(out)])
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {rank1}: sha256 differs from reshard.json; the file is corrupt, split again\n"
+    assert result.stderr == f"Error: {rank1}: sha256 differs from reshard-rank-1.json; the file is corrupt, split again\n"
 
 
 def test_missing_and_resized_files_are_each_named(model: Path, tmp_path: Path) -> None:
@@ -72,8 +72,8 @@ def test_missing_and_resized_files_are_each_named(model: Path, tmp_path: Path) -
     assert result.exit_code == 1
     size = rank0.stat().st_size
     assert result.stderr.splitlines() == [
-        f"Error: {rank0}: {size} bytes, but reshard.json records {size - 1}; split again",
         f"Error: {out / 'config.json'}: missing; the split folder is incomplete, split again",
+        f"Error: {rank0}: {size} bytes, but reshard-rank-0.json records {size - 1}; split again",
     ]
 
 
@@ -89,8 +89,9 @@ def recut(out: Path, name: str, fix) -> None:
         data = bytearray(path.read_bytes())
         data[begin:end] = fix(rank, bytes(data[begin:end]))
         path.write_bytes(bytes(data))
-        manifest["files"][path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (out / "reshard.json").write_text(json.dumps(manifest))
+        record = json.loads((out / f"reshard-rank-{rank}.json").read_text())
+        record["files"][path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (out / f"reshard-rank-{rank}.json").write_text(json.dumps(record))
 
 
 def test_against_catches_a_wrong_cut_that_checksums_miss(model: Path, tmp_path: Path) -> None:
