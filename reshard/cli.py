@@ -25,7 +25,7 @@ from reshard.manifest import read_manifest
 from reshard.merge import default_merge_dir, write_merge
 from reshard.plan import Plan, make_plan
 from reshard.report import forward_table, human_bytes, plan_summary, rank_table, tensor_table
-from reshard.split import default_split_dir, write_split
+from reshard.split import default_split_dir, read_nbytes, write_split
 from reshard.verify import Report, verify
 
 app = typer.Typer(
@@ -127,6 +127,31 @@ def _tp_settings(
         TPConfig.create(count, ids)  # one id per rank, distinct, non-negative: before any GPU is asked
         check_visible_gpus(ids)
     return count, ids, model_config
+
+
+def _chosen_ranks(rank: Optional[str], ranks: Optional[str], tp: int) -> Optional[list[int]]:
+    """--rank N, --rank auto or --ranks 0,2 as rank numbers; None for every rank."""
+    if rank is not None and ranks is not None:
+        raise UsageError("pass --rank or --ranks, not both")
+    if rank is None and ranks is None:
+        return None
+    if rank == "auto":
+        found = next(((k, os.environ[k]) for k in ("RANK", "SLURM_PROCID") if os.environ.get(k)), None)
+        if found is None:
+            raise UsageError("--rank auto: neither RANK (torchrun) nor SLURM_PROCID (srun) is set; pass --rank N")
+        flag, text = f"--rank auto ({found[0]}={found[1]})", found[1]
+    else:
+        flag, text = ("--rank", rank) if rank is not None else ("--ranks", ranks or "")
+    try:
+        chosen = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a rank number{'' if flag != '--ranks' else ' list, e.g. 0,2'}") from None
+    outside = [r for r in chosen if not 0 <= r < tp]
+    if outside:
+        raise UsageError(f"{flag}: rank {outside[0]} is outside 0..{tp - 1} for tp {tp}")
+    if len(set(chosen)) != len(chosen):
+        raise UsageError(f"{flag}: {text} names a rank twice")
+    return sorted(chosen)
 
 
 def _fail(error: BaseException, message: str, code: int) -> NoReturn:
@@ -231,6 +256,13 @@ def split_command(
     replicate_unknown: ReplicateOpt = False,
     rules: RulesOpt = None,
     max_shard_size: MaxShardOpt = None,
+    rank: Annotated[
+        Optional[str],
+        typer.Option("--rank", help="Write only this rank; `auto` takes it from RANK (torchrun) or SLURM_PROCID (srun).", show_default=False),
+    ] = None,
+    ranks: Annotated[
+        Optional[str], typer.Option("--ranks", help="Write only these ranks, comma-separated, e.g. 0,2.", show_default=False)
+    ] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -240,12 +272,14 @@ def split_command(
         count, device_ids, config_path = _tp_settings(tp, devices, config)
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         source, model_config, plan = make_plan(model, count, device_ids, config_path, arch, replicate_unknown, rules)
+        chosen = _chosen_ranks(rank, ranks, count)
         target = out if out is not None else default_split_dir(source.root, count)
-        with _progress(plan.nbytes, "split", quiet) as progress:
-            manifest = write_split(source, model_config, plan, target, force, progress, max_bytes)
+        with _progress(read_nbytes(plan, chosen), "split", quiet) as progress:
+            manifest = write_split(source, model_config, plan, target, force, progress, max_bytes, chosen)
         console = _console()
-        console.print(f"Wrote {target}: {plan.family} family, tp {plan.tp}, {len(plan.tensors)} tensors per rank")
-        console.print(rank_table(plan, manifest))
+        which = "" if chosen is None else f", rank{'s' if len(chosen) > 1 else ''} {', '.join(map(str, chosen))} of 0..{plan.tp - 1}"
+        console.print(f"Wrote {target}: {plan.family} family, tp {plan.tp}{which}, {len(plan.tensors)} tensors per rank")
+        console.print(rank_table(plan, manifest, only=chosen))
 
     _run(action)
 

@@ -39,7 +39,7 @@ def staged_output(target: Path, inputs: Sequence[Path], force: bool) -> Iterator
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
         yield staging
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             target.rename(old / target.name)
@@ -47,10 +47,10 @@ def staged_output(target: Path, inputs: Sequence[Path], force: bool) -> Iterator
             shutil.rmtree(old, ignore_errors=True)
         else:
             staging.rename(target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise _write_error(e, staging, target) from e
+        raise write_error(e, staging, target) from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -65,7 +65,7 @@ _FIXES = {
 }
 
 
-def _write_error(error: OSError, staging: Path, target: Path) -> OSError | OutputError:
+def write_error(error: OSError, staging: Path, target: Path) -> OSError | OutputError:
     """A failed write inside the staging folder, told as the output file it was for."""
     if not error.filename:
         return error
@@ -97,7 +97,7 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -68,7 +68,9 @@ def cut_notes(t: TensorCut) -> str:
     return ", ".join(notes)
 
 
-def rank_table(plan: Plan, files: Manifest | None = None, gpu_memory: int | None = None) -> Table:
+def rank_table(
+    plan: Plan, files: Manifest | None = None, gpu_memory: int | None = None, only: list[int] | None = None
+) -> Table:
     """Bytes per rank and its device; with `gpu_memory`, whether the rank's weights fit in that much."""
     table = Table(title="Ranks", title_justify="left")
     table.add_column("rank", justify="right")
@@ -78,7 +80,7 @@ def rank_table(plan: Plan, files: Manifest | None = None, gpu_memory: int | None
     table.add_column("bytes", justify="right")
     if gpu_memory is not None:
         table.add_column(f"fits {human_bytes(gpu_memory)}")
-    for r in range(plan.tp):
+    for r in range(plan.tp) if only is None else only:
         cells = [str(r), plan.tp_config.device(r)]
         if files is not None:
             names = files.rank_files[r]

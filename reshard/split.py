@@ -7,17 +7,22 @@ blocks of whole rows and gathered with numpy. Memory stays at about two blocks w
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 from reshard.checkpoint import MANIFEST_NAME
 from reshard.config import ModelConfig
+from reshard.errors import OutputError
 from reshard.checksums import record
-from reshard.manifest import Manifest, rank_file_name, write_manifest
-from reshard.outputs import copy_durably, staged_output
+from reshard.manifest import Manifest, dumps, rank_file_name, rank_record_name, write_manifest
+from reshard.outputs import fsync_dir, write_error, check_target, copy_durably, staged_output
 from reshard.plan import Plan, TensorCut, make_plan
 from reshard.sources import Source, TensorBytes
 from reshard.safetensors_io import Buffers, PartedWriter, Region, partition
@@ -40,6 +45,7 @@ def split(
     progress: Progress | None = None,
     rules: Path | None = None,
     max_shard_size: int | None = None,
+    ranks: Sequence[int] | None = None,
 ) -> Path:
     """Split a checkpoint into per-rank safetensors files plus reshard.json.
 
@@ -55,6 +61,7 @@ def split(
         progress: called with the number of source bytes just processed.
         rules: a rules file whose rules are tried before the family's.
         max_shard_size: cut each rank's output into files of at most this many bytes of tensor data.
+        ranks: write only these ranks, into `out` beside any ranks already there (one node's share).
 
     Returns:
         The output folder.
@@ -65,7 +72,7 @@ def split(
     """
     source, model_config, plan = make_plan(model, tp, device_ids, config, arch, replicate_unknown, rules)
     out = Path(out) if out is not None else default_split_dir(source.root, tp)
-    write_split(source, model_config, plan, out, force, progress, max_shard_size)
+    write_split(source, model_config, plan, out, force, progress, max_shard_size, ranks)
     return out
 
 
@@ -84,7 +91,9 @@ def write_split(
     force: bool,
     progress: Progress | None,
     max_shard_size: int | None = None,
+    ranks: Sequence[int] | None = None,
 ) -> Manifest:
+    """Write the split; with `ranks`, only those ranks, added to `out` beside any others already there."""
     inputs = [*source.inputs, *([model_config.path] if model_config.path else [])]
     groups = [partition([(t.name, t.dtype, t.rank_shape(r)) for t in plan.tensors], max_shard_size) for r in range(plan.tp)]
     manifest = Manifest.for_plan(
@@ -94,15 +103,23 @@ def write_split(
         metadata=source.metadata,
         config=model_config.raw,
     )
-    with staged_output(out, inputs, force) as staging, ExitStack() as stack:
-        writers = [
-            stack.enter_context(PartedWriter([staging / f for f in files], groups[r], rank_metadata(plan, r)))
-            for r, files in enumerate(manifest.rank_files)
-        ]
+    if model_config.path:
+        manifest = replace(manifest, files={"config.json": record(model_config.path)})
+    chosen = sorted(set(range(plan.tp) if ranks is None else ranks))
+    staged = (
+        staged_output(out, inputs, force)
+        if ranks is None
+        else staged_ranks(out, inputs, force, manifest, chosen, model_config.path)
+    )
+    with staged as staging, ExitStack() as stack:
+        writers: list[PartedWriter | None] = [None] * plan.tp
+        for r in chosen:
+            files = [staging / f for f in manifest.rank_files[r]]
+            writers[r] = stack.enter_context(PartedWriter(files, groups[r], rank_metadata(plan, r)))
         tensor_bytes = source.open(stack)
 
         def task(cut: TensorCut) -> Callable[[], None]:
-            regions = [w.region(cut.name) for w in writers]
+            regions = [w.region(cut.name) if w is not None else None for w in writers]
 
             def run() -> None:
                 buffers = thread_buffers()
@@ -112,16 +129,73 @@ def write_split(
 
         run_all(task(cut) for cut in plan.tensors)
         source.finish()
-        files = {}
+        files = dict(manifest.files)
         for w in writers:
-            w.close()
-            files |= w.records()
-        if model_config.path:
-            copy_durably(model_config.path, staging / "config.json")
-            files["config.json"] = record(staging / "config.json")
+            if w is not None:
+                w.close()
+                files |= w.records()
         manifest = replace(manifest, files=files)
-        write_manifest(staging, manifest)
+        if ranks is None:
+            if model_config.path:
+                copy_durably(model_config.path, staging / "config.json")
+            write_manifest(staging, manifest)
+        else:
+            write_manifest(staging, manifest, chosen)
     return manifest
+
+
+@contextmanager
+def staged_ranks(
+    target: Path, inputs: Sequence[Path], force: bool, manifest: Manifest, ranks: Sequence[int], config: Path | None
+) -> Iterator[Path]:
+    """Yield a staging folder inside `target` for some ranks' files; on success they move into `target`, each
+    rank's record last, beside any ranks already there (other nodes' or processes' extractions).
+
+    reshard.json and config.json are the same whichever ranks are written, so they are added when absent and
+    must match when present; several processes may add ranks to one folder at once.
+    """
+    target = check_target(target, inputs, force=True)
+    target.mkdir(parents=True, exist_ok=True)
+    expected = dumps(manifest.to_dict())
+    existing = target / MANIFEST_NAME
+    if existing.is_file() and existing.read_text(encoding="utf-8") != expected:
+        raise OutputError(f"{target}: holds another split (its {MANIFEST_NAME} differs from this one); choose another --out")
+    for rank in ranks:
+        held = [target / n for n in (rank_record_name(rank), *manifest.rank_files[rank]) if (target / n).exists()]
+        if held and not force:
+            raise OutputError(f"{target}: already holds rank {rank}; pass --force to replace it")
+    staging = Path(tempfile.mkdtemp(prefix=".ranks-", suffix=".partial", dir=target))
+    try:
+        yield staging
+        if config is not None and not (target / "config.json").exists():
+            copy_durably(config, staging / "config.json")
+            os.replace(staging / "config.json", target / "config.json")
+        for rank in ranks:
+            for name in manifest.rank_files[rank]:
+                os.replace(staging / name, target / name)
+        if not existing.exists():
+            os.replace(staging / MANIFEST_NAME, existing)
+        for rank in ranks:
+            os.replace(staging / rank_record_name(rank), target / rank_record_name(rank))
+        fsync_dir(target)
+    except OSError as e:
+        raise write_error(e, staging, target) from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_nbytes(plan: Plan, ranks: Sequence[int] | None = None) -> int:
+    """The source bytes a split of these ranks reads: what its progress bar counts to."""
+    chosen = range(plan.tp) if ranks is None else ranks
+    total = 0
+    for cut in plan.tensors:
+        outer, length, inner = cut.layout
+        if outer == 1 or length * inner > BLOCK_BYTES:
+            spans = {(a, min(b, length)) for r in chosen for a, b in cut.slices[r] if a < length}
+            total += outer * inner * sum(b - a for a, b in spans)
+        else:
+            total += outer * length * inner  # column cuts read whole rows
+    return total
 
 
 def rank_metadata(plan: Plan, rank: int) -> dict[str, str]:

@@ -79,3 +79,107 @@ def test_plan_of_a_split_folder(tmp_path: Path) -> None:
     again = runner.invoke(app, ["plan", str(before), "--tp", "4", "--json"])
     assert again.exit_code == 0, again.stderr
     assert again.stdout == direct.stdout
+
+
+def test_rank_extraction_equals_that_rank_of_the_full_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2, vocab=62)
+    full = split(model, tmp_path / "full", 4)
+    for rank in range(4):
+        monkeypatch.setenv("RANK", str(rank))
+        node = split(model, tmp_path / f"node{rank}", 4, "--rank", "auto")
+        mine = {"config.json", "reshard.json", f"reshard-rank-{rank}.json", f"model-rank-{rank}-part-0.safetensors"}
+        assert set(snapshot(node)) == mine
+        assert snapshot(node) == {name: data for name, data in snapshot(full).items() if name in mine}
+    union = {}
+    for rank in range(4):
+        union |= snapshot(tmp_path / f"node{rank}")
+    assert union == snapshot(full)
+
+
+def test_ranks_from_a_split_folder_and_srun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2)
+    full = split(model, tmp_path / "full", 4)
+    before = split(model, tmp_path / "before", 2)
+    some = split(before, tmp_path / "some", 4, "--ranks", "2,0")
+    expected = {n: d for n, d in snapshot(full).items() if "rank-1" not in n and "rank-3" not in n}
+    assert snapshot(some) == expected
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    split(before, tmp_path / "some", 4, "--rank", "auto")  # added beside ranks 0 and 2
+    assert snapshot(tmp_path / "some") == {n: d for n, d in snapshot(full).items() if "rank-1" not in n}
+
+
+def test_processes_adding_ranks_to_one_folder_at_once(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    model = synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2)
+    full = split(model, tmp_path / "full", 4)
+    out = tmp_path / "shared"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "reshard", "split", str(model), "--tp", "4", "--rank", "auto", "--out", str(out), "-q"],
+            env={**os.environ, "RANK": str(rank)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for rank in range(4)
+    ]
+    for process in processes:
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert snapshot(out) == snapshot(full)
+    assert runner.invoke(app, ["merge", str(out), "--out", str(tmp_path / "merged"), "-q"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        (["--rank", "4"], {}, "Error: --rank: rank 4 is outside 0..3 for tp 4"),
+        (["--rank", "-1"], {}, "Error: --rank: rank -1 is outside 0..3 for tp 4"),
+        (["--ranks", "0,x"], {}, "Error: --ranks: '0,x' is not a rank number list, e.g. 0,2"),
+        (["--ranks", "1,1"], {}, "Error: --ranks: 1,1 names a rank twice"),
+        (["--rank", "1", "--ranks", "2"], {}, "Error: pass --rank or --ranks, not both"),
+        (["--rank", "auto"], {}, "Error: --rank auto: neither RANK (torchrun) nor SLURM_PROCID (srun) is set; pass --rank N"),
+        (["--rank", "auto"], {"RANK": "7"}, "Error: --rank auto (RANK=7): rank 7 is outside 0..3 for tp 4"),
+    ],
+)
+def test_bad_rank_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], env: dict, message: str) -> None:
+    model = synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2)
+    for key in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = runner.invoke(app, ["split", str(model), "--tp", "4", "--out", str(tmp_path / "out"), *flags])
+    assert (result.exit_code, result.stderr) == (2, message + "\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_adding_ranks_is_refused_when_it_would_clash(tmp_path: Path) -> None:
+    model = synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2)
+    out = split(model, tmp_path / "out", 4, "--rank", "1")
+    before = snapshot(out)
+    again = runner.invoke(app, ["split", str(model), "--tp", "4", "--rank", "1", "--out", str(out)])
+    assert (again.exit_code, again.stderr) == (1, f"Error: {out}: already holds rank 1; pass --force to replace it\n")
+    other = runner.invoke(app, ["split", str(model), "--tp", "2", "--rank", "0", "--out", str(out)])
+    assert other.exit_code == 1
+    assert other.stderr == f"Error: {out}: holds another split (its reshard.json differs from this one); choose another --out\n"
+    assert snapshot(out) == before
+    assert runner.invoke(app, ["split", str(model), "--tp", "4", "--rank", "1", "--out", str(out), "--force", "-q"]).exit_code == 0
+    assert snapshot(out) == before
+    merged = runner.invoke(app, ["merge", str(out)])
+    assert merged.exit_code == 1
+    assert merged.stderr.startswith(f"Error: {out}: holds ranks 1 of 0..3; merge needs every rank")
+    checked = runner.invoke(app, ["verify", str(out)])
+    assert checked.exit_code == 0 and "(ranks 1 of 0..3)" in checked.stdout
+
+
+def test_a_rank_reads_less_than_the_whole_model(tmp_path: Path) -> None:
+    from reshard.plan import make_plan
+    from reshard.split import read_nbytes
+
+    model = synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2)
+    _, _, plan = make_plan(model, 4)
+    assert read_nbytes(plan) == plan.nbytes
+    # Row cuts and replicated tensors: only the rank's bytes; column cuts (o_proj, down_proj): whole rows.
+    column = sum(t.nbytes for t in plan.tensors if t.style == "rowwise")
+    assert read_nbytes(plan, [0]) == sum(t.rank_nbytes(0) for t in plan.tensors if t.style != "rowwise") + column
+    assert read_nbytes(plan, [0]) < plan.nbytes
