@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from reshard.errors import InputError
-from reshard.safetensors_io import SafetensorsFile, TensorInfo, _Duplicate, _object, read_header, shown
+from reshard.safetensors_io import DuplicateKey, SafetensorsFile, TensorInfo, read_header, shown, strict_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -64,8 +64,8 @@ def _from_file(path: Path) -> Checkpoint:
 
 def _from_index(index_path: Path) -> Checkpoint:
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_object)
-    except _Duplicate as e:
+        index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=strict_object)
+    except DuplicateKey as e:
         raise InputError(f"{index_path}: tensor {shown(str(e))} is listed twice; the index is corrupt, re-save the checkpoint") from e
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(f"{index_path}: cannot read the index as JSON ({e}); fix or re-save it") from e

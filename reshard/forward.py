@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from reshard.checkpoint import open_checkpoint
 from reshard.errors import ReshardError, UsageError
 from reshard.manifest import Manifest, read_manifest
-from reshard.merge import coverage, require_all_ranks
+from reshard.split_folder import coverage, require_all_ranks
 from reshard.plan import TensorCut
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ class KindError:
 
 
 def run_rank(split_dir: Path, comm: Communicator, device: str | None = None, source: Path | None = None) -> list[KindError]:
-    """This rank's part of the check; every rank returns the same errors, since every rank sees every result."""
+    """This rank's part of the check. Every rank runs its share of each product; rank 0 alone reads the reference
+    weights and measures the errors (the others return no errors), so the model is read once, not once per rank."""
     import torch
     from safetensors import safe_open
 
@@ -59,24 +60,29 @@ def run_rank(split_dir: Path, comm: Communicator, device: str | None = None, sou
     rank = comm.rank
     weights = load_rank(split_dir, rank, device=device)
     place = next(iter(weights.values())).device if weights else torch.device("cpu")
+    lead = rank == 0
     errors: dict[str, list[tuple[float, str, str]]] = {}
     with ExitStack() as stack:
         handles = [
             {name: stack.enter_context(safe_open(str(split_dir / name), framework="pt", device="cpu")) for name in files}
-            for files in manifest.rank_files
+            for files in (manifest.rank_files if lead else ())
         ]
         originals = {}
-        if source is not None:
+        if source is not None and lead:
             for f in open_checkpoint(source).files:
                 handle = stack.enter_context(safe_open(str(f.path), framework="pt", device="cpu"))
                 originals |= {t.name: handle for t in f.tensors}
         for index, cut in enumerate(manifest.tensors):
-            if source is not None and cut.name not in originals:
-                raise UsageError(f"{source}: has no tensor {cut.name}; pass the checkpoint this folder was split from")
-            full = (originals[cut.name].get_tensor(cut.name) if source is not None else _full_tensor(cut, handles)).to(place)
+            full = None
+            if lead:
+                if source is not None and cut.name not in originals:
+                    raise UsageError(f"{source}: has no tensor {cut.name}; pass the checkpoint this folder was split from")
+                full = (originals[cut.name].get_tensor(cut.name) if source is not None else _full_tensor(cut, handles)).to(place)
             generator = torch.Generator(device="cpu").manual_seed(index)
             how, error = _check(cut, weights[cut.name], full, rank, comm, generator)
             errors.setdefault(cut.rule or cut.style, []).append((error, cut.name, how))
+    if not lead:
+        return []
     return [
         KindError(kind, found[0][2], len(found), *max((e, n) for e, n, _ in found))
         for kind, found in errors.items()
@@ -134,22 +140,28 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _check(
-    cut: TensorCut, local: torch.Tensor, full: torch.Tensor, rank: int, comm: Communicator, generator: torch.Generator
+    cut: TensorCut, local: torch.Tensor, full: torch.Tensor | None, rank: int, comm: Communicator, generator: torch.Generator
 ) -> tuple[str, float]:
+    """Run one tensor's share on this rank and combine; on rank 0 (`full` given) also measure the error."""
     import torch
 
     tp = comm.world_size
     numeric = local.is_floating_point() and local.dim() in (1, 2) and cut.dim is not None
     if not numeric:
-        # Replicated tensors, integer or packed data: each rank must hold its slice exactly.
-        want = full if cut.dim is None else _expected_slices(cut, full, rank, cut.dim)
-        same = torch.tensor([0.0 if torch.equal(local.view(torch.uint8), want.view(torch.uint8)) else 1.0], device=local.device)
-        comm.all_reduce_sum(same)  # every rank learns whether any differs
-        return "copy", float(same.item())
-    w_local, w_full = local.float(), full.float()
+        # Replicated tensors, integer or packed data: rank 0 checks every rank's bytes against its slice.
+        mine = local.reshape(-1).view(torch.uint8)  # 1-D first: a 0-d scalar cannot change its element size
+        gathered = torch.empty(tp * mine.numel(), dtype=torch.uint8, device=local.device)
+        comm.all_gather(mine, gathered, dim=0)
+        if full is None:
+            return "copy", 0.0
+        wants = [full if cut.dim is None else _expected_slices(cut, full, r, cut.dim) for r in range(tp)]
+        want = torch.cat([w.reshape(-1).view(torch.uint8) for w in wants])
+        return "copy", 0.0 if torch.equal(gathered, want) else 1.0
+    w_local = local.float()
+    w_full = full.float() if full is not None else None
     if cut.style == "vocab" and local.dim() == 2 and cut.dim == 0:
         # Vocabulary-parallel lookup: each rank answers the ids in its rows, zeros elsewhere; the sum is the lookup.
-        vocab = full.shape[0]
+        vocab = cut.shape[0]
         ids = torch.randint(0, vocab, (BATCH * 4,), generator=generator).to(local.device)
         out = torch.zeros(ids.shape[0], w_local.shape[1], device=local.device)
         at = 0
@@ -158,11 +170,13 @@ def _check(
             out[mine] = w_local[ids[mine] - a + at]
             at += b - a
         comm.all_reduce_sum(out)
-        return "masked lookup", _relative(out, w_full[ids])
+        return "masked lookup", _relative(out, w_full[ids]) if w_full is not None else 0.0
     if local.dim() == 1:
         # A bias cut with its rows: gathered, it is every rank's slice in rank order.
         gathered = torch.empty(tp * local.shape[0], device=local.device)
         comm.all_gather(w_local, gathered, dim=0)
+        if w_full is None:
+            return "all-gather", 0.0
         want = torch.cat([_expected_slices(cut, w_full, r, 0) for r in range(tp)])
         return "all-gather", _relative(gathered, want)
     # A 2-D weight: nn.Linear stores [out, in] and is used as x @ W.T; GPT-2's Conv1D stores [in, out].
@@ -172,19 +186,21 @@ def _check(
     def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x @ (w.T if out_dim == 0 else w)
 
-    x = torch.randn(BATCH, full.shape[in_dim], generator=generator).to(local.device)
-    reference = product(x, w_full)
+    x = torch.randn(BATCH, cut.shape[in_dim], generator=generator).to(local.device)
+    reference = product(x, w_full) if w_full is not None else None
     if cut.style in ("colwise", "vocab"):
         mine = product(x, w_local)
         gathered = torch.empty(BATCH, tp * mine.shape[1], device=local.device)
         comm.all_gather(mine, gathered, dim=1)
+        if reference is None:
+            return "all-gather", 0.0
         want = torch.cat([_expected_slices(cut, reference, r, 1) for r in range(tp)], dim=1)
         return "all-gather", _relative(gathered, want)
     # Row-parallel: each rank multiplies its columns of x by its rows of W; the sum is the product.
     x_mine = torch.cat([x[:, a:b] for a, b in cut.slices[rank]], dim=1)
     partial = product(x_mine, w_local)
     comm.all_reduce_sum(partial)
-    return "all-reduce", _relative(partial, reference)
+    return "all-reduce", _relative(partial, reference) if reference is not None else 0.0
 
 
 def _worker(rank: int, split_dir: str, init: str, backend: str, device: str | None, source: str | None, results: dict) -> None:

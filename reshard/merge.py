@@ -4,33 +4,23 @@ into its place in the output, one thread per output file."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 from reshard.checkpoint import INDEX_NAME, SINGLE_NAME
 from reshard.checksums import BackgroundHashes
-from reshard.errors import InputError
-from reshard.manifest import Manifest, rank_record_name, read_manifest
+from reshard.manifest import Manifest, read_manifest
 from reshard.outputs import copy_durably, staged_output, write_durably
 from reshard.plan import TensorCut
+from reshard.sources import Contiguous, Stitched, TensorBytes
+from reshard.split import split_tensor
+from reshard.split_folder import check_hashes, check_sizes, rank_tensors, require_all_ranks
 from reshard.workers import WORKERS, run_all, thread_buffers
-from reshard.safetensors_io import (
-    Buffers,
-    ByteReader,
-    Entry,
-    PartedWriter,
-    Region,
-    TensorInfo,
-    entry_nbytes,
-    partition,
-    read_header,
-)
-
-BLOCK_BYTES = 32 << 20
+from reshard.safetensors_io import Buffers, ByteReader, Entry, PartedWriter, Region, TensorInfo, entry_nbytes, partition
 
 Progress = Callable[[int], None]
-Piece = tuple[int, int, int, int]  # [start, stop) along the dim, from rank, at this position in the rank's part
 
 
 def merge(
@@ -85,7 +75,6 @@ def write_merge(
     require_all_ranks(split_dir, manifest, "merge")
     listed = check_sizes(split_dir, manifest)
     by_rank = rank_tensors(split_dir, manifest)
-    pieces = {t.name: coverage(t) for t in manifest.tensors}
     rank_paths = sorted({info.path for tensors in by_rank for info in tensors.values()})
     groups = partition([(t.name, t.dtype, t.shape) for t in manifest.tensors], max_shard_size)
     names = merged_file_names(len(groups))
@@ -98,7 +87,7 @@ def write_merge(
             infos = [tensors[cut.name] for tensors in by_rank]
             target = writer.region(cut.name)
             rank_readers = [readers[i.path] for i in infos]
-            return lambda: merge_tensor(cut, pieces[cut.name], rank_readers, infos, target, progress, thread_buffers())
+            return lambda: merge_tensor(cut, rank_readers, infos, target, progress, thread_buffers())
 
         # Writers to one file queue on its inode lock, so more threads than files only add contention.
         run_all((task(cut) for cut in manifest.tensors), workers=min(WORKERS, len(names)))
@@ -108,46 +97,6 @@ def write_merge(
         _write_config(split_dir, manifest, staging / "config.json")
         check_hashes(split_dir, manifest, hashes.results())
     return names
-
-
-def require_all_ranks(split_dir: Path, manifest: Manifest, what: str) -> None:
-    """Every rank's record file is there: a folder extracted with --rank holds only some ranks."""
-    tp = manifest.tp_config.tp
-    for rank in range(tp):
-        if rank in manifest.ranks_present:
-            continue
-        if any((split_dir / name).is_file() for name in manifest.rank_files[rank]):
-            raise InputError(
-                f"{split_dir / rank_record_name(rank)}: missing, so rank {rank}'s files were never finished; split again"
-            )
-        held = ", ".join(map(str, manifest.ranks_present)) or "none"
-        raise InputError(
-            f"{split_dir}: holds ranks {held} of 0..{tp - 1}; {what} needs every rank: gather the other ranks' "
-            "files (with their reshard-rank-N.json) beside them, or split again"
-        )
-
-
-def check_sizes(split_dir: Path, manifest: Manifest) -> list[Path]:
-    """Every file the manifest lists is there with its recorded size; returns their paths."""
-    paths = []
-    for name, expected in manifest.files.items():
-        path = split_dir / name
-        if not path.is_file():
-            continue  # a missing rank file is named by the header checks; config.json has the manifest's copy
-        size = path.stat().st_size
-        if size != expected.bytes:
-            raise InputError(
-                f"{path}: {size} bytes, but {manifest.record_file(name)} records {expected.bytes}; the file is truncated or was changed, split again"
-            )
-        paths.append(path)
-    return paths
-
-
-def check_hashes(split_dir: Path, manifest: Manifest, digests: dict[Path, str]) -> None:
-    for name, expected in manifest.files.items():
-        path = split_dir / name
-        if path in digests and digests[path] != expected.sha256:
-            raise InputError(f"{path}: sha256 differs from {manifest.record_file(name)}; the file is corrupt, split again")
 
 
 def merged_file_names(count: int) -> list[str]:
@@ -166,94 +115,24 @@ def _write_index(path: Path, names: list[str], groups: list[list[Entry]]) -> Non
     write_durably(path, (json.dumps(index, indent=2) + "\n").encode())
 
 
-def rank_tensors(split_dir: Path, manifest: Manifest) -> list[dict[str, TensorInfo]]:
-    """Each rank's tensors by name, checked against the manifest before anything is written."""
-    result = []
-    for rank, files in enumerate(manifest.rank_files):
-        tensors: dict[str, TensorInfo] = {}
-        for name in files:
-            path = split_dir / name
-            if not path.is_file():
-                raise InputError(f"{path}: rank {rank} file is missing; the split folder is incomplete, split again")
-            for info in read_header(path).tensors:
-                tensors[info.name] = info
-        for cut in manifest.tensors:
-            info = tensors.get(cut.name)
-            where = f"{split_dir / files[0]}: tensor {cut.name}"
-            if info is None:
-                raise InputError(f"{where} is missing; the split folder is incomplete, split again")
-            if info.dtype != cut.dtype or info.shape != cut.rank_shape(rank):
-                raise InputError(
-                    f"{where} is {info.dtype} {list(info.shape)}, the manifest expects "
-                    f"{cut.dtype} {list(cut.rank_shape(rank))}; the rank file does not belong to this manifest"
-                )
-        result.append(tensors)
-    return result
-
-
-def coverage(cut: TensorCut) -> list[Piece]:
-    """Where each part of the full dim comes from: the first rank holding it; padding past the end is dropped."""
-    _, length, _ = cut.layout
-    found = []
-    for rank, ranges in enumerate(cut.slices):
-        pos = 0
-        for a, b in ranges:
-            found.append((a, b, rank, pos))
-            pos += b - a
-    pieces: list[Piece] = []
-    done = 0
-    for a, b, rank, pos in sorted(found, key=lambda p: (p[0], p[2])):
-        if done >= length:
-            break
-        if b <= done:
-            continue
-        if a > done:
-            break
-        pieces.append((done, min(b, length), rank, pos + done - a))
-        done = min(b, length)
-    if done != length:
-        raise InputError(f"reshard.json: tensor {cut.name}: the slices cover {done} of {length} along dim {cut.dim}; split again")
-    return pieces
-
-
 def merge_tensor(
     cut: TensorCut,
-    pieces: list[Piece],
     readers: Sequence[ByteReader],
     infos: Sequence[TensorInfo],
     target: Region,
     progress: Progress | None,
     buffers: Buffers | None = None,
 ) -> None:
-    outer, length, inner = cut.layout
-    row = length * inner
-    if row == 0 or outer == 0:
-        return
-    rank_rows = [info.nbytes // outer for info in infos]
-    if outer == 1 or row > BLOCK_BYTES:
-        # Every piece of a row is a contiguous run of one rank file: copied in the kernel.
-        for o in range(outer):
-            for a, b, r, pos in pieces:
-                n = (b - a) * inner
-                target.copy_from(readers[r].fd, infos[r].offset + o * rank_rows[r] + pos * inner, n)
-                if progress:
-                    progress(n)
-        return
+    """Rebuild one tensor into its region: the split engine, reading the rank files as the source and writing
+    a single rank that holds the whole tensor."""
     buffers = buffers or Buffers()
-    rows = max(1, BLOCK_BYTES // row)
-    needed = sorted({p[2] for p in pieces})
-    for first in range(0, outer, rows):
-        n = min(rows, outer - first)
-        blocks = {
-            r: readers[r].read_into(infos[r].offset + first * rank_rows[r], buffers.get(f"rank{r}", (n, rank_rows[r])))
-            for r in needed
-        }
-        out = buffers.get("out", (n, row))
-        for a, b, r, pos in pieces:
-            out[:, a * inner : b * inner] = blocks[r][:, pos * inner : (pos + b - a) * inner]
-        target.write(out.data)
-        if progress:
-            progress(n * row)
+    if cut.dim is None:
+        source: TensorBytes = Contiguous(readers[0], infos[0].offset, cut)
+        whole = replace(cut, slices=(((0, 1),),))
+    else:
+        source = Stitched(cut, readers, infos, buffers)
+        whole = replace(cut, slices=(((0, cut.shape[cut.dim]),),))
+    split_tensor(source, whole, [target], progress, buffers)
 
 
 def _write_config(split_dir: Path, manifest: Manifest, target: Path) -> None:

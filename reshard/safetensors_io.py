@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from types import TracebackType
+from typing import TypeVar
 
 import numpy as np
 
@@ -101,24 +102,24 @@ def read_header(path: Path) -> SafetensorsFile:
     return parse_header(path, raw, size)
 
 
-class _Duplicate(ValueError):
+class DuplicateKey(ValueError):
     """A JSON object with a key given twice."""
 
 
-def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+def strict_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """A JSON object that refuses a key given twice (json.loads would keep the last silently)."""
     result: dict[str, object] = {}
     for key, value in pairs:
         if key in result:
-            raise _Duplicate(key)
+            raise DuplicateKey(key)
         result[key] = value
     return result
 
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsFile:
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object)
-    except _Duplicate as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=strict_object)
+    except DuplicateKey as e:
         raise InputError(f"{path}: {shown(str(e))} appears twice in the header; the file is corrupt") from e
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(f"{path}: header is not UTF-8 JSON ({e}); the file is corrupt") from e
@@ -205,7 +206,29 @@ def entry_nbytes(entry: Entry) -> int:
     return math.prod(entry[2]) * DTYPE_SIZES[entry[1]]
 
 
-class SafetensorsWriter:
+class _Output:
+    """An output that is closed (finished, flushed) when its block ends well, and aborted when it does not."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _O) -> _O:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_O = TypeVar("_O", bound=_Output)
+
+
+class SafetensorsWriter(_Output):
     """Writes a safetensors file whose header, and so every tensor's place, is known up front.
 
     Each tensor is written through its own Region, front to back; regions of different tensors may be written
@@ -280,14 +303,6 @@ class SafetensorsWriter:
             future.result()
         self._pending.clear()
 
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 SYNC_FILE_RANGE_WRITE = 2
@@ -388,7 +403,7 @@ def partition(entries: list[Entry], max_bytes: int | None) -> list[list[Entry]]:
     return groups
 
 
-class PartedWriter:
+class PartedWriter(_Output):
     """One output cut into consecutive safetensors files, one group of tensors per file, all open at once."""
 
     def __init__(self, paths: list[Path], groups: list[list[Entry]], metadata: dict[str, str]) -> None:
@@ -417,14 +432,6 @@ class PartedWriter:
         for writer in self._writers:
             writer.abort()
 
-    def __enter__(self) -> PartedWriter:
-        return self
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class Buffers:

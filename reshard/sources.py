@@ -20,7 +20,7 @@ from reshard.checksums import BackgroundHashes
 from reshard.config import ModelConfig
 from reshard.errors import InputError
 from reshard.manifest import Manifest, SourceFile, read_manifest
-from reshard.merge import Piece, check_hashes, check_sizes, coverage, rank_tensors, require_all_ranks
+from reshard.split_folder import Piece, check_hashes, check_sizes, coverage, rank_tensors, require_all_ranks
 from reshard.plan import TensorCut
 from reshard.safetensors_io import Buffers, ByteReader, TensorInfo
 

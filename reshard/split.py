@@ -228,7 +228,11 @@ def split_tensor(
         n = min(rows, outer - first)
         block = source.read_rows(first, buffers.get("block", (n, row)))
         for rank, ranges in enumerate(cut.slices):
-            if targets[rank] is None:
+            target = targets[rank]
+            if target is None:
+                continue
+            if ranges == ((0, length),):  # the whole row (tp 1, a merge): written as read
+                target.write(block.data)
                 continue
             width = sum(b - a for a, b in ranges) * inner
             piece = buffers.get("piece", (n, width))
@@ -241,7 +245,7 @@ def split_tensor(
                 if b > length:
                     piece[:, at : at + (b - max(a, length)) * inner] = 0
                     at += (b - max(a, length)) * inner
-            targets[rank].write(piece.data)
+            target.write(piece.data)
         if progress:
             progress(n * row)
 

@@ -16,7 +16,7 @@ import numpy as np
 from reshard.checkpoint import MANIFEST_NAME, open_checkpoint
 from reshard.checksums import BackgroundHashes
 from reshard.manifest import Manifest, rank_record_name, read_manifest
-from reshard.merge import rank_tensors, require_all_ranks
+from reshard.split_folder import rank_tensors, require_all_ranks
 from reshard.plan import TensorCut
 from reshard.safetensors_io import Buffers, ByteReader, TensorInfo
 

@@ -16,7 +16,6 @@ from helpers import DTYPES, raw_bytes, reference_slice, snapshot, synthetic_llam
 
 # The package exports the functions split and merge, which hide the engine modules of the same names.
 split_module = importlib.import_module("reshard.split")
-merge_module = importlib.import_module("reshard.merge")
 
 
 def load_rank(folder: Path, rank: int) -> dict[str, torch.Tensor]:
@@ -81,8 +80,7 @@ def test_large_tensors_stream_in_blocks(tmp_path: Path, monkeypatch: pytest.Monk
     """A 300-byte block runs every path of the streaming code: several rows per block with a partial last block
     (o_proj, down_proj rows of 128 and 96 bytes), and rows longer than a block read in windows that straddle
     rank boundaries (embeddings, q/k/v, norms)."""
-    monkeypatch.setattr(split_module, "BLOCK_BYTES", 300)
-    monkeypatch.setattr(merge_module, "BLOCK_BYTES", 300)
+    monkeypatch.setattr(split_module, "BLOCK_BYTES", 300)  # merge runs the same engine
     model = synthetic_llama(tmp_path / "model", torch.float32, vocab=96, ffn=24)
     out = split(model, tp=4)
     assert_ranks_match_reference(load_file(str(model / "model.safetensors")), out, 4)
