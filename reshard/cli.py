@@ -368,6 +368,8 @@ def verify_command(
 
 def _forward(split_dir: Path, against: Optional[Path], device: Optional[str]) -> list:
     try:
+        import torch  # noqa: F401  (the products need it; reshard itself does not)
+
         from reshard.forward import run_forward
     except ImportError:
         raise UsageError("verify --forward needs torch; install it with `pip install reshard[torch]`") from None

@@ -205,3 +205,13 @@ def test_forward_under_torchrun(weights: Path, tmp_path: Path) -> None:
     # One process reports.
     assert run.stdout.count("tensor-parallel products match the weights rebuilt from the rank files") == 1
     assert run.stdout.count("Tensor-parallel products") == 1
+
+
+def test_forward_without_torch_says_how_to_get_it(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    out = split(model, tmp_path / "split", 2)
+    monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine where torch is not installed
+    result = runner.invoke(app, ["verify", str(out), "--forward"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: verify --forward needs torch; install it with `pip install reshard[torch]`\n"
