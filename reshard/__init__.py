@@ -1,25 +1,24 @@
-"""reshard: split LLM safetensors checkpoints for tensor parallelism, and merge them back bit for bit."""
+"""reshard: split LLM safetensors checkpoints for tensor parallelism, and merge them back bit for bit.
 
-from reshard.config import ModelConfig, TPConfig
+The package runs one way, stage by stage: model (config, rules) -> plan (each tensor's cut, the range walk) ->
+formats (safetensors, split folders) -> engine (split, merge, verify) and runtime (load_rank, communicator,
+forward check) -> report and cli. A lower stage never imports a higher one.
+"""
+
+from reshard.engine.merge import merge
+from reshard.engine.planning import make_plan
+from reshard.engine.split import split
+from reshard.engine.verify import verify
 from reshard.errors import InputError, OutputError, PlanError, ReshardError, RulesError, UsageError
-from reshard.merge import merge
-from reshard.plan import Plan, TensorCut, build_plan, make_plan
-from reshard.split import split
-from reshard.verify import verify
-
-__version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> object:
-    # load_rank needs torch, which reshard itself does not: imported on first use.
-    if name == "load_rank":
-        from reshard.runtime import load_rank
-
-        return load_rank
-    raise AttributeError(f"module 'reshard' has no attribute {name!r}")
+from reshard.model.config import ModelConfig, TPConfig
+from reshard.plan.build import build_plan
+from reshard.plan.cut import Plan, TensorCut
+from reshard.runtime.load import load_rank
+from reshard.version import __version__
 
 
 __all__ = [
+    "__version__",
     "InputError",
     "ModelConfig",
     "OutputError",

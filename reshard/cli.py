@@ -7,37 +7,29 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, NoReturn, Optional, TypeVar
+from typing import Annotated, Any, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from tqdm import tqdm
+from typer.core import TyperArgument, TyperCommand
 
-from reshard import __version__
-from reshard.checkpoint import INDEX_NAME, MANIFEST_NAME
-from reshard.config import TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
-from reshard.errors import ReshardError, UsageError
-from reshard.manifest import read_manifest
-from reshard.merge import default_merge_dir, write_merge
-from reshard.plan import Plan, make_plan
+from reshard.engine.merge import default_merge_dir, write_merge
+from reshard.engine.planning import make_plan
+from reshard.engine.split import default_split_dir, read_nbytes, write_split
+from reshard.engine.verify import Report, verify
+from reshard.errors import CheckFailed, ReshardError, UsageError
+from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
+from reshard.formats.split_folder import SplitFolder
+from reshard.model.config import TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
+from reshard.plan.cut import Plan
 from reshard.report import forward_table, human_bytes, plan_summary, rank_table, tensor_table
-from reshard.split import default_split_dir, read_nbytes, write_split
-from reshard.verify import Report, verify
-
-app = typer.Typer(
-    help="Split LLM safetensors checkpoints for tensor parallelism, and merge them back bit for bit.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-def _console() -> Console:
-    # Piped output (logs, CI, `| less`) gets wide tables instead of rich's 80-column fallback.
-    return Console(width=None if sys.stdout.isatty() else 200)
+from reshard.runtime.forward import KindError
+from reshard.version import __version__
 
 T = TypeVar("T")
 # The bar appears only for work that lasts longer, so quick runs and early errors stay clean.
@@ -46,8 +38,85 @@ PROGRESS_DELAY_S = 0.5
 MAX_PROBLEMS = 10
 
 
+class _Command(TyperCommand):
+    """Help as a person writes it: `reshard split [OPTIONS] MODEL`, with no type tags beside the arguments."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+
+app = typer.Typer(
+    help="Split LLM safetensors checkpoints for tensor parallelism, and merge them back bit for bit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _console() -> Console:
+    # Piped output (logs, CI, `| less`) gets wide tables instead of rich's 80-column fallback; names are shown
+    # as they are, never read as markup.
+    return Console(width=None if sys.stdout.isatty() else 200, markup=False, highlight=False)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised so that it unwinds like Ctrl-C and the staging folder is removed on the way out."""
+
+
+ModelArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="MODEL",
+        help="A .safetensors file, a model.safetensors.index.json, a folder holding either, or a split folder.",
+        show_default=False,
+    ),
+]
+DirArg = Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `reshard split`.", show_default=False)]
+TpOpt = Annotated[
+    Optional[int],
+    typer.Option("--tp", min=1, metavar="N", help="Number of tensor-parallel ranks (or `tp` in a TP config).", show_default=False),
+]
+DevicesOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--devices", metavar="IDS", help="GPU id for each rank, comma-separated: rank r runs on cuda:IDS[r]. Default 0..N-1."
+    ),
+]
+ConfigOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help="The model's config.json, when it is not beside the weights, and/or a TP config (TOML or JSON with "
+        "tp and device_ids); may be given twice.",
+        show_default=False,
+    ),
+]
+GpuMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option("--gpu-memory", metavar="SIZE", help="Mark ranks whose weights exceed this much GPU memory, e.g. 80GiB.", show_default=False),
+]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", metavar="NAME", help="Use this rules family instead of detecting it.")]
+ReplicateOpt = Annotated[
+    bool, typer.Option("--replicate-unknown", help="Copy tensors no rule matches whole to every rank instead of refusing.")
+]
+RulesOpt = Annotated[
+    Optional[Path], typer.Option("--rules", metavar="FILE", help="A rules file (JSON) whose rules are tried before the family's.")
+]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Output folder. Default: beside the input.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
+MaxShardOpt = Annotated[
+    Optional[str],
+    typer.Option("--max-shard-size", metavar="SIZE", help="Cut outputs into files of at most this size, e.g. 5GB or 500MiB.", show_default=False),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 def parse_devices(value: Optional[str]) -> Optional[list[int]]:
@@ -56,51 +125,7 @@ def parse_devices(value: Optional[str]) -> Optional[list[int]]:
     try:
         return [int(part) for part in value.split(",")]
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a comma-separated list of GPU ids, e.g. 0,1,2,3") from None
-
-
-ModelArg = Annotated[
-    Path,
-    typer.Argument(
-        metavar="MODEL",
-        help="A .safetensors file, a model.safetensors.index.json, or a folder holding either.",
-        show_default=False,
-    ),
-]
-TpOpt = Annotated[
-    Optional[int],
-    typer.Option("--tp", min=1, help="Number of tensor-parallel ranks (or `tp` in a TP config).", show_default=False),
-]
-DevicesOpt = Annotated[
-    Optional[str],
-    typer.Option("--devices", help="GPU id for each rank, comma-separated: rank r runs on cuda:ids[r]. Default 0..tp-1."),
-]
-ConfigOpt = Annotated[
-    Optional[list[Path]],
-    typer.Option(
-        "--config",
-        help="The model's config.json, when it is not beside the weights, and/or a TP config (TOML or JSON with "
-        "tp and device_ids); may be given twice.",
-        show_default=False,
-    ),
-]
-GpuMemoryOpt = Annotated[
-    Optional[str],
-    typer.Option("--gpu-memory", help="Mark ranks whose weights exceed this much GPU memory, e.g. 80GiB.", show_default=False),
-]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Use this rules family instead of detecting it.")]
-ReplicateOpt = Annotated[
-    bool, typer.Option("--replicate-unknown", help="Copy tensors no rule matches whole to every rank instead of refusing.")
-]
-RulesOpt = Annotated[
-    Optional[Path], typer.Option("--rules", help="A rules file (JSON) whose rules are tried before the family's.")
-]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
-MaxShardOpt = Annotated[
-    Optional[str],
-    typer.Option("--max-shard-size", help="Cut outputs into files of at most this size, e.g. 5GB or 500MiB.", show_default=False),
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+        raise UsageError(f"--devices {value!r} is not a comma-separated list of GPU ids, e.g. 0,1,2,3") from None
 
 
 def _tp_settings(
@@ -162,35 +187,26 @@ def _fail(error: BaseException, message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _run(action: Callable[[], T]) -> T:
-    """Turn the errors a user can act on into one line each on stderr and an exit code."""
+def _run(action: Callable[[], T], *, writes: bool) -> T:
+    """Turn the errors a user can act on into one line each on stderr and an exit code. Only a command that was
+    writing says that nothing was written (its staging is gone by then)."""
+    nothing = "; nothing was written" if writes else ""
     try:
         return action()
-    except UsageError as e:
-        _fail(e, str(e), 2)
     except ReshardError as e:
-        _fail(e, str(e), 1)
+        _fail(e, str(e), e.exit_code)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        _fail(e, f"{where}{e.strerror or e}; nothing was written", 1)
+        _fail(e, f"{where}{e.strerror or e}{nothing}", 1)
     except Terminated as e:
-        _fail(e, "terminated; nothing was written", 143)
+        _fail(e, f"terminated{nothing}", 143)
     except KeyboardInterrupt as e:
-        _fail(e, "interrupted; nothing was written", 130)
+        _fail(e, f"interrupted{nothing}", 130)
 
 
 @contextmanager
 def _progress(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], object]]:
-    bar = tqdm(
-        total=total,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        disable=quiet,
-        delay=PROGRESS_DELAY_S,
-    )
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=quiet, delay=PROGRESS_DELAY_S)
     lock = threading.Lock()  # the engines report from several threads
 
     def update(n: int) -> None:
@@ -203,7 +219,7 @@ def _progress(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], ob
         bar.close()
 
 
-@app.command("plan")
+@app.command("plan", cls=_Command)
 def plan_command(
     model: ModelArg,
     tp: TpOpt = None,
@@ -219,16 +235,17 @@ def plan_command(
 
     def action() -> tuple[Plan, Optional[int]]:
         count, device_ids, model_config = _tp_settings(tp, devices, config)
-        limit = parse_size(gpu_memory, "--gpu-memory") if gpu_memory is not None else None
-        _, _, plan = make_plan(model, count, device_ids, model_config, arch, replicate_unknown, rules)
+        limit = parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
+        _, _, plan = make_plan(
+            model, tp=count, device_ids=device_ids, config=model_config, arch=arch, replicate_unknown=replicate_unknown, rules=rules
+        )
         return plan, limit
 
-    plan, limit = _run(action)
+    plan, limit = _run(action, writes=False)
     if as_json:
         data = plan.to_dict()
-        if limit is not None:
-            for entry in data["ranks"]:
-                entry["fits"] = entry["bytes"] <= limit
+        for entry in data["ranks"] if limit is not None else []:
+            entry["fits"] = entry["bytes"] <= limit
         typer.echo(json.dumps(data, indent=2))
         return
     console = _console()
@@ -237,19 +254,14 @@ def plan_command(
     console.print(rank_table(plan, gpu_memory=limit))
     over = [r for r in range(plan.tp) if limit is not None and plan.rank_nbytes(r) > limit]
     if over:
-        console.print(
-            f"{len(over)} of {plan.tp} ranks need more than {human_bytes(limit or 0)} for their weights alone; "
-            "use a larger --tp"
-        )
+        console.print(f"{len(over)} of {plan.tp} ranks need more than {human_bytes(limit or 0)} for their weights alone; use a larger --tp")
 
 
-@app.command("split")
+@app.command("split", cls=_Command)
 def split_command(
     model: ModelArg,
     tp: TpOpt = None,
-    out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: <model folder>-tp<N> beside it.")
-    ] = None,
+    out: OutOpt = None,
     devices: DevicesOpt = None,
     config: ConfigOpt = None,
     arch: ArchOpt = None,
@@ -258,85 +270,81 @@ def split_command(
     max_shard_size: MaxShardOpt = None,
     rank: Annotated[
         Optional[str],
-        typer.Option("--rank", help="Write only this rank; `auto` takes it from RANK (torchrun) or SLURM_PROCID (srun).", show_default=False),
+        typer.Option("--rank", metavar="R", help="Write only rank R; `auto` takes it from RANK (torchrun) or SLURM_PROCID (srun).", show_default=False),
     ] = None,
     ranks: Annotated[
-        Optional[str], typer.Option("--ranks", help="Write only these ranks, comma-separated, e.g. 0,2.", show_default=False)
+        Optional[str], typer.Option("--ranks", metavar="R,R", help="Write only these ranks, comma-separated, e.g. 0,2.", show_default=False)
     ] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Write safetensors files for each rank, config.json and the manifest reshard.json."""
+    """Write safetensors files for each rank, config.json and the manifest reshard.json (default output
+    folder: <model folder>-tp<N> beside it)."""
 
     def action() -> None:
         count, device_ids, config_path = _tp_settings(tp, devices, config)
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
-        source, model_config, plan = make_plan(model, count, device_ids, config_path, arch, replicate_unknown, rules)
+        source, model_config, plan = make_plan(
+            model, tp=count, device_ids=device_ids, config=config_path, arch=arch, replicate_unknown=replicate_unknown, rules=rules
+        )
         chosen = _chosen_ranks(rank, ranks, count)
         target = out if out is not None else default_split_dir(source.root, count)
         with _progress(read_nbytes(plan, chosen), "split", quiet) as progress:
-            manifest = write_split(source, model_config, plan, target, force, progress, max_bytes, chosen)
-        console = _console()
+            manifest = write_split(
+                source, model_config, plan, target, force=force, progress=progress, max_shard_size=max_bytes, ranks=chosen
+            )
         which = "" if chosen is None else f", rank{'s' if len(chosen) > 1 else ''} {', '.join(map(str, chosen))} of 0..{plan.tp - 1}"
+        console = _console()
         console.print(f"Wrote {target}: {plan.family} family, tp {plan.tp}{which}, {len(plan.tensors)} tensors per rank")
-        console.print(rank_table(plan, manifest, only=chosen))
+        console.print(rank_table(plan, files=manifest, only=chosen))
 
-    _run(action)
+    _run(action, writes=True)
 
 
-@app.command("merge")
+@app.command("merge", cls=_Command)
 def merge_command(
-    split_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `reshard split`.", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: <DIR>-merged beside it.")] = None,
-    max_shard_size: MaxShardOpt = None,
-    force: ForceOpt = False,
-    quiet: QuietOpt = False,
+    split_dir: DirArg, out: OutOpt = None, max_shard_size: MaxShardOpt = None, force: ForceOpt = False, quiet: QuietOpt = False
 ) -> None:
-    """Rebuild the original checkpoint from a split folder, bit for bit."""
+    """Rebuild the original checkpoint from a split folder, bit for bit (default output folder: <DIR>-merged)."""
 
     def action() -> None:
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
-        manifest = read_manifest(split_dir)
+        folder = SplitFolder(split_dir)
         target = out if out is not None else default_merge_dir(split_dir)
-        total = sum(t.nbytes for t in manifest.tensors)
+        total = sum(t.nbytes for t in folder.manifest.tensors)
         with _progress(total, "merge", quiet) as progress:
-            names = write_merge(split_dir, manifest, target, force, progress, max_bytes)
+            names = write_merge(folder, target, force=force, progress=progress, max_shard_size=max_bytes)
         files = names[0] if len(names) == 1 else f"{len(names)} files with {INDEX_NAME}"
         _console().print(
-            f"Wrote {target}: {files} ({len(manifest.tensors)} tensors, {human_bytes(total)}) and config.json, "
-            f"from tp {manifest.tp_config.tp}"
+            f"Wrote {target}: {files} ({len(folder.manifest.tensors)} tensors, {human_bytes(total)}) and config.json, "
+            f"from tp {folder.tp}"
         )
 
-    _run(action)
+    _run(action, writes=True)
 
 
-@app.command("verify")
+@app.command("verify", cls=_Command)
 def verify_command(
-    split_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `reshard split`.", show_default=False)],
+    split_dir: DirArg,
     against: Annotated[
         Optional[Path],
-        typer.Option("--against", help="The checkpoint DIR was split from: compare every rank tensor with its slice.", show_default=False),
+        typer.Option("--against", metavar="MODEL", help="The checkpoint DIR was split from: compare every rank tensor with its slice.", show_default=False),
     ] = None,
     forward: Annotated[
-        bool,
-        typer.Option("--forward", help="Also run every sharded weight tensor-parallel, one process per rank (needs torch)."),
+        bool, typer.Option("--forward", help="Also run every sharded weight tensor-parallel, one process per rank (needs torch).")
     ] = False,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Worst relative error --forward accepts.")] = 1e-5,
+    rules: Annotated[
+        Optional[Path], typer.Option("--rules", metavar="FILE", help="With --forward: the rules file DIR was split with.", show_default=False)
+    ] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", metavar="X", help="Worst relative error --forward accepts.")] = 1e-5,
     device: Annotated[
         Optional[str],
-        typer.Option("--device", help="Run --forward on this device instead of each rank's GPU, e.g. cpu.", show_default=False),
+        typer.Option("--device", metavar="DEVICE", help="Run --forward on this device instead of each rank's GPU, e.g. cpu.", show_default=False),
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Check every file against the manifest's sha256 and, with --against, every tensor against the source."""
-
-    def action() -> Report:
-        manifest = read_manifest(split_dir)
-        total = sum(r.bytes for r in manifest.files.values()) + (sum(t.nbytes for t in manifest.tensors) if against else 0)
-        with _progress(total, "verify", quiet) as progress:
-            return verify(split_dir, against, progress)
-
-    report = _run(action)
+    report = _run(lambda: _verify(split_dir, against, quiet), writes=False)
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     console = _console()
     if lead and report.files_ok:
@@ -346,34 +354,43 @@ def verify_command(
     if lead and against is not None and report.ok:
         console.print(f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}")
     # The products run even when --against found problems (they show where it matters), not on bad checksums.
-    errors = _run(lambda: _forward(split_dir, against, device)) if forward and report.files_ok else []
+    errors = _run(lambda: _forward(split_dir, against, device, rules), writes=False) if forward and report.files_ok else []
     if errors and lead:
         console.print(forward_table(errors, tolerance))
-    failing = [e for e in errors if not e.worst <= tolerance]
-    problems = report.problems + [
-        f"{e.kind}: relative error {e.worst:.2e} in {e.worst_tensor} is above --tolerance {tolerance:g}; "
-        "the tensor is cut wrongly, split again"
-        for e in failing
-    ]
+    problems = report.problems + _forward_problems(errors, tolerance)
     if problems:
-        shown = problems[:MAX_PROBLEMS]
-        more = len(problems) - len(shown)
-        message = "\n".join(shown + ([f"{more} more problems"] if more else []))
-        _fail(ReshardError(message), message, 1)
+        shown = problems[:MAX_PROBLEMS] + ([f"{len(problems) - MAX_PROBLEMS} more problems"] if len(problems) > MAX_PROBLEMS else [])
+        _fail(CheckFailed(shown), "\n".join(shown), 1)
     if lead and forward:
         worst = max((e.worst for e in errors), default=0.0)
         reference = against if against is not None else "the weights rebuilt from the rank files"
         console.print(f"tensor-parallel products match {reference}: worst relative error {worst:.1e} <= {tolerance:g}")
 
 
-def _forward(split_dir: Path, against: Optional[Path], device: Optional[str]) -> list:
+def _verify(split_dir: Path, against: Optional[Path], quiet: bool) -> Report:
+    folder = SplitFolder(split_dir)
+    total = sum(r.bytes for r in folder.manifest.files.values()) + (sum(t.nbytes for t in folder.manifest.tensors) if against else 0)
+    with _progress(total, "verify", quiet) as progress:
+        return verify(split_dir, against=against, progress=progress)
+
+
+def _forward_problems(errors: Sequence[KindError], tolerance: float) -> list[str]:
+    return [
+        f"{e.kind}: relative error {e.worst:.2e} in {e.worst_tensor} is above --tolerance {tolerance:g}; "
+        "the tensor is cut wrongly, split again"
+        for e in errors
+        if not e.worst <= tolerance
+    ]
+
+
+def _forward(split_dir: Path, against: Optional[Path], device: Optional[str], rules: Optional[Path]) -> list[KindError]:
     try:
         import torch  # noqa: F401  (the products need it; reshard itself does not)
-
-        from reshard.forward import run_forward
     except ImportError:
         raise UsageError("verify --forward needs torch; install it with `pip install reshard[torch]`") from None
-    return run_forward(split_dir, device=device, source=against)
+    from reshard.runtime.forward import run_forward
+
+    return run_forward(split_dir, device=device, source=against, rules=rules)
 
 
 def _version(value: bool) -> None:
@@ -384,9 +401,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
-    ] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
 ) -> None:
     """Split LLM safetensors checkpoints for tensor parallelism, and merge them back bit for bit.
 

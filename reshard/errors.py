@@ -1,30 +1,46 @@
-"""Errors a user can act on. Each message is one line that names the file, tensor or key and says the fix."""
+"""Errors a user can act on. Each message is one line that names the file, tensor or key and says the fix.
+
+The CLI prints the message as `Error: ...` on stderr and exits with the class's `exit_code`: 2 for a usage
+error, as for any other bad flag, and 1 for everything else.
+"""
 
 from __future__ import annotations
 
 
 class ReshardError(Exception):
-    """Base class: the CLI prints the message on stderr and exits 1."""
+    """Base class of every error reshard raises on purpose."""
 
-
-class InputError(ReshardError):
-    """A checkpoint, config or manifest that cannot be read as given."""
-
-
-class RulesError(ReshardError):
-    """A rules file that is not valid."""
+    exit_code = 1
 
 
 class UsageError(ReshardError):
-    """A command-line value that cannot work (the CLI exits 2, as for other bad flags)."""
+    """A command-line value or argument that cannot work."""
+
+    exit_code = 2
+
+
+class InputError(ReshardError):
+    """A checkpoint, config, manifest or split folder that cannot be read as given."""
+
+
+class RulesError(InputError):
+    """A rules file that is not valid."""
 
 
 class OutputError(ReshardError):
-    """An output location that cannot be written safely."""
+    """An output location that cannot be written safely, or a write that failed."""
 
 
 class PlanError(ReshardError):
     """A plan that cannot be carried out; holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class CheckFailed(ReshardError):
+    """A check (verify) that ran and found problems; one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)

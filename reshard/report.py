@@ -1,22 +1,22 @@
-"""Rich tables for plans and results. Builds renderables only; the CLI decides where they go."""
+"""Rich tables for plans and results. Builds renderables only; the CLI decides where they go (with markup off,
+so a tensor or file name is shown as it is)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.table import Table
+from tqdm import tqdm
 
-from reshard.manifest import Manifest
-from reshard.plan import Plan, TensorCut
+from reshard.formats.manifest import Manifest
+from reshard.plan.cut import Plan, TensorCut
+from reshard.runtime.forward import KindError
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+def human_bytes(n: float) -> str:
+    """Bytes in SI units, three significant digits: 281kB, 13.5GB."""
+    return tqdm.format_sizeof(n, "B", 1000)
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -69,7 +69,7 @@ def cut_notes(t: TensorCut) -> str:
 
 
 def rank_table(
-    plan: Plan, files: Manifest | None = None, gpu_memory: int | None = None, only: list[int] | None = None
+    plan: Plan, *, files: Manifest | None = None, gpu_memory: int | None = None, only: Sequence[int] | None = None
 ) -> Table:
     """Bytes per rank and its device; with `gpu_memory`, whether the rank's weights fit in that much."""
     table = Table(title="Ranks", title_justify="left")
@@ -92,7 +92,7 @@ def rank_table(
     return table
 
 
-def forward_table(errors: list, tolerance: float) -> Table:
+def forward_table(errors: Sequence[KindError], tolerance: float) -> Table:
     """`verify --forward`: the worst relative error per kind of tensor (KindError rows)."""
     table = Table(title="Tensor-parallel products", title_justify="left")
     table.add_column("kind")

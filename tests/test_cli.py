@@ -32,11 +32,11 @@ def run(*args: str | Path):
 def test_plan_prints_every_tensor_and_every_rank(model: Path) -> None:
     result = run("plan", model, "--tp", "2", "--devices", "4,6")
     assert result.exit_code == 0, result.output
-    assert f"{model}: llama family, 21 tensors, 36.3 KiB, tp 2 on cuda:4, cuda:6" in result.stdout
+    assert f"{model}: llama family, 21 tensors, 37.2kB, tp 2 on cuda:4, cuda:6" in result.stdout
     lines = result.stdout.splitlines()
     q = next(line for line in lines if "layers.0.self_attn.q_proj.weight" in line)
     assert [c.strip() for c in q.split("│")[1:-1]] == [
-        "model.layers.0.self_attn.q_proj.weight", "q_proj", "colwise", "0", "BF16", "[32, 32]", "[16, 32]", "2.0 KiB", "1.0 KiB", ""
+        "model.layers.0.self_attn.q_proj.weight", "q_proj", "colwise", "0", "BF16", "[32, 32]", "[16, 32]", "2.05kB", "1.02kB", ""
     ]  # fmt: skip
     down = next(line for line in lines if "layers.1.mlp.down_proj.weight" in line)
     assert "rowwise" in down and "[32, 48]" in down and "[32, 24]" in down
@@ -87,7 +87,7 @@ def test_split_then_merge(model: Path, tmp_path: Path) -> None:
     result = run("merge", out, "--quiet")
     assert result.exit_code == 0, result.output
     merged = tmp_path / "model-tp2-merged"
-    assert f"Wrote {merged}: model.safetensors (21 tensors, 36.3 KiB) and config.json, from tp 2" in result.stdout
+    assert f"Wrote {merged}: model.safetensors (21 tensors, 37.2kB) and config.json, from tp 2" in result.stdout
     assert (merged / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
     assert snapshot(model) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-tp2", "model-tp2-merged"]
@@ -97,7 +97,7 @@ def test_progress_bar_goes_to_stderr_unless_quiet(model: Path, tmp_path: Path, m
     monkeypatch.setattr("reshard.cli.PROGRESS_DELAY_S", 0)
     result = run("split", model, "--tp", "2", "--out", tmp_path / "a")
     assert result.exit_code == 0
-    assert "split: 100%" in result.stderr and "36.3k/36.3k" in result.stderr
+    assert "split: 100%" in result.stderr and "37.2k/37.2k" in result.stderr
     assert "%" not in result.stdout
     result = run("merge", tmp_path / "a")
     assert "merge: 100%" in result.stderr
@@ -166,7 +166,7 @@ def test_merge_refuses_missing_or_mismatched_rank_file(model: Path, tmp_path: Pa
     rank1.rename(tmp_path / "aside")
     result = run("merge", out)
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {rank1}: rank 1 file is missing; the split folder is incomplete, split again\n"
+    assert result.stderr == f"Error: {rank1}: missing; the split folder is incomplete, split again\n"
     (tmp_path / "aside").rename(rank1)
     # A rank file from a different split: same names, other shapes.
     assert run("split", model, "--tp", "1", "--out", tmp_path / "tp1", "-q").exit_code == 0
@@ -199,7 +199,7 @@ def test_python_dash_m_and_debug_traceback(tmp_path: Path) -> None:
     [
         (lambda m: m.pop("tensors"), "malformed manifest (KeyError: 'tensors'); split again"),
         (lambda m: m.update(version=9), "malformed manifest (ValueError: expected format 'reshard' version 1, found 'reshard' 9)"),
-        (lambda m: m["ranks"][0].update(files=["../elsewhere.safetensors"]), "rank file '../elsewhere.safetensors' must be a name inside the split folder"),
+        (lambda m: m["ranks"][0].update(files=["../elsewhere.safetensors"]), "rank file '../elsewhere.safetensors' must be a plain file name inside the split folder"),
         (lambda m: m["tensors"]["model.norm.weight"].update(dtype="X9"), "tensor model.norm.weight: unknown dtype 'X9'"),
     ],
 )  # fmt: skip

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reshard.errors import InputError
-from reshard.safetensors_io import DTYPE_SIZES, parse_header, read_header
+from reshard.formats.safetensors import parse_header, read_header
+from reshard.plan.tensor import DTYPE_SIZES
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),

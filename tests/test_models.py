@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from reshard import PlanError, merge, split
-from reshard.checkpoint import open_checkpoint
+from reshard.formats.checkpoint import open_checkpoint
 
 from helpers import raw_bytes, reference_slice, snapshot
 

@@ -8,8 +8,8 @@ import pytest
 
 from reshard import ModelConfig, PlanError, TPConfig, UsageError, build_plan
 from reshard.errors import InputError
-from reshard.rules import builtin_families, detect_family
-from reshard.safetensors_io import TensorInfo
+from reshard.model.rules import builtin_families, detect_family
+from reshard.formats.safetensors import TensorInfo
 
 from helpers import llama_config, llama_shapes
 

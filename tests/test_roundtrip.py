@@ -15,7 +15,7 @@ from reshard import merge, split
 from helpers import DTYPES, raw_bytes, reference_slice, snapshot, synthetic_llama
 
 # The package exports the functions split and merge, which hide the engine modules of the same names.
-split_module = importlib.import_module("reshard.split")
+split_module = importlib.import_module("reshard.engine.split")
 
 
 def load_rank(folder: Path, rank: int) -> dict[str, torch.Tensor]:
@@ -95,11 +95,11 @@ def test_failure_midway_leaves_no_output(tmp_path: Path, monkeypatch: pytest.Mon
 
     real = split_module.split_tensor
 
-    def failing(*args: object) -> None:
+    def failing(*args: object, **kwargs: object) -> None:
         calls.append(1)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
-        real(*args)
+        real(*args, **kwargs)
 
     monkeypatch.setattr(split_module, "split_tensor", failing)
     with pytest.raises(OSError):

@@ -157,7 +157,7 @@ def test_gpt2_slices_are_the_expected_cut(family_models: dict[str, Path], splits
 @pytest.mark.parametrize(("family", "tp"), [("phi3", 4), ("gpt2", 4), ("mixtral", 2)])
 def test_verify_forward_on_real_models(family_models: dict[str, Path], splits: dict, family: str, tp: int) -> None:
     """`reshard verify --forward` on packed q|k|v with replicated kv heads, Conv1D with a padded vocabulary, MoE."""
-    from reshard.forward import run_forward
+    from reshard.runtime.forward import run_forward
 
     errors = run_forward(splits[(family, tp)], source=family_models[family])
     kinds = {e.kind: e for e in errors}

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from reshard.cli import app
-from reshard.verify import verify
+from reshard import verify
 
 from helpers import llama_config, llama_shapes, snapshot, synthetic_llama, write_checkpoint
 
@@ -73,7 +73,7 @@ def test_missing_and_resized_files_are_each_named(model: Path, tmp_path: Path) -
     size = rank0.stat().st_size
     assert result.stderr.splitlines() == [
         f"Error: {out / 'config.json'}: missing; the split folder is incomplete, split again",
-        f"Error: {rank0}: {size} bytes, but reshard-rank-0.json records {size - 1}; split again",
+        f"Error: {rank0}: {size} bytes, but reshard-rank-0.json records {size - 1}; the file is truncated or was changed, split again",
     ]
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from reshard import ModelConfig
-from reshard.rules import builtin_families
+from reshard.model.rules import builtin_families
 
 TOKENS = torch.tensor([[3, 17, 101, 7, 249, 64, 9], [200, 1, 45, 45, 99, 12, 180]])
 

@@ -8,7 +8,7 @@ if _marker:
     import time
     from pathlib import Path
 
-    import reshard.safetensors_io as io
+    import reshard.formats.writer as io
 
     def _slowed(method):
         def wrapper(self, *args, **kwargs):

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from reshard.safetensors_io import Buffers
+from reshard.formats.io import Buffers
 
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 
@@ -21,7 +21,7 @@ def thread_buffers() -> Buffers:
     return _local.buffers
 
 
-def run_all(tasks: Iterable[Callable[[], None]], workers: int = WORKERS) -> None:
+def run_all(tasks: Iterable[Callable[[], None]], *, workers: int = WORKERS) -> None:
     """Run the tasks, started in order, on `workers` threads; the first error cancels those not started and is raised."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reshard") as pool:
         futures = [pool.submit(task) for task in tasks]

@@ -10,6 +10,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from reshard.errors import OutputError
+
 CHUNK_BYTES = 8 << 20
 
 
@@ -43,9 +45,8 @@ def file_sha256(path: Path, stop: threading.Event | None = None) -> str | None:
 
 
 def record(path: Path) -> FileRecord:
-    digest = file_sha256(path)
-    assert digest is not None
-    return FileRecord(path.stat().st_size, digest)
+    """The size and sha256 of a whole file."""
+    return FileRecord(path.stat().st_size, file_sha256(path) or "")
 
 
 class BackgroundHashes:
@@ -107,7 +108,7 @@ class FollowingHash:
         if self._error is not None:
             raise self._error
         if self._hashed != size:
-            raise RuntimeError(f"hashed {self._hashed} of {size} bytes: a stretch of the file was never written")
+            raise OutputError(f"hashed {self._hashed} of {size} bytes: a stretch of the file was never written")
         return self._digest.hexdigest()
 
     def stop(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from fractions import Fraction
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,16 @@ from reshard.errors import InputError, UsageError
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str, flag: str = "--max-shard-size") -> int:
-    """'5GB' (10^9, as transformers reads it), '512MiB' (2^20), or plain bytes."""
+def parse_size(text: str, *, flag: str = "--max-shard-size") -> int:
+    """'5GB' (10^9, as transformers reads it), '512MiB' (2^20), '1.5GB', or plain bytes: a whole number of
+    bytes above zero, or UsageError."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.I)
-    if not match or float(match.group(1)) <= 0:
+    if not match:
         raise UsageError(f"{flag} {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
+    value = Fraction(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()]
+    if value <= 0 or value.denominator != 1:
+        raise UsageError(f"{flag} {text!r} is not a whole number of bytes above zero; write e.g. 5GB, 500MB or 2GiB")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class ModelConfig:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InputError(f"{path}: no model config here; put config.json beside the weights or pass --config FILE") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise InputError(f"{path}: cannot read the model config as JSON ({e}); fix or replace the file") from e
         if not isinstance(raw, dict):
             raise InputError(f"{path}: the model config must be a JSON object")
@@ -103,7 +108,7 @@ def is_tp_config(path: Path) -> bool:
         return True
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False  # read again, and reported, as a model config
     return isinstance(data, dict) and bool(data) and set(data) <= set(TP_KEYS)
 
@@ -122,7 +127,7 @@ def load_tp_config(path: Path) -> TPSettings:
             data = json.loads(text)
     except FileNotFoundError:
         raise InputError(f"{path}: no such TP config") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(f"{path}: cannot read the TP config ({e}); fix the file") from e
     if not isinstance(data, dict):
         raise InputError(f"{path}: the TP config must be a table of tp and device_ids")

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from reshard.config import ModelConfig
+from reshard.model.config import ModelConfig
 from reshard.errors import InputError, RulesError
 
 STYLES = ("colwise", "rowwise", "vocab", "replicate")
@@ -101,37 +101,23 @@ def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{a})" for a in alternatives))
 
 
-def load_family(path: Path, parents: dict[str, Family] | None = None) -> Family:
-    return parse_family(_read_rules(path), str(path), parents if parents is not None else builtin_families())
-
-
 def _read_rules(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RulesError(f"{path}: cannot read rules file as JSON ({e})") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RulesError(f"{path}: cannot read rules file as JSON ({e}); fix the file") from e
 
 
-def parse_family(data: Any, source: str, parents: dict[str, Family] | None = None) -> Family:
+def parse_family(data: Any, source: str, *, parents: dict[str, Family] | None = None) -> Family:
     """Validate a rules file. With `extends`, the parent's units and rules apply after this file's own."""
     where = source
     _require_object(data, where, _FAMILY_KEYS, required={"family"})
-    parent = None
-    if "extends" in data:
-        parent = (parents or {}).get(data["extends"])
-        if parent is None:
-            known = ", ".join(parents or {}) or "none"
-            raise RulesError(f"{where}: extends {data['extends']!r}, which is not a known family; known: {known}")
+    parent = _parent(data, where, parents or {})
     units = dict(parent.units) if parent else {}
-    for unit_name, spec in (data.get("units") or {}).items():
-        at = f"{where}: units.{unit_name}"
-        _require_object(spec, at, _UNIT_KEYS, required={"key"})
-        flags = {k: spec.get(k, False) for k in ("replicate", "pad")}
-        if not all(isinstance(v, bool) for v in flags.values()):
-            raise RulesError(f"{at}: replicate and pad must be true or false")
-        units[unit_name] = Unit(
-            key=_string(spec["key"], f"{at}.key"), default_key=spec.get("default_key"), size=_size(spec.get("size"), at), **flags
-        )
+    raw_units = data.get("units") or {}
+    if not isinstance(raw_units, dict):
+        raise RulesError(f"{where}: units must be a JSON object of named counts")
+    units |= {name: _parse_unit(spec, f"{where}: units.{name}") for name, spec in raw_units.items()}
     raw_rules = data.get("rules", [])
     if not isinstance(raw_rules, list) or not (raw_rules or parent):
         raise RulesError(f"{where}: rules must be a non-empty list")
@@ -143,6 +129,30 @@ def parse_family(data: Any, source: str, parents: dict[str, Family] | None = Non
         units=units,
         rules=rules,
         source=source,
+    )
+
+
+def _parent(data: dict[str, Any], where: str, parents: dict[str, Family]) -> Family | None:
+    if "extends" not in data:
+        return None
+    name = _string(data["extends"], f"{where}: extends")
+    if name not in parents:
+        raise RulesError(f"{where}: extends {name!r}, which is not a known family; known: {', '.join(parents) or 'none'}")
+    return parents[name]
+
+
+def _parse_unit(spec: Any, at: str) -> Unit:
+    _require_object(spec, at, _UNIT_KEYS, required={"key"})
+    flags = {k: spec.get(k, False) for k in ("replicate", "pad")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise RulesError(f"{at}: replicate and pad must be true or false")
+    default_key = spec.get("default_key")
+    return Unit(
+        key=_string(spec["key"], f"{at}.key"),
+        default_key=None if default_key is None else _string(default_key, f"{at}.default_key"),
+        size=_size(spec.get("size"), at),
+        replicate=flags["replicate"],
+        pad=flags["pad"],
     )
 
 
@@ -210,7 +220,7 @@ def _strings(value: Any, at: str) -> list[str]:
 
 
 def builtin_families() -> dict[str, Family]:
-    folder = resources.files("reshard") / "architectures"
+    folder = resources.files("reshard.model") / "architectures"
     pending = {
         entry.name: json.loads(entry.read_text(encoding="utf-8"))
         for entry in folder.iterdir()
@@ -223,12 +233,12 @@ def builtin_families() -> dict[str, Family]:
         if not ready:
             raise RulesError(f"reshard/architectures: cannot resolve extends in {', '.join(sorted(pending))}")
         for name in ready:
-            family = parse_family(pending.pop(name), f"reshard/architectures/{name}", families)
+            family = parse_family(pending.pop(name), f"reshard/model/architectures/{name}", parents=families)
             families[family.name] = family
     return dict(sorted(families.items()))
 
 
-def detect_family(config: ModelConfig, arch: str | None = None, rules: Path | None = None) -> Family:
+def detect_family(config: ModelConfig, *, arch: str | None = None, rules: Path | None = None) -> Family:
     """The family named by --arch, else the one whose model_types or architectures list the config's.
 
     A --rules file adds or overrides rules: its rules are tried first, then the family's. A file without
@@ -236,19 +246,11 @@ def detect_family(config: ModelConfig, arch: str | None = None, rules: Path | No
     no built-in family knows, stands on its own (or on the family it names in `extends`).
     """
     families = builtin_families()
-    data = _read_rules(rules) if rules is not None else None
-    if data is not None and not isinstance(data, dict):
-        raise RulesError(f"{rules}: must be a JSON object")
-    own = data is not None and (config.model_type in (data.get("model_types") or []) or "extends" in data)
-    if arch is not None:
-        if arch not in families and not (data is not None and data.get("family") == arch):
-            raise InputError(f"--arch {arch}: unknown family; known: {', '.join(families)}")
-        base = families.get(arch)
-    else:
-        base = _detect(config, families.values())
-    if data is None or own or base is None:
-        if data is not None:
-            return parse_family(data, str(rules), families)
+    data = _rules_file(rules) if rules is not None else None
+    if arch is not None and arch not in families and not (data is not None and data.get("family") == arch):
+        raise InputError(f"--arch {arch}: unknown family; known: {', '.join(families)}")
+    base = families.get(arch) if arch is not None else _detect(config, families.values())
+    if data is None:
         if base is None:
             known = sorted(t for f in families.values() for t in f.model_types)
             raise InputError(
@@ -256,7 +258,20 @@ def detect_family(config: ModelConfig, arch: str | None = None, rules: Path | No
                 f"{', '.join(known)} (or pass --arch NAME, or --rules FILE for a new layout)"
             )
         return base
-    return parse_family({"extends": base.name, **data, "family": base.name}, f"{rules} + {base.source}", families)
+    if base is None or config.model_type in data.get("model_types", []) or "extends" in data:
+        return parse_family(data, str(rules), parents=families)
+    return parse_family({"extends": base.name, **data, "family": base.name}, f"{rules} + {base.source}", parents=families)
+
+
+def _rules_file(path: Path) -> dict[str, Any]:
+    """A --rules file's JSON, with the keys detection reads checked before it reads them."""
+    data = _read_rules(path)
+    if not isinstance(data, dict):
+        raise RulesError(f"{path}: must be a JSON object")
+    _strings(data.get("model_types", []), f"{path}: model_types")
+    if "extends" in data:
+        _string(data["extends"], f"{path}: extends")
+    return data
 
 
 def _detect(config: ModelConfig, families: Iterable[Family]) -> Family | None:

@@ -1,30 +1,31 @@
 """The merge engine: rebuild every tensor from the rank files as the manifest says it was cut, streaming, each
-into its place in the output, one thread per output file."""
+into its place in the output, one thread per output file. It is the split engine, reading the rank files
+(stitched by `coverage`) as its source and writing a single rank that holds the whole tensor."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
-from reshard.checkpoint import INDEX_NAME, SINGLE_NAME
-from reshard.checksums import BackgroundHashes
-from reshard.manifest import Manifest, read_manifest
-from reshard.outputs import copy_durably, staged_output, write_durably
-from reshard.plan import TensorCut
-from reshard.sources import Contiguous, Stitched, TensorBytes
-from reshard.split import split_tensor
-from reshard.split_folder import check_hashes, check_sizes, rank_tensors, require_all_ranks
-from reshard.workers import WORKERS, run_all, thread_buffers
-from reshard.safetensors_io import Buffers, ByteReader, Entry, PartedWriter, Region, TensorInfo, entry_nbytes, partition
-
-Progress = Callable[[int], None]
+from reshard.engine.sources import Contiguous, Stitched, TensorBytes
+from reshard.engine.split import Progress, split_tensor
+from reshard.engine.staging import staged_output
+from reshard.engine.workers import WORKERS, run_all, thread_buffers
+from reshard.formats.checksums import BackgroundHashes
+from reshard.formats.io import Buffers, ByteReader, copy_durably, write_durably
+from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, merged_file_names
+from reshard.formats.safetensors import Entry, TensorInfo, entry_nbytes
+from reshard.formats.split_folder import SplitFolder
+from reshard.formats.writer import PartedWriter, Region, partition
+from reshard.plan.cut import TensorCut
 
 
 def merge(
     split_dir: Path,
+    *,
     out: Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
@@ -47,10 +48,9 @@ def merge(
         >>> merge(Path("/tmp/tiny-tp2"), out=Path("/tmp/tiny-merged"))
         PosixPath('/tmp/tiny-merged')
     """
-    split_dir = Path(split_dir)
-    manifest = read_manifest(split_dir)
-    out = Path(out) if out is not None else default_merge_dir(split_dir)
-    write_merge(split_dir, manifest, out, force, progress, max_shard_size)
+    folder = SplitFolder(split_dir)
+    out = Path(out) if out is not None else default_merge_dir(folder.path)
+    write_merge(folder, out, force=force, progress=progress, max_shard_size=max_shard_size)
     return out
 
 
@@ -60,50 +60,36 @@ def default_merge_dir(split_dir: Path) -> Path:
 
 
 def write_merge(
-    split_dir: Path,
-    manifest: Manifest,
-    out: Path,
-    force: bool,
-    progress: Progress | None,
-    max_shard_size: int | None = None,
+    folder: SplitFolder, out: Path, *, force: bool = False, progress: Progress | None = None, max_shard_size: int | None = None
 ) -> list[str]:
     """Write the merged checkpoint; returns the names of the safetensors files written.
 
     The rank files' sizes and headers are checked against the manifest before anything is written, their sha256
     while the merge runs; a mismatch leaves no output.
     """
-    require_all_ranks(split_dir, manifest, "merge")
-    listed = check_sizes(split_dir, manifest)
-    by_rank = rank_tensors(split_dir, manifest)
-    rank_paths = sorted({info.path for tensors in by_rank for info in tensors.values()})
+    folder.require(purpose="merge")
+    manifest, ranks = folder.manifest, range(folder.tp)
+    rank_paths = sorted({info.path for r in ranks for info in folder.rank_tensors(r).values()})
     groups = partition([(t.name, t.dtype, t.shape) for t in manifest.tensors], max_shard_size)
     names = merged_file_names(len(groups))
-    with staged_output(out, [split_dir, *rank_paths], force) as staging, ExitStack() as stack:
-        hashes = stack.enter_context(BackgroundHashes(listed))
+    with staged_output(out, [folder.path, *rank_paths], force=force) as staging, ExitStack() as stack:
+        hashes = stack.enter_context(BackgroundHashes(folder.paths(ranks)))
         readers = {path: stack.enter_context(ByteReader(path)) for path in rank_paths}
         writer = stack.enter_context(PartedWriter([staging / n for n in names], groups, manifest.source_metadata))
 
         def task(cut: TensorCut) -> Callable[[], None]:
-            infos = [tensors[cut.name] for tensors in by_rank]
-            target = writer.region(cut.name)
-            rank_readers = [readers[i.path] for i in infos]
-            return lambda: merge_tensor(cut, rank_readers, infos, target, progress, thread_buffers())
+            infos = [folder.tensor(r, cut.name) for r in ranks]
+            target, rank_readers = writer.region(cut.name), [readers[i.path] for i in infos]
+            return lambda: merge_tensor(cut, rank_readers, infos, target, progress=progress, buffers=thread_buffers())
 
         # Writers to one file queue on its inode lock, so more threads than files only add contention.
         run_all((task(cut) for cut in manifest.tensors), workers=min(WORKERS, len(names)))
         writer.close()
         if len(names) > 1:
             _write_index(staging / INDEX_NAME, names, groups)
-        _write_config(split_dir, manifest, staging / "config.json")
-        check_hashes(split_dir, manifest, hashes.results())
+        _write_config(folder, staging / CONFIG_NAME)
+        folder.require_digests(hashes.results())
     return names
-
-
-def merged_file_names(count: int) -> list[str]:
-    """transformers' names: model.safetensors alone, or model-00001-of-00003.safetensors and so on."""
-    if count == 1:
-        return [SINGLE_NAME]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 def _write_index(path: Path, names: list[str], groups: list[list[Entry]]) -> None:
@@ -120,24 +106,25 @@ def merge_tensor(
     readers: Sequence[ByteReader],
     infos: Sequence[TensorInfo],
     target: Region,
-    progress: Progress | None,
+    *,
+    progress: Progress | None = None,
     buffers: Buffers | None = None,
 ) -> None:
-    """Rebuild one tensor into its region: the split engine, reading the rank files as the source and writing
-    a single rank that holds the whole tensor."""
+    """Rebuild one tensor into its region: the split engine with the rank files as its source, writing one rank
+    that holds the whole cut dim."""
     buffers = buffers or Buffers()
+    source: TensorBytes
     if cut.dim is None:
-        source: TensorBytes = Contiguous(readers[0], infos[0].offset, cut)
-        whole = replace(cut, slices=(((0, 1),),))
+        source = Contiguous(readers[0], infos[0].offset, cut)
     else:
         source = Stitched(cut, readers, infos, buffers)
-        whole = replace(cut, slices=(((0, cut.shape[cut.dim]),),))
-    split_tensor(source, whole, [target], progress, buffers)
+    split_tensor(source, replace(cut, slices=(((0, cut.length),),)), [target], progress=progress, buffers=buffers)
 
 
-def _write_config(split_dir: Path, manifest: Manifest, target: Path) -> None:
-    # The split folder's copy is the source's file byte for byte; the manifest's parsed copy is the fallback.
-    if (split_dir / "config.json").is_file():
-        copy_durably(split_dir / "config.json", target)
+def _write_config(folder: SplitFolder, target: Path) -> None:
+    # The split folder's copy, checked by its sha256 in the manifest, is the source's file byte for byte; a
+    # folder whose manifest lists none gets the manifest's parsed copy.
+    if CONFIG_NAME in folder.manifest.files:
+        copy_durably(folder.path / CONFIG_NAME, target)
     else:
-        write_durably(target, (json.dumps(manifest.source_config, indent=2) + "\n").encode())
+        write_durably(target, (json.dumps(folder.manifest.source_config, indent=2) + "\n").encode())

@@ -5,31 +5,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from reshard.checkpoint import MANIFEST_NAME
-from reshard.checksums import FileRecord
-from reshard.config import TPConfig
 from reshard.errors import InputError, ReshardError
-from reshard.outputs import write_durably
-from reshard.plan import Plan, TensorCut
-from reshard.rules import STYLES
-from reshard.safetensors_io import DTYPE_SIZES
+from reshard.formats.checksums import FileRecord
+from reshard.formats.io import write_durably
+from reshard.formats.layout import MANIFEST_NAME, rank_record_name
+from reshard.model.config import TPConfig
+from reshard.model.rules import STYLES
+from reshard.plan.cut import Plan, TensorCut, coverage
+from reshard.plan.tensor import DTYPE_SIZES
 
 FORMAT = "reshard"
 RANK_FORMAT = "reshard-rank"
 VERSION = 1
-
-
-def rank_record_name(rank: int) -> str:
-    """The sizes and sha256 of one rank's files, beside them: written last, so it marks the rank complete."""
-    return f"reshard-rank-{rank}.json"
-
-
-def rank_file_name(rank: int, part: int = 0) -> str:
-    """The name vLLM's sharded-state loader looks for."""
-    return f"model-rank-{rank}-part-{part}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -103,6 +93,7 @@ class Manifest:
     def for_plan(
         cls,
         plan: Plan,
+        *,
         rank_files: list[list[str]],
         source_files: list[SourceFile],
         metadata: dict[str, str],
@@ -130,7 +121,7 @@ def _tensor_entry(t: TensorCut) -> dict[str, Any]:
     return entry
 
 
-def write_manifest(folder: Path, manifest: Manifest, ranks: Iterable[int] | None = None) -> None:
+def write_manifest(folder: Path, manifest: Manifest, *, ranks: Iterable[int] | None = None) -> None:
     """reshard.json, the same whichever ranks a folder holds, and the record of each rank written here."""
     for rank in range(manifest.tp_config.tp) if ranks is None else ranks:
         write_durably(folder / rank_record_name(rank), dumps(manifest.rank_record(rank)).encode())
@@ -160,7 +151,7 @@ def read_manifest(folder: Path) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         manifest = _parse(data)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InputError(f"{path}: cannot read the manifest as JSON ({e}); split again") from e
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"{path}: malformed manifest ({type(e).__name__}: {e}); split again") from e
@@ -177,12 +168,14 @@ def _with_rank_records(folder: Path, manifest: Manifest) -> Manifest:
             continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("the rank record must be a JSON object")
             if data.get("format") != RANK_FORMAT or data.get("version") != VERSION or data.get("rank") != rank:
                 raise ValueError(f"expected format {RANK_FORMAT!r} version {VERSION} for rank {rank}")
             if list(data["files"]) != list(names):
                 raise ValueError(f"lists {list(data['files'])}, {MANIFEST_NAME} lists {list(names)}")
             files |= {name: FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise InputError(f"{path}: cannot read the rank record as JSON ({e}); split again") from e
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"{path}: malformed rank record ({type(e).__name__}: {e}); split again") from e
@@ -190,7 +183,9 @@ def _with_rank_records(folder: Path, manifest: Manifest) -> Manifest:
     return replace(manifest, files=files, ranks_present=tuple(present))
 
 
-def _parse(data: dict[str, Any]) -> Manifest:
+def _parse(data: Any) -> Manifest:
+    if not isinstance(data, dict):
+        raise ValueError("the manifest must be a JSON object")
     if data.get("format") != FORMAT or data.get("version") != VERSION:
         raise ValueError(f"expected format {FORMAT!r} version {VERSION}, found {data.get('format')!r} {data.get('version')!r}")
     tp_config = TPConfig.create(int(data["tp"]), [int(i) for i in data["device_ids"]])
@@ -215,9 +210,10 @@ def _parse(data: dict[str, Any]) -> Manifest:
     )
 
 
-def _relative(name: str, what: str = "rank file") -> str:
-    if not isinstance(name, str) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-        raise ValueError(f"{what} {name!r} must be a name inside the split folder")
+def _relative(name: object, what: str = "rank file") -> str:
+    """A file of the split folder: a plain name beside the manifest, never a path."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or not name.isprintable():
+        raise ValueError(f"{what} {name!r} must be a plain file name inside the split folder")
     return name
 
 
@@ -245,7 +241,10 @@ def _parse_tensor(name: str, e: dict[str, Any], tp: int) -> TensorCut:
         if len(slices) != tp or not 0 <= dim < len(shape):
             raise ValueError(f"tensor {name}: slices must list {tp} ranks and dim must be within its shape")
     parts = tuple(int(p) for p in e.get("parts", ()))
+    if any(not 0 <= a < b for ranges in slices for a, b in ranges):
+        raise ValueError(f"tensor {name}: every slice must be [start, stop) with 0 <= start < stop")
     cut = TensorCut(name=name, dtype=dtype, shape=shape, style=style, dim=dim, rule=e.get("rule"), slices=slices, parts=parts)
     if cut.padding != int(e.get("padding", 0)):
         raise ValueError(f"tensor {name}: padding {e.get('padding', 0)} does not match its slices")
+    coverage(cut)  # every row or column held by some rank
     return cut

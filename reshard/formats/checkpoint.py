@@ -7,11 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from reshard.errors import InputError
-from reshard.safetensors_io import DuplicateKey, SafetensorsFile, TensorInfo, read_header, shown, strict_object
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-MANIFEST_NAME = "reshard.json"
+from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
+from reshard.formats.safetensors import DuplicateKey, SafetensorsFile, TensorInfo, read_header, shown, strict_object
 
 
 @dataclass(frozen=True)
@@ -23,7 +20,7 @@ class Checkpoint:
 
     @property
     def config_path(self) -> Path:
-        return self.root / "config.json"
+        return self.root / CONFIG_NAME
 
     @property
     def tensors(self) -> tuple[TensorInfo, ...]:

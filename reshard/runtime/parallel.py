@@ -1,5 +1,5 @@
 """How ranks talk: the communicator of the tensor-parallel runtime, over torch.distributed, plus a single-device
-stand-in for tp 1. Needs torch (`pip install reshard[torch]`); nothing else in reshard imports this module.
+stand-in for tp 1. Needs torch (`pip install reshard[torch]`), imported when a communicator is made.
 
 Every operation is collective: all ranks of the group call it, in the same order.
 """
@@ -28,10 +28,10 @@ class Communicator(Protocol):
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         """Replace `tensor`, on every rank, by the sum of every rank's `tensor` (row-parallel outputs)."""
 
-    def all_gather(self, local: torch.Tensor, output: torch.Tensor, dim: int = -1) -> None:
+    def all_gather(self, local: torch.Tensor, output: torch.Tensor, *, dim: int = -1) -> None:
         """Fill `output` with every rank's `local`, in rank order, concatenated along `dim` (column-parallel outputs)."""
 
-    def scatter(self, input: torch.Tensor | None, output: torch.Tensor, dim: int = -1) -> None:
+    def scatter(self, input: torch.Tensor | None, output: torch.Tensor, *, dim: int = -1) -> None:
         """Fill `output` with this rank's chunk of rank 0's `input`, cut into world_size equal chunks along `dim`."""
 
     def barrier(self) -> None:
@@ -47,10 +47,10 @@ class SingleDevice:
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         pass
 
-    def all_gather(self, local: torch.Tensor, output: torch.Tensor, dim: int = -1) -> None:
+    def all_gather(self, local: torch.Tensor, output: torch.Tensor, *, dim: int = -1) -> None:
         output.copy_(local)
 
-    def scatter(self, input: torch.Tensor | None, output: torch.Tensor, dim: int = -1) -> None:
+    def scatter(self, input: torch.Tensor | None, output: torch.Tensor, *, dim: int = -1) -> None:
         if input is None:
             raise UsageError("scatter: rank 0 must pass the input to scatter")
         output.copy_(input)
@@ -76,7 +76,7 @@ class TorchDistributed:
 
     @classmethod
     def start(
-        cls, rank: int, world_size: int, init_method: str, backend: str | None = None, timeout_s: float = 300
+        cls, rank: int, world_size: int, init_method: str, *, backend: str | None = None, timeout_s: float = 300
     ) -> TorchDistributed:
         import torch
         import torch.distributed as dist
@@ -90,11 +90,11 @@ class TorchDistributed:
         return cls()
 
     @classmethod
-    def from_env(cls, backend: str | None = None) -> TorchDistributed:
+    def from_env(cls, *, backend: str | None = None) -> TorchDistributed:
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise UsageError(f"{', '.join(missing)} not set; start the processes with torchrun")
-        return cls.start(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", backend)
+        return cls.start(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", backend=backend)
 
     @property
     def world_size(self) -> int:
@@ -107,14 +107,14 @@ class TorchDistributed:
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM, group=self._group)
 
-    def all_gather(self, local: torch.Tensor, output: torch.Tensor, dim: int = -1) -> None:
+    def all_gather(self, local: torch.Tensor, output: torch.Tensor, *, dim: int = -1) -> None:
         import torch
 
         pieces = [torch.empty_like(local) for _ in range(self.world_size)]
         self._dist.all_gather(pieces, local.contiguous(), group=self._group)
         torch.cat(pieces, dim=dim, out=output)
 
-    def scatter(self, input: torch.Tensor | None, output: torch.Tensor, dim: int = -1) -> None:
+    def scatter(self, input: torch.Tensor | None, output: torch.Tensor, *, dim: int = -1) -> None:
         import torch
 
         chunks = None

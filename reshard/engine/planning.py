@@ -1,0 +1,50 @@
+"""Reading a source's headers and config and planning its split: what `plan` shows and `split` does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from reshard.engine.sources import Source, open_source
+from reshard.model.config import ModelConfig, TPConfig
+from reshard.model.rules import detect_family
+from reshard.plan.build import build_plan
+from reshard.plan.cut import Plan
+
+
+def make_plan(
+    model: Path,
+    *,
+    tp: int,
+    device_ids: Sequence[int] | None = None,
+    config: Path | None = None,
+    arch: str | None = None,
+    replicate_unknown: bool = False,
+    rules: Path | None = None,
+) -> tuple[Source, ModelConfig, Plan]:
+    """Read a checkpoint's headers and config and plan its split.
+
+    Args:
+        model: a .safetensors file, a model.safetensors.index.json, or a folder holding either; or a folder
+            written by `reshard split`, read as the checkpoint it was split from.
+        tp: number of ranks.
+        device_ids: GPU id per rank; defaults to 0..tp-1.
+        config: the model's config.json when it is not beside the weights.
+        arch: force a rules family instead of detecting it from the config.
+        replicate_unknown: copy tensors that match no rule whole to every rank instead of refusing.
+        rules: a rules file whose rules are tried before the family's.
+
+    Returns:
+        The opened source (checkpoint or split folder), its model config, and the plan.
+
+    Example:
+        >>> source, config, plan = make_plan(Path("examples/tiny-llama"), tp=2)
+        >>> plan.rank_nbytes(0) < plan.nbytes
+        True
+    """
+    tp_config = TPConfig.create(tp, device_ids)
+    source = open_source(model)
+    model_config = source.model_config(config)
+    family = detect_family(model_config, arch=arch, rules=rules)
+    plan = build_plan(source.tensors, model_config, tp_config, family, replicate_unknown=replicate_unknown)
+    return source, model_config, plan

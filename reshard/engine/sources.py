@@ -1,0 +1,213 @@
+"""What a split reads from: a checkpoint, or a split folder of any tp seen as the checkpoint it was split from.
+
+Either way each tensor is offered to the split engine as full rows along its cut dim: as runs of bytes in files
+(copied in the kernel) or as blocks of whole rows (gathered in memory). From a split folder, a row is stitched
+from the rank files that hold its pieces (`coverage`), as merge does, without the merged checkpoint being written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from reshard.errors import InputError
+from reshard.formats.checkpoint import Checkpoint, open_checkpoint
+from reshard.formats.checksums import BackgroundHashes
+from reshard.formats.io import Buffers, ByteReader
+from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME
+from reshard.formats.manifest import SourceFile
+from reshard.formats.safetensors import TensorInfo
+from reshard.formats.split_folder import SplitFolder
+from reshard.model.config import ModelConfig
+from reshard.plan.cut import Piece, TensorCut, coverage
+
+Run = tuple[int, int, int]  # file descriptor, offset, bytes
+
+
+class TensorBytes(Protocol):
+    """One tensor's bytes, seen as [outer rows] x [length along the cut dim] x [inner bytes]."""
+
+    def runs(self, o: int, a: int, b: int) -> Iterator[Run]:
+        """Where [a, b) along the dim of row o lives, in order."""
+
+    def read_rows(self, first: int, out: np.ndarray) -> np.ndarray:
+        """Fill `out` (n x row bytes) with rows first .. first + n."""
+
+
+class Contiguous:
+    """A tensor stored whole in one file."""
+
+    def __init__(self, reader: ByteReader, base: int, cut: TensorCut) -> None:
+        _, length, inner = cut.layout
+        self._reader, self._base, self._row, self._inner = reader, base, length * inner, inner
+
+    def runs(self, o: int, a: int, b: int) -> Iterator[Run]:
+        yield self._reader.fd, self._base + o * self._row + a * self._inner, (b - a) * self._inner
+
+    def read_rows(self, first: int, out: np.ndarray) -> np.ndarray:
+        return self._reader.read_into(self._base + first * self._row, out)
+
+
+class Stitched:
+    """A tensor whose rows are pieces in several rank files, as an earlier split cut it along the same dim.
+
+    With `whole`, the stitched tensor is offered as one unit (a tensor the new plan replicates)."""
+
+    def __init__(
+        self, old: TensorCut, readers: Sequence[ByteReader], infos: Sequence[TensorInfo], buffers: Buffers, *, whole: bool = False
+    ) -> None:
+        self._outer, self._length, self._inner = old.layout
+        self._pieces: tuple[Piece, ...] = coverage(old)
+        self._readers, self._infos, self._buffers, self._whole = readers, infos, buffers, whole
+        self._rank_rows = [i.nbytes // self._outer if self._outer else 0 for i in infos]
+
+    def runs(self, o: int, a: int, b: int) -> Iterator[Run]:
+        if self._whole:  # the one unit of a replicated tensor: every byte, in order
+            for row in range(self._outer):
+                yield from self._row_runs(row, 0, self._length)
+        else:
+            yield from self._row_runs(o, a, b)
+
+    def _row_runs(self, o: int, a: int, b: int) -> Iterator[Run]:
+        for piece in self._pieces:
+            x0, x1 = max(a, piece.start), min(b, piece.stop)
+            if x0 < x1:
+                info = self._infos[piece.rank]
+                at = info.offset + o * self._rank_rows[piece.rank] + (piece.at + x0 - piece.start) * self._inner
+                yield self._readers[piece.rank].fd, at, (x1 - x0) * self._inner
+
+    def read_rows(self, first: int, out: np.ndarray) -> np.ndarray:
+        n, inner = out.shape[0], self._inner
+        blocks = {}
+        for r in sorted({p.rank for p in self._pieces}):
+            buffer = self._buffers.get(f"source{r}", (n, self._rank_rows[r]))
+            blocks[r] = self._readers[r].read_into(self._infos[r].offset + first * self._rank_rows[r], buffer)
+        for p in self._pieces:
+            out[:, p.start * inner : p.stop * inner] = blocks[p.rank][:, p.at * inner : (p.at + p.stop - p.start) * inner]
+        return out
+
+
+TensorSource = Callable[[TensorCut, Buffers], TensorBytes]
+
+
+@dataclass
+class CheckpointSource:
+    checkpoint: Checkpoint
+
+    @property
+    def root(self) -> Path:
+        return self.checkpoint.root
+
+    @property
+    def tensors(self) -> tuple[TensorInfo, ...]:
+        return self.checkpoint.tensors
+
+    def model_config(self, config: Path | None) -> ModelConfig:
+        return ModelConfig.load(config or self.checkpoint.config_path)
+
+    @property
+    def inputs(self) -> list[Path]:
+        return [*self.checkpoint.paths, *([self.checkpoint.folder] if self.checkpoint.folder else [])]
+
+    @property
+    def source_files(self) -> list[SourceFile]:
+        return [SourceFile(f.path.name, f.size, f.header_sha256) for f in self.checkpoint.files]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.checkpoint.files[0].metadata
+
+    def open(self, stack: ExitStack) -> TensorSource:
+        readers = {path: stack.enter_context(ByteReader(path)) for path in self.checkpoint.paths}
+        by_name = {t.name: t for t in self.checkpoint.tensors}
+        return lambda cut, _: Contiguous(readers[by_name[cut.name].path], by_name[cut.name].offset, cut)
+
+    def check_plan(self, cuts: Sequence[TensorCut]) -> None:
+        """Any cut of a checkpoint can be read."""
+
+    def finish(self) -> None:
+        """Called once every byte has been read: nothing more to check."""
+
+
+@dataclass
+class SplitSource:
+    """A split folder, read as the checkpoint it came from (whose identity its manifest records)."""
+
+    folder: SplitFolder
+    _hashes: BackgroundHashes | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.folder.require(purpose="a new split")
+
+    @property
+    def root(self) -> Path:
+        return self.folder.path
+
+    @property
+    def tensors(self) -> tuple[TensorInfo, ...]:
+        where = self.folder.path / MANIFEST_NAME
+        return tuple(TensorInfo(t.name, t.dtype, t.shape, where, 0, t.nbytes) for t in self.folder.manifest.tensors)
+
+    def model_config(self, config: Path | None) -> ModelConfig:
+        if config is not None or (self.folder.path / CONFIG_NAME).is_file():
+            return ModelConfig.load(config or self.folder.path / CONFIG_NAME)
+        return ModelConfig(raw=self.folder.manifest.source_config)
+
+    @property
+    def inputs(self) -> list[Path]:
+        return [self.folder.path, *self.folder.paths(range(self.folder.tp))]
+
+    @property
+    def source_files(self) -> list[SourceFile]:
+        return list(self.folder.manifest.source_files)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.folder.manifest.source_metadata
+
+    def open(self, stack: ExitStack) -> TensorSource:
+        folder = self.folder
+        ranks = range(folder.tp)
+        self._hashes = stack.enter_context(BackgroundHashes(folder.paths(ranks)))
+        readers = {info.path: stack.enter_context(ByteReader(info.path)) for r in ranks for info in folder.rank_tensors(r).values()}
+        old = {t.name: t for t in folder.manifest.tensors}
+
+        def source(cut: TensorCut, buffers: Buffers) -> TensorBytes:
+            before, infos = old[cut.name], [folder.tensor(r, cut.name) for r in ranks]
+            if before.dim is None:
+                return Contiguous(readers[infos[0].path], infos[0].offset, cut)
+            return Stitched(before, [readers[i.path] for i in infos], infos, buffers, whole=cut.dim is None)
+
+        return source
+
+    def check_plan(self, cuts: Sequence[TensorCut]) -> None:
+        """A row is stitched along the dim the folder was cut on: a plan cutting another dim needs the original."""
+        old = {t.name: t for t in self.folder.manifest.tensors}
+        for cut in cuts:
+            before = old[cut.name]
+            if before.dim is not None and cut.dim is not None and cut.dim != before.dim:
+                raise InputError(
+                    f"{self.folder.path / MANIFEST_NAME}: tensor {cut.name} was cut along dim {before.dim} and the new "
+                    f"plan cuts dim {cut.dim}; split the original checkpoint instead"
+                )
+
+    def finish(self) -> None:
+        """Every rank file read must have been the one the manifest describes."""
+        if self._hashes is not None:
+            self.folder.require_digests(self._hashes.results())
+
+
+Source = CheckpointSource | SplitSource
+
+
+def open_source(model: Path) -> Source:
+    """A checkpoint (file, folder, index), or a folder written by `reshard split`."""
+    model = Path(model)
+    if model.is_dir() and (model / MANIFEST_NAME).is_file():
+        return SplitSource(SplitFolder(model))
+    return CheckpointSource(open_checkpoint(model))

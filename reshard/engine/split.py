@@ -1,0 +1,266 @@
+"""The split engine: read each source tensor once, front to back, and write each rank's part into its place in
+that rank's file (known from the plan, so a few tensors are processed at once). The source is a checkpoint or
+a split folder of another tp, whose rank files are read as the checkpoint they came from.
+
+Contiguous runs (row cuts, replicated tensors) are copied inside the kernel, as cp copies; column cuts are read in
+blocks of whole rows and gathered with numpy. Memory stays at about two blocks whatever the checkpoint size."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from reshard.engine.planning import make_plan
+from reshard.engine.sources import Source, TensorBytes, TensorSource
+from reshard.engine.staging import staged_output, staged_ranks
+from reshard.engine.workers import run_all, thread_buffers
+from reshard.formats.checksums import record
+from reshard.formats.io import BLOCK_BYTES, Buffers, copy_durably
+from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_file_name
+from reshard.formats.manifest import Manifest, write_manifest
+from reshard.formats.safetensors import Entry
+from reshard.formats.writer import PartedWriter, Region, partition
+from reshard.model.config import ModelConfig
+from reshard.plan.cut import Plan, Span, TensorCut, rank_spans
+
+Progress = Callable[[int], object]
+
+
+def split(
+    model: Path,
+    *,
+    tp: int,
+    out: Path | None = None,
+    device_ids: Sequence[int] | None = None,
+    config: Path | None = None,
+    arch: str | None = None,
+    replicate_unknown: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    rules: Path | None = None,
+    max_shard_size: int | None = None,
+    ranks: Sequence[int] | None = None,
+) -> Path:
+    """Split a checkpoint into per-rank safetensors files plus reshard.json.
+
+    Args:
+        model: a .safetensors file, a model.safetensors.index.json, or a folder holding either; or a split folder.
+        tp: number of ranks.
+        out: output folder; defaults to `<model folder>-tp<tp>` beside the model folder.
+        device_ids: GPU id per rank, recorded in the manifest; defaults to 0..tp-1.
+        config: the model's config.json when it is not beside the weights.
+        arch: force a rules family instead of detecting it from the config.
+        replicate_unknown: copy tensors that match no rule whole to every rank instead of refusing.
+        force: replace an existing output folder.
+        progress: called with the number of source bytes just processed.
+        rules: a rules file whose rules are tried before the family's.
+        max_shard_size: cut each rank's output into files of at most this many bytes of tensor data.
+        ranks: write only these ranks, into `out` beside any ranks already there (one node's share).
+
+    Returns:
+        The output folder.
+
+    Example:
+        >>> split(Path("examples/tiny-llama"), tp=2, out=Path("/tmp/tiny-tp2"))
+        PosixPath('/tmp/tiny-tp2')
+    """
+    source, model_config, plan = make_plan(
+        model, tp=tp, device_ids=device_ids, config=config, arch=arch, replicate_unknown=replicate_unknown, rules=rules
+    )
+    out = Path(out) if out is not None else default_split_dir(source.root, tp)
+    write_split(source, model_config, plan, out, force=force, progress=progress, max_shard_size=max_shard_size, ranks=ranks)
+    return out
+
+
+def default_split_dir(model_root: Path, tp: int) -> Path:
+    """`<model>-tp<N>` beside the model folder; a split folder `<model>-tp8` gives `<model>-tp4`."""
+    root = model_root if model_root.name else model_root.absolute()
+    name = re.sub(r"-tp\d+$", "", root.name) if (root / MANIFEST_NAME).is_file() else root.name
+    return root.with_name(f"{name}-tp{tp}")
+
+
+def write_split(
+    source: Source,
+    model_config: ModelConfig,
+    plan: Plan,
+    out: Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    max_shard_size: int | None = None,
+    ranks: Sequence[int] | None = None,
+) -> Manifest:
+    """Write the split; with `ranks`, only those ranks, added to `out` beside any others already there."""
+    source.check_plan(plan.tensors)
+    groups = [partition([(t.name, t.dtype, t.rank_shape(r)) for t in plan.tensors], max_shard_size) for r in range(plan.tp)]
+    manifest = _manifest(source, model_config, plan, groups)
+    chosen = sorted(set(range(plan.tp) if ranks is None else ranks))
+    inputs = [*source.inputs, *([model_config.path] if model_config.path else [])]
+    staged: AbstractContextManager[Path] = (
+        staged_output(out, inputs, force=force)
+        if ranks is None
+        else staged_ranks(out, inputs, force=force, manifest=manifest, ranks=chosen, config=model_config.path)
+    )
+    with staged as staging:
+        manifest = _write_ranks(source, plan, manifest, staging, groups, chosen, progress)
+        if ranks is None and model_config.path:
+            copy_durably(model_config.path, staging / CONFIG_NAME)
+        write_manifest(staging, manifest, ranks=None if ranks is None else chosen)
+    return manifest
+
+
+def _manifest(source: Source, model_config: ModelConfig, plan: Plan, groups: list[list[list[Entry]]]) -> Manifest:
+    manifest = Manifest.for_plan(
+        plan,
+        rank_files=[[rank_file_name(r, part) for part in range(len(groups[r]))] for r in range(plan.tp)],
+        source_files=source.source_files,
+        metadata=source.metadata,
+        config=model_config.raw,
+    )
+    if model_config.path:
+        manifest = replace(manifest, files={CONFIG_NAME: record(model_config.path)})
+    return manifest
+
+
+def _write_ranks(
+    source: Source,
+    plan: Plan,
+    manifest: Manifest,
+    staging: Path,
+    groups: list[list[list[Entry]]],
+    chosen: list[int],
+    progress: Progress | None,
+) -> Manifest:
+    """Every tensor of the chosen ranks' files, written at once by a few threads; the files' records added."""
+    with ExitStack() as stack:
+        writers: list[PartedWriter | None] = [None] * plan.tp
+        for r in chosen:
+            files = [staging / f for f in manifest.rank_files[r]]
+            writers[r] = stack.enter_context(PartedWriter(files, groups[r], rank_metadata(plan, r)))
+        tensor_bytes = source.open(stack)
+        run_all(_task(tensor_bytes, cut, writers, progress) for cut in plan.tensors)
+        source.finish()
+        files = dict(manifest.files)
+        for w in writers:
+            if w is not None:
+                w.close()
+                files |= w.records()
+    return replace(manifest, files=files)
+
+
+def _task(
+    tensor_bytes: TensorSource, cut: TensorCut, writers: Sequence[PartedWriter | None], progress: Progress | None
+) -> Callable[[], None]:
+    regions = [w.region(cut.name) if w is not None else None for w in writers]
+
+    def run() -> None:
+        buffers = thread_buffers()
+        split_tensor(tensor_bytes(cut, buffers), cut, regions, progress=progress, buffers=buffers)
+
+    return run
+
+
+def read_nbytes(plan: Plan, ranks: Sequence[int] | None = None) -> int:
+    """The source bytes a split of these ranks reads: what its progress bar counts to."""
+    chosen = range(plan.tp) if ranks is None else ranks
+    total = 0
+    for cut in plan.tensors:
+        outer, length, inner = cut.layout
+        if _by_runs(cut):
+            held = {(s.start, s.stop) for r in chosen for s in rank_spans(cut, r) if not s.zeros}
+            total += outer * inner * sum(b - a for a, b in held)
+        else:
+            total += outer * length * inner  # column cuts read whole rows
+    return total
+
+
+def rank_metadata(plan: Plan, rank: int) -> dict[str, str]:
+    # transformers refuses safetensors files without format=pt.
+    return {"format": "pt", "rank": str(rank), "tp": str(plan.tp), "device": plan.tp_config.device(rank)}
+
+
+def _by_runs(cut: TensorCut) -> bool:
+    """Rows too long for a block, or a tensor that is one row: copied as runs rather than gathered in blocks."""
+    outer, length, inner = cut.layout
+    return outer == 1 or length * inner > BLOCK_BYTES
+
+
+def split_tensor(
+    source: TensorBytes,
+    cut: TensorCut,
+    targets: Sequence[Region | None],
+    *,
+    progress: Progress | None = None,
+    buffers: Buffers | None = None,
+) -> None:
+    """Write each rank's spans of one tensor into its region of that rank's file, reading the tensor once.
+
+    A target of None is a rank not being written: its spans are not read. Spans past the end of the cut dim are
+    padding (a vocabulary tp does not divide) and are written as zeros.
+    """
+    outer, length, inner = cut.layout
+    if length * inner == 0 or outer == 0:
+        return
+    spans = [rank_spans(cut, r) if target is not None else () for r, target in enumerate(targets)]
+    if _by_runs(cut):
+        _split_runs(source, cut, list(zip(targets, spans)), progress)
+    else:
+        _split_rows(source, cut, list(zip(targets, spans)), progress, buffers or Buffers())
+
+
+def _split_rows(
+    source: TensorBytes, cut: TensorCut, targets: list[tuple[Region | None, tuple[Span, ...]]], progress: Progress | None, buffers: Buffers
+) -> None:
+    """Blocks of whole rows, each rank's columns gathered from them."""
+    outer, length, inner = cut.layout
+    row = length * inner
+    rows = max(1, BLOCK_BYTES // row)
+    for first in range(0, outer, rows):
+        n = min(rows, outer - first)
+        block = source.read_rows(first, buffers.get("block", (n, row)))
+        for target, spans in targets:
+            if target is not None:
+                target.write(_gather(block, spans, length, inner, buffers))
+        if progress:
+            progress(n * row)
+
+
+def _gather(block: np.ndarray, spans: tuple[Span, ...], length: int, inner: int, buffers: Buffers) -> memoryview:
+    """A rank's columns of a block of rows, in its order, zeros for padding."""
+    if spans == (Span(0, length, 0, False),):  # the whole row (tp 1, a merge): written as read
+        return block.data
+    width = sum(s.length for s in spans) * inner
+    piece = buffers.get("piece", (block.shape[0], width))
+    for s in spans:
+        target = piece[:, s.at * inner : (s.at + s.length) * inner]
+        if s.zeros:
+            target[...] = 0
+        else:
+            target[...] = block[:, s.start * inner : s.stop * inner]
+    return piece.data
+
+
+def _split_runs(
+    source: TensorBytes, cut: TensorCut, targets: list[tuple[Region | None, tuple[Span, ...]]], progress: Progress | None
+) -> None:
+    """Each span of each row is a run (or a few) of the source: copied in the kernel, row by row."""
+    outer, _, inner = cut.layout
+    for o in range(outer):
+        counted: set[tuple[int, int]] = set()  # a replicated span is progress once
+        for target, spans in targets:
+            if target is None:
+                continue
+            for s in spans:
+                if s.zeros:
+                    target.write_zeros(s.length * inner)
+                    continue
+                for fd, offset, n in source.runs(o, s.start, s.stop):
+                    target.copy_from(fd, offset, n)
+                if progress and (s.start, s.stop) not in counted:
+                    counted.add((s.start, s.stop))
+                    progress(s.length * inner)

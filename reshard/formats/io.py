@@ -1,0 +1,82 @@
+"""Plain file I/O the engines share: positioned reads into reused buffers, and small files made durable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from reshard.errors import InputError
+
+# The most bytes an engine reads or gathers in one go: memory stays near a few of these whatever the checkpoint.
+BLOCK_BYTES = 32 << 20
+
+
+class Buffers:
+    """Scratch uint8 arrays kept between blocks, so the engines allocate (and fault in) their memory once."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        size = shape[0] * shape[1]
+        array = self._arrays.get(name)
+        if array is None or array.size < size:
+            array = self._arrays[name] = np.empty(size, dtype=np.uint8)
+        return array[:size].reshape(shape)
+
+
+class ByteReader:
+    """Positioned reads from one read-only file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def read_into(self, offset: int, out: np.ndarray) -> np.ndarray:
+        """Fill `out` (a uint8 array) from the file at `offset`; reusing `out` spares the page faults of a new buffer."""
+        view = memoryview(out).cast("B")
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n == 0:
+                raise InputError(f"{self.path}: file ended at byte {offset + got}, expected {offset + len(view)}; it was truncated while being read")
+            got += n
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> ByteReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """A small output file, on disk before the folder is renamed into place."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def copy_durably(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    with open(target, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

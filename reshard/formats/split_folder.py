@@ -1,0 +1,155 @@
+"""The one reader of a folder written by `reshard split`. Merge, resplit, verify and load_rank all open a split
+folder through `SplitFolder` and nothing else, so every one of them checks the same things: the manifest parses,
+each rank asked for is there and finished, every file has its recorded size, each rank file's tensors have the
+manifest's dtypes and shapes, and, when asked, every file its recorded sha256."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+from reshard.errors import InputError
+from reshard.formats.checksums import BackgroundHashes
+from reshard.formats.layout import MANIFEST_NAME, rank_record_name
+from reshard.formats.manifest import Manifest, read_manifest
+from reshard.formats.safetensors import TensorInfo, read_header, shown
+
+Progress = Callable[[int], object]
+
+
+class SplitFolder:
+    """A split folder and its manifest; `check` lists what is wrong with it, `require` raises the first problem."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.manifest: Manifest = read_manifest(self.path)
+        self._tensors: dict[int, dict[str, TensorInfo]] = {}
+
+    @property
+    def tp(self) -> int:
+        return self.manifest.tp_config.tp
+
+    def require(self, *, ranks: Sequence[int] | None = None, purpose: str, sha256: bool = False) -> SplitFolder:
+        """Check the ranks asked for (every rank by default) and raise InputError at the first problem."""
+        problem = next(self.check(ranks=ranks, purpose=purpose, sha256=sha256), None)
+        if problem is not None:
+            raise InputError(problem)
+        return self
+
+    def check(
+        self, *, ranks: Sequence[int] | None = None, purpose: str, sha256: bool = False, progress: Progress | None = None
+    ) -> Iterator[str]:
+        """Every problem with the ranks asked for, in order: unfinished ranks, absent ranks, file sizes, rank-file
+        headers against the manifest, and with `sha256` every file's digest."""
+        chosen = list(range(self.tp)) if ranks is None else list(ranks)
+        yield from self._unfinished()
+        yield from self._absent(chosen, purpose, every=ranks is None)
+        present = [r for r in chosen if r in self.manifest.ranks_present]
+        yield from self._sizes(self.file_names(present))
+        for rank in present:
+            yield from self._headers(rank)
+        if sha256:
+            yield from self.digest_problems(self.hash_all(self.file_names(present), progress))
+
+    def file_names(self, ranks: Iterable[int]) -> list[str]:
+        """The files of these ranks and those every split folder has (config.json), as the manifest lists them."""
+        wanted = {name for r in ranks for name in self.manifest.rank_files[r]}
+        return [n for n in self.manifest.files if n in wanted or self.manifest.record_file(n) == MANIFEST_NAME]
+
+    def paths(self, ranks: Iterable[int]) -> list[Path]:
+        return [self.path / name for name in self.file_names(ranks)]
+
+    def tensor(self, rank: int, name: str) -> TensorInfo:
+        """Where a checked rank keeps a tensor."""
+        return self._tensors[rank][name]
+
+    def rank_tensors(self, rank: int) -> dict[str, TensorInfo]:
+        return self._tensors[rank]
+
+    def hash_all(self, names: Sequence[str], progress: Progress | None = None) -> dict[Path, str]:
+        """The sha256 of the files named that have their recorded size (the others are told by the size check)."""
+        paths = [self.path / n for n in names if self._sized(n)]
+        with BackgroundHashes(paths) as hashes:
+            digests = hashes.results()
+        if progress is not None:
+            progress(sum(p.stat().st_size for p in paths))
+        return digests
+
+    def digest_problems(self, digests: dict[Path, str]) -> Iterator[str]:
+        """The files whose sha256 is not the recorded one."""
+        for name, expected in self.manifest.files.items():
+            path = self.path / name
+            if path in digests and digests[path] != expected.sha256:
+                yield f"{path}: sha256 differs from {self.manifest.record_file(name)}; the file is corrupt, split again"
+
+    def require_digests(self, digests: dict[Path, str]) -> None:
+        problem = next(self.digest_problems(digests), None)
+        if problem is not None:
+            raise InputError(problem)
+
+    def _unfinished(self) -> Iterator[str]:
+        for rank, names in enumerate(self.manifest.rank_files):
+            if rank not in self.manifest.ranks_present and any((self.path / n).exists() for n in names):
+                yield f"{self.path / rank_record_name(rank)}: missing, so rank {rank}'s files were never finished; split again"
+
+    def _absent(self, ranks: list[int], purpose: str, every: bool) -> Iterator[str]:
+        absent = [r for r in ranks if r not in self.manifest.ranks_present]
+        if not absent:
+            return
+        held = f"{', '.join(map(str, self.manifest.ranks_present)) or 'none'} of 0..{self.tp - 1}"
+        if every:
+            yield (
+                f"{self.path}: holds ranks {held}; {purpose} needs every rank: gather the other ranks' files (with "
+                "their reshard-rank-N.json) beside them, or split again"
+            )
+        else:
+            yield f"{self.path}: holds ranks {held}, not rank {absent[0]}; {purpose} needs it: split it again with --rank {absent[0]}"
+
+    def _sizes(self, names: list[str]) -> Iterator[str]:
+        for name in names:
+            path, expected = self.path / name, self.manifest.files[name]
+            if not path.is_file():
+                yield f"{path}: missing; the split folder is incomplete, split again"
+            elif (size := path.stat().st_size) != expected.bytes:
+                yield (
+                    f"{path}: {size} bytes, but {self.manifest.record_file(name)} records {expected.bytes}; "
+                    "the file is truncated or was changed, split again"
+                )
+
+    def _sized(self, name: str) -> bool:
+        path = self.path / name
+        return path.is_file() and path.stat().st_size == self.manifest.files[name].bytes
+
+    def _headers(self, rank: int) -> Iterator[str]:
+        """The rank's tensors are exactly the manifest's, with its dtypes and rank shapes."""
+        tensors: dict[str, TensorInfo] = {}
+        for name in self.manifest.rank_files[rank]:
+            path = self.path / name
+            if not self._sized(name):
+                return  # told by the size check
+            try:
+                infos = read_header(path).tensors
+            except InputError as e:
+                yield str(e)
+                return
+            for info in infos:
+                if info.name in tensors:
+                    yield f"{path}: tensor {shown(info.name)} is also in another of rank {rank}'s files; split again"
+                tensors[info.name] = info
+        yield from self._against_manifest(rank, tensors)
+        self._tensors[rank] = tensors
+
+    def _against_manifest(self, rank: int, tensors: dict[str, TensorInfo]) -> Iterator[str]:
+        first = self.path / self.manifest.rank_files[rank][0]
+        expected = {cut.name for cut in self.manifest.tensors}
+        for extra in [n for n in tensors if n not in expected][:1]:
+            yield f"{tensors[extra].path}: tensor {shown(extra)} is not in the manifest; the rank file does not belong to this split"
+        for cut in self.manifest.tensors:
+            info = tensors.get(cut.name)
+            if info is None:
+                yield f"{first}: tensor {cut.name} is missing; the split folder is incomplete, split again"
+            elif info.dtype != cut.dtype or info.shape != cut.rank_shape(rank):
+                yield (
+                    f"{info.path}: tensor {cut.name} is {info.dtype} {list(info.shape)}, the manifest expects "
+                    f"{cut.dtype} {list(cut.rank_shape(rank))}; the rank file does not belong to this manifest"
+                )

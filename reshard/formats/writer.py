@@ -1,0 +1,259 @@
+"""Streaming safetensors writers: every tensor's place in every output is known from its header, so tensors are
+written at once from several threads, each into its own region, while a thread hashes what is written and
+writeback to disk starts in the background."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+from reshard.errors import InputError, OutputError
+from reshard.formats.checksums import FileRecord, FollowingHash
+from reshard.formats.io import BLOCK_BYTES
+from reshard.formats.safetensors import Entry, encode_header, entry_nbytes
+
+# Writeback of written data starts every this many bytes, so the fsync at the end has little left to do.
+WRITEBACK_BYTES = 64 << 20
+
+
+@cache
+def _writeback_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshard-writeback")
+
+
+class _Output:
+    """An output that is closed (finished, flushed) when its block ends well, and aborted when it does not."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _O) -> _O:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_O = TypeVar("_O", bound=_Output)
+
+
+class SafetensorsWriter(_Output):
+    """Writes a safetensors file whose header, and so every tensor's place, is known up front.
+
+    Each tensor is written through its own Region, front to back; regions of different tensors may be written
+    at the same time from different threads.
+    """
+
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str]) -> None:
+        self.path = path
+        header = encode_header(entries, metadata)
+        self.expected = len(header) + sum(entry_nbytes(e) for e in entries)
+        self._starts: dict[str, tuple[int, int]] = {}
+        position = len(header)
+        for entry in entries:
+            self._starts[entry[0]] = (position, entry_nbytes(entry))
+            position += entry_nbytes(entry)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        self._hash = FollowingHash(self._fd)
+        self.record: FileRecord | None = None  # size and sha256, once closed
+        self._lock = threading.Lock()
+        self.written = 0
+        self._unflushed: list[tuple[int, int]] = []  # written stretches whose writeback has not been started
+        self._unflushed_bytes = 0
+        self._pending: list[Future[None]] = []
+        self._copy_file_range = hasattr(os, "copy_file_range")
+        Region(self, 0, len(header)).write(header)
+
+    def region(self, name: str) -> Region:
+        start, size = self._starts[name]
+        return Region(self, start, size)
+
+    def note_written(self, position: int, n: int) -> None:
+        self._hash.written(position, n)
+        with self._lock:
+            self.written += n
+            self._unflushed.append((position, n))
+            self._unflushed_bytes += n
+            if self._unflushed_bytes < WRITEBACK_BYTES:
+                return
+            stretches, self._unflushed, self._unflushed_bytes = self._unflushed, [], 0
+        # Start writing these stretches to disk now rather than all at once in close(); a background thread
+        # submits them, since submitting can block while the disk is busy.
+        self._pending.append(_writeback_pool().submit(_start_writeback, self._fd, stretches))
+
+    def close(self) -> None:
+        """Flush to disk; a short file means the caller's arithmetic is wrong, never a silent success."""
+        if self._fd < 0:
+            return
+        try:
+            self._drain()
+            if self.written != self.expected:
+                raise OutputError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
+            digest = self._hash.hexdigest(self.expected)
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            self.record = FileRecord(self.expected, digest)
+        finally:
+            self._hash.stop()
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            self._hash.stop()
+            self._drain()
+            os.close(self._fd)
+            self._fd = -1
+
+    def _drain(self) -> None:
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+
+
+
+SYNC_FILE_RANGE_WRITE = 2
+
+
+@cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range, which os does not expose: it starts writeback and, unlike fadvise(DONTNEED),
+    keeps the pages cached, so a merge right after a split reads the rank files from memory."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _start_writeback(fd: int, stretches: list[tuple[int, int]]) -> None:
+    start = _sync_file_range()
+    for position, n in stretches:
+        if start is not None:
+            start(fd, position, n, SYNC_FILE_RANGE_WRITE)
+        elif hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, position, n, os.POSIX_FADV_DONTNEED)
+
+
+# copy_file_range errors that mean "not here" (across filesystems, unsupported), not a failed write.
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM, errno.ETXTBSY}
+
+
+class Region:
+    """One tensor's bytes in an output file, written front to back by one thread."""
+
+    def __init__(self, writer: SafetensorsWriter, start: int, size: int) -> None:
+        self._writer, self._position, self._end = writer, start, start + size
+
+    def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        self._check(len(view))
+        while view:
+            try:
+                n = os.pwrite(self._writer._fd, view, self._position)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self._writer.path)) from e
+            self._writer.note_written(self._position, n)
+            self._position += n
+            view = view[n:]
+
+    def copy_from(self, src_fd: int, offset: int, n: int) -> None:
+        """n bytes of another file, copied inside the kernel where it can (as cp does)."""
+        self._check(n)
+        writer = self._writer
+        while n > 0:
+            copied = 0
+            if writer._copy_file_range:
+                try:
+                    copied = os.copy_file_range(src_fd, writer._fd, min(n, 1 << 30), offset, self._position)
+                except OSError as e:
+                    if e.errno not in _NO_COPY_FILE_RANGE:
+                        raise OSError(e.errno, e.strerror, str(writer.path)) from e
+                    writer._copy_file_range = False  # another filesystem or an old kernel: plain reads
+            if copied:
+                writer.note_written(self._position, copied)
+                self._position += copied
+            else:
+                data = os.pread(src_fd, min(n, BLOCK_BYTES), offset)
+                if not data:
+                    raise InputError(f"file ended {n} bytes early while copying into {writer.path}; it changed while being read")
+                self.write(data)
+                copied = len(data)
+            offset += copied
+            n -= copied
+
+    def write_zeros(self, n: int) -> None:
+        zeros = bytes(min(n, BLOCK_BYTES))
+        while n > 0:
+            self.write(zeros[: min(n, len(zeros))])
+            n -= min(n, len(zeros))
+
+    def _check(self, n: int) -> None:
+        if self._position + n > self._end:
+            raise OutputError(f"{self._writer.path}: a tensor's data overruns its {self._end - self._position} remaining bytes")
+
+
+def partition(entries: list[Entry], max_bytes: int | None) -> list[list[Entry]]:
+    """Consecutive groups of at most max_bytes of tensor data; a larger tensor makes a group of its own."""
+    groups: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        n = entry_nbytes(entry)
+        if max_bytes is not None and groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += n
+    return groups
+
+
+class PartedWriter(_Output):
+    """One output cut into consecutive safetensors files, one group of tensors per file, all open at once."""
+
+    def __init__(self, paths: list[Path], groups: list[list[Entry]], metadata: dict[str, str]) -> None:
+        self._writers: list[SafetensorsWriter] = []
+        try:
+            for path, group in zip(paths, groups):
+                self._writers.append(SafetensorsWriter(path, group, metadata))
+        except BaseException:
+            self.abort()
+            raise
+        self._part_of = {name: i for i, group in enumerate(groups) for name, _, _ in group}
+
+    def region(self, name: str) -> Region:
+        return self._writers[self._part_of[name]].region(name)
+
+    def close(self) -> None:
+        """Finish every file; one that did not get all its bytes raises."""
+        for writer in self._writers:
+            writer.close()
+
+    def records(self) -> dict[str, FileRecord]:
+        """Each file's name, size and sha256, once closed."""
+        return {w.path.name: w.record for w in self._writers if w.record is not None}
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.abort()
+
+
+

@@ -1,0 +1,248 @@
+"""Deciding every tensor's cut from the rules and the config: `build_plan` does no I/O, so `plan` shows exactly
+what `split` will do."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from reshard.errors import PlanError
+from reshard.model.config import ModelConfig, TPConfig
+from reshard.model.rules import Family, Rule
+from reshard.plan.cut import Plan, TensorCut, replicated
+from reshard.plan.tensor import TensorSpec
+
+# Tensor-name endings of formats that pack several values into one element (GPTQ, AWQ, bitsandbytes).
+PACKED_QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".absmax", ".quant_map", ".SCB", ".nested_absmax")
+# FP8 scales: they follow the cut of `<prefix>.weight`.
+SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale")
+
+
+@dataclass(frozen=True)
+class Count:
+    """A count the cut dim is made of, and how tp may relate to it."""
+
+    label: str  # how problems name it: "num_key_value_heads (8)"
+    value: int
+    replicate: bool = False
+    pad: bool = False
+    size: int | None = None  # elements of the cut dim per unit, when the config says
+    size_label: str = ""  # "head_dim (128)"; empty for a size of 1
+
+    def allows(self, tp: int) -> bool:
+        return self.value % tp == 0 or (self.replicate and tp % self.value == 0) or self.pad
+
+    def rank_units(self, tp: int) -> list[tuple[int, int]]:
+        """The [start, stop) units each rank holds; past `value` on the last ranks when padded."""
+        if self.value % tp == 0 or not self.replicate:
+            per = -(-self.value // tp)
+            return [(r * per, (r + 1) * per) for r in range(tp)]
+        return [(r * self.value // tp, r * self.value // tp + 1) for r in range(tp)]
+
+    def problem(self, tp: int) -> str:
+        nor = ", nor --tp a multiple of it" if self.replicate else ""
+        return f"{self.label} is not divisible by --tp {tp}{nor}"
+
+
+@dataclass
+class _Draft:
+    """What planning has found so far: the cuts decided and every kind of problem, kept apart to be told in order."""
+
+    tp: int
+    config_name: str
+    cuts: dict[str, TensorCut] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)
+    scales: list[TensorSpec] = field(default_factory=list)
+
+    def report(self, family: str) -> list[str]:
+        problems = list(self.problems)
+        if self.quantized:
+            # First: shape complaints about such a checkpoint are consequences of the packing.
+            problems.insert(
+                0,
+                f"tensor {self.quantized[0]} is in a packed quantized format (GPTQ, AWQ or bitsandbytes), whose elements "
+                "hold several values and cannot be cut by rows or columns; dequantize the checkpoint first, or give a "
+                "rule for it with --rules",
+            )
+        if self.unknown:
+            n = len(self.unknown)
+            shown = ", ".join(self.unknown[:3]) + (f" and {n - 3} more" if n > 3 else "")
+            problems.append(
+                f"{n} tensor(s) match no {family} rule and are not 1-D: {shown}; give a rule for them with "
+                "--rules FILE, or pass --replicate-unknown to copy them whole to every rank"
+            )
+        return problems
+
+
+def build_plan(
+    tensors: Sequence[TensorSpec],
+    config: ModelConfig,
+    tp_config: TPConfig,
+    family: Family,
+    *,
+    replicate_unknown: bool = False,
+) -> Plan:
+    """Decide every tensor's cut, or raise PlanError listing every problem found. Does no I/O."""
+    tp = tp_config.num_devices
+    matched = [(t, family.match(t.name)) for t in tensors]
+    counts, bare, problems = _counts(matched, config, family)
+    draft = _Draft(tp, config.name, problems=problems)
+    failing = [c for c in [*counts.values(), *bare.values()] if not c.allows(tp)]
+    if failing:
+        valid = ", ".join(map(str, valid_tp([*counts.values(), *bare.values()])))
+        draft.problems.extend(f"{c.problem(tp)}; valid --tp: {valid}" for c in failing)
+    for info, rule in matched:
+        if rule is None:
+            _unmatched(draft, info, replicate_unknown)
+        else:
+            _matched(draft, info, rule, counts, bare)
+    if draft.mismatches:
+        # One wrong config key makes every tensor it sizes disagree: the first one says what to fix.
+        n = len(draft.mismatches) - 1
+        more = "" if n == 0 else " (nor does 1 other tensor)" if n == 1 else f" (nor do {n} other tensors)"
+        draft.problems.append(draft.mismatches[0] + more)
+    for info in draft.scales:
+        _scaled(draft, info)
+    problems = draft.report(family.name)
+    if problems:
+        raise PlanError(problems)
+    return Plan(family=family.name, tp_config=tp_config, tensors=tuple(draft.cuts[t.name] for t in tensors))
+
+
+def _unmatched(draft: _Draft, info: TensorSpec, replicate_unknown: bool) -> None:
+    if info.name.endswith(SCALE_SUFFIXES):
+        draft.scales.append(info)
+    elif info.name.endswith(PACKED_QUANT_SUFFIXES) or ".quant_state." in info.name:
+        draft.quantized.append(info.name)
+    elif len(info.shape) <= 1 or replicate_unknown:
+        draft.cuts[info.name] = replicated(info.name, info.dtype, info.shape, draft.tp, None)
+    else:
+        draft.unknown.append(info.name)
+
+
+def _matched(draft: _Draft, info: TensorSpec, rule: Rule, counts: dict[str, Count], bare: dict[tuple[str, int], Count]) -> None:
+    if rule.style == "replicate" or rule.dim is None:
+        draft.cuts[info.name] = replicated(info.name, info.dtype, info.shape, draft.tp, rule.name)
+        return
+    if rule.dim >= len(info.shape):
+        draft.problems.append(
+            f"tensor {info.name} has shape {list(info.shape)}; rule {rule.name} cuts dim {rule.dim}, which it does not have"
+        )
+        return
+    parts = [counts.get(u) for u in rule.parts] or [bare[(rule.name, info.shape[rule.dim])]]
+    known = [p for p in parts if p is not None]
+    if len(known) < len(parts) or not all(p.allows(draft.tp) for p in known):
+        return  # the count's problem is already listed once
+    cut = _cut(info, rule, rule.dim, known, draft.tp, draft.config_name)
+    if isinstance(cut, str):
+        draft.mismatches.append(cut)
+    else:
+        draft.cuts[info.name] = cut
+
+
+def _scaled(draft: _Draft, info: TensorSpec) -> None:
+    cut = _scale_cut(info, draft.cuts.get(_scaled_weight(info.name)), draft.tp)
+    if isinstance(cut, str):
+        draft.problems.append(cut)
+    else:
+        draft.cuts[info.name] = cut
+
+
+def _counts(
+    matched: list[tuple[TensorSpec, Rule | None]], config: ModelConfig, family: Family
+) -> tuple[dict[str, Count], dict[tuple[str, int], Count], list[str]]:
+    """The config counts the matched rules use, and the dims no count describes (which must divide by tp
+    themselves; one per rule and size, named after its first tensor)."""
+    used = {unit for _, rule in matched if rule is not None for unit in rule.parts}
+    problems: list[str] = []
+    counts: dict[str, Count] = {}
+    for unit in (u for u in family.units if u in used):
+        key, value = family.count(unit, config)
+        if value is None:
+            problems.append(f"{config.name}: {key} is missing or not a positive integer; the {family.name} rules need it")
+            continue
+        spec = family.units[unit]
+        size_key, size = family.size(unit, config)
+        size_label = f"{size_key} ({size})" if size_key else ""
+        counts[unit] = Count(f"{key} ({value})", value, spec.replicate, spec.pad, size, size_label)
+    bare = {
+        (rule.name, info.shape[rule.dim]): info.name
+        for info, rule in reversed(matched)
+        if rule is not None and rule.dim is not None and rule.style != "replicate" and not rule.parts and rule.dim < len(info.shape)
+    }
+    bare_counts = {k: Count(f"tensor {name}: dim size {k[1]}", k[1]) for k, name in bare.items()}
+    return counts, bare_counts, problems
+
+
+def _size_problem(info: TensorSpec, dim: int, parts: list[Count], config: str) -> str | None:
+    """A dim that is not count x size for the counts whose size the config gives."""
+    if not all(p.size is not None for p in parts):
+        return None
+    size = info.shape[dim]
+    expected = sum(p.value * (p.size or 0) for p in parts)
+    if size == expected:
+        return None
+    if len(parts) == 1 and not parts[0].size_label:
+        says = f"{parts[0].label.split(' ')[0]} is {expected}"
+    else:
+        says = " + ".join(f"{p.label} x {p.size_label}" if p.size_label else p.label for p in parts) + f" = {expected}"
+    return f"tensor {info.name}: dim {dim} is {size}, but {says}; {config} does not match the weights"
+
+
+def _cut(info: TensorSpec, rule: Rule, dim: int, parts: list[Count], tp: int, config: str) -> TensorCut | str:
+    """Cut a dim made of `parts` (one count, or several packed back to back) so each rank gets its share of each."""
+    problem = _size_problem(info, dim, parts, config)
+    if problem is not None:
+        return problem
+    size, total = info.shape[dim], sum(p.value for p in parts)
+    if size % total:
+        labels = " + ".join(p.label for p in parts)
+        return f"tensor {info.name}: dim {dim} is {size}, not a multiple of {labels}; {config} does not match the weights"
+    unit = size // total
+    slices: list[list[tuple[int, int]]] = [[] for _ in range(tp)]
+    offset = 0
+    for part in parts:
+        for rank, (a, b) in enumerate(part.rank_units(tp)):
+            slices[rank].append((offset + a * unit, offset + b * unit))
+        offset += part.value * unit
+    packed = tuple(p.value * unit for p in parts) if len(parts) > 1 else ()
+    return TensorCut(info.name, info.dtype, info.shape, rule.style, dim, rule.name, tuple(map(tuple, slices)), packed)
+
+
+def _scaled_weight(name: str) -> str:
+    suffix = next(s for s in SCALE_SUFFIXES if name.endswith(s))
+    return name[: -len(suffix)] + ".weight"
+
+
+def _scale_cut(info: TensorSpec, weight: TensorCut | None, tp: int) -> TensorCut | str:
+    """A scale is cut with its weight's rows or columns when it has one value per row, column or block of them."""
+    if math.prod(info.shape) <= 1 or weight is None or weight.dim is None:
+        return replicated(info.name, info.dtype, info.shape, tp, None if weight is None else f"scale of {weight.rule}")
+    rule = f"scale of {weight.rule}"
+    shape = info.shape if len(info.shape) == len(weight.shape) else None
+    if shape is None and len(info.shape) == 1:
+        # A 1-D scale has one value per output channel (weight dim 0).
+        shape = info.shape + (1,) * (len(weight.shape) - 1)
+    if shape is None:
+        return f"tensor {info.name} has shape {list(info.shape)}, which does not line up with {weight.name} {list(weight.shape)}"
+    d = weight.dim
+    if shape[d] == 1:
+        return replicated(info.name, info.dtype, info.shape, tp, rule)
+    if weight.shape[d] % shape[d]:
+        return f"tensor {info.name}: dim {d} ({shape[d]}) does not divide {weight.name} dim {d} ({weight.shape[d]})"
+    block = weight.shape[d] // shape[d]
+    if any(x % block for ranges in weight.slices for r in ranges for x in r):
+        return f"tensor {info.name}: blocks of {block} along dim {d} would be split between ranks; choose another --tp"
+    dim = d if len(info.shape) == len(weight.shape) else 0
+    slices = tuple(tuple((a // block, b // block) for a, b in ranges) for ranges in weight.slices)
+    return TensorCut(info.name, info.dtype, info.shape, weight.style, dim, rule, slices)
+
+
+def valid_tp(counts: Sequence[Count]) -> list[int]:
+    """Every tp that all the counts allow, up to the largest count that cannot be padded."""
+    limit = max([c.value for c in counts if not c.pad], default=1)
+    return [tp for tp in range(1, limit + 1) if all(c.allows(tp) for c in counts)]
