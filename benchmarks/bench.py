@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from reshard import __version__
-from reshard.model.config import parse_size
 from reshard.formats.writer import SafetensorsWriter
+from reshard.model.config import parse_size
 
 HERE = Path(__file__).resolve().parent
 

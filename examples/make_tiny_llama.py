@@ -1,7 +1,7 @@
 """Rebuild examples/tiny-llama: a randomly initialised 2-layer Llama with GQA (8 heads, 4 kv heads), bf16.
 
-    pip install "torch>=2.4" transformers
-    python examples/make_tiny_llama.py
+pip install "torch>=2.4" transformers
+python examples/make_tiny_llama.py
 """
 
 from pathlib import Path

@@ -16,9 +16,7 @@ from reshard.plan.cut import Plan, TensorCut
 from reshard.runtime.load import load_rank
 from reshard.version import __version__
 
-
 __all__ = [
-    "__version__",
     "InputError",
     "ModelConfig",
     "OutputError",
@@ -29,6 +27,7 @@ __all__ = [
     "TPConfig",
     "TensorCut",
     "UsageError",
+    "__version__",
     "build_plan",
     "load_rank",
     "make_plan",

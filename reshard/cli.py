@@ -85,9 +85,7 @@ TpOpt = Annotated[
 ]
 DevicesOpt = Annotated[
     Optional[str],
-    typer.Option(
-        "--devices", metavar="IDS", help="GPU id for each rank, comma-separated: rank r runs on cuda:IDS[r]. Default 0..N-1."
-    ),
+    typer.Option("--devices", metavar="IDS", help="GPU id for each rank, comma-separated: rank r runs on cuda:IDS[r]. Default 0..N-1."),
 ]
 ConfigOpt = Annotated[
     Optional[list[Path]],
@@ -101,7 +99,9 @@ ConfigOpt = Annotated[
 ]
 GpuMemoryOpt = Annotated[
     Optional[str],
-    typer.Option("--gpu-memory", metavar="SIZE", help="Mark ranks whose weights exceed this much GPU memory, e.g. 80GiB.", show_default=False),
+    typer.Option(
+        "--gpu-memory", metavar="SIZE", help="Mark ranks whose weights exceed this much GPU memory, e.g. 80GiB.", show_default=False
+    ),
 ]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", metavar="NAME", help="Use this rules family instead of detecting it.")]
 ReplicateOpt = Annotated[
@@ -114,7 +114,9 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", he
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
 MaxShardOpt = Annotated[
     Optional[str],
-    typer.Option("--max-shard-size", metavar="SIZE", help="Cut outputs into files of at most this size, e.g. 5GB or 500MiB.", show_default=False),
+    typer.Option(
+        "--max-shard-size", metavar="SIZE", help="Cut outputs into files of at most this size, e.g. 5GB or 500MiB.", show_default=False
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
@@ -149,7 +151,7 @@ def _tp_settings(
     if device_ids is None and ids is not None and len(ids) != count:
         raise UsageError(f"{tp_file}: device_ids lists {len(ids)} ids but --tp is {count}; pass --devices as well, or fix the TP config")
     if ids is not None:
-        TPConfig.create(count, ids)  # one id per rank, distinct, non-negative: before any GPU is asked
+        TPConfig.create(count, device_ids=ids)  # one id per rank, distinct, non-negative: before any GPU is asked
         check_visible_gpus(ids)
     return count, ids, model_config
 
@@ -270,7 +272,12 @@ def split_command(
     max_shard_size: MaxShardOpt = None,
     rank: Annotated[
         Optional[str],
-        typer.Option("--rank", metavar="R", help="Write only rank R; `auto` takes it from RANK (torchrun) or SLURM_PROCID (srun).", show_default=False),
+        typer.Option(
+            "--rank",
+            metavar="R",
+            help="Write only rank R; `auto` takes it from RANK (torchrun) or SLURM_PROCID (srun).",
+            show_default=False,
+        ),
     ] = None,
     ranks: Annotated[
         Optional[str], typer.Option("--ranks", metavar="R,R", help="Write only these ranks, comma-separated, e.g. 0,2.", show_default=False)
@@ -289,7 +296,7 @@ def split_command(
         )
         chosen = _chosen_ranks(rank, ranks, count)
         target = out if out is not None else default_split_dir(source.root, count)
-        with _progress(read_nbytes(plan, chosen), "split", quiet) as progress:
+        with _progress(read_nbytes(plan, ranks=chosen), "split", quiet) as progress:
             manifest = write_split(
                 source, model_config, plan, target, force=force, progress=progress, max_shard_size=max_bytes, ranks=chosen
             )
@@ -316,8 +323,7 @@ def merge_command(
             names = write_merge(folder, target, force=force, progress=progress, max_shard_size=max_bytes)
         files = names[0] if len(names) == 1 else f"{len(names)} files with {INDEX_NAME}"
         _console().print(
-            f"Wrote {target}: {files} ({len(folder.manifest.tensors)} tensors, {human_bytes(total)}) and config.json, "
-            f"from tp {folder.tp}"
+            f"Wrote {target}: {files} ({len(folder.manifest.tensors)} tensors, {human_bytes(total)}) and config.json, from tp {folder.tp}"
         )
 
     _run(action, writes=True)
@@ -328,18 +334,26 @@ def verify_command(
     split_dir: DirArg,
     against: Annotated[
         Optional[Path],
-        typer.Option("--against", metavar="MODEL", help="The checkpoint DIR was split from: compare every rank tensor with its slice.", show_default=False),
+        typer.Option(
+            "--against",
+            metavar="MODEL",
+            help="The checkpoint DIR was split from: compare every rank tensor with its slice.",
+            show_default=False,
+        ),
     ] = None,
     forward: Annotated[
         bool, typer.Option("--forward", help="Also run every sharded weight tensor-parallel, one process per rank (needs torch).")
     ] = False,
     rules: Annotated[
-        Optional[Path], typer.Option("--rules", metavar="FILE", help="With --forward: the rules file DIR was split with.", show_default=False)
+        Optional[Path],
+        typer.Option("--rules", metavar="FILE", help="With --forward: the rules file DIR was split with.", show_default=False),
     ] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", metavar="X", help="Worst relative error --forward accepts.")] = 1e-5,
     device: Annotated[
         Optional[str],
-        typer.Option("--device", metavar="DEVICE", help="Run --forward on this device instead of each rank's GPU, e.g. cpu.", show_default=False),
+        typer.Option(
+            "--device", metavar="DEVICE", help="Run --forward on this device instead of each rank's GPU, e.g. cpu.", show_default=False
+        ),
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -349,8 +363,14 @@ def verify_command(
     console = _console()
     if lead and report.files_ok:
         manifest = report.manifest
-        held = "" if manifest.complete else f" (ranks {', '.join(map(str, manifest.ranks_present)) or 'none'} of 0..{manifest.tp_config.tp - 1})"
-        console.print(f"{report.files} files ({human_bytes(report.file_bytes)}) match the sizes and sha256 in {split_dir / MANIFEST_NAME}{held}")
+        held = (
+            ""
+            if manifest.complete
+            else f" (ranks {', '.join(map(str, manifest.ranks_present)) or 'none'} of 0..{manifest.tp_config.tp - 1})"
+        )
+        console.print(
+            f"{report.files} files ({human_bytes(report.file_bytes)}) match the sizes and sha256 in {split_dir / MANIFEST_NAME}{held}"
+        )
     if lead and against is not None and report.ok:
         console.print(f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}")
     # The products run even when --against found problems (they show where it matters), not on bad checksums.

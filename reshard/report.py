@@ -16,7 +16,7 @@ from reshard.runtime.forward import KindError
 
 def human_bytes(n: float) -> str:
     """Bytes in SI units, three significant digits: 281kB, 13.5GB."""
-    return tqdm.format_sizeof(n, "B", 1000)
+    return str(tqdm.format_sizeof(n, "B", 1000))
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -68,9 +68,7 @@ def cut_notes(t: TensorCut) -> str:
     return ", ".join(notes)
 
 
-def rank_table(
-    plan: Plan, *, files: Manifest | None = None, gpu_memory: int | None = None, only: Sequence[int] | None = None
-) -> Table:
+def rank_table(plan: Plan, *, files: Manifest | None = None, gpu_memory: int | None = None, only: Sequence[int] | None = None) -> Table:
     """Bytes per rank and its device; with `gpu_memory`, whether the rank's weights fit in that much."""
     table = Table(title="Ranks", title_justify="left")
     table.add_column("rank", justify="right")

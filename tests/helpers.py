@@ -73,9 +73,7 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generat
     return raw.view(dtype).reshape(shape)
 
 
-def llama_config(
-    heads: int = 8, kv_heads: int = 8, head_dim: int = 4, ffn: int = 48, vocab: int = 64, layers: int = 2
-) -> dict:
+def llama_config(heads: int = 8, kv_heads: int = 8, head_dim: int = 4, ffn: int = 48, vocab: int = 64, layers: int = 2) -> dict:
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],

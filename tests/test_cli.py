@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import snapshot, synthetic_llama
 from typer.testing import CliRunner
 
 from reshard.cli import app
-
-from helpers import snapshot, synthetic_llama
 
 runner = CliRunner()
 
@@ -178,9 +177,7 @@ def test_merge_refuses_missing_or_mismatched_rank_file(model: Path, tmp_path: Pa
 
 
 def reshard_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "reshard", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
-    )
+    return subprocess.run([sys.executable, "-m", "reshard", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
 def test_python_dash_m_and_debug_traceback(tmp_path: Path) -> None:

@@ -27,11 +27,14 @@ entries = st.fixed_dictionaries(
     },
     optional={"extra": json_values},
 )
-headers = st.dictionaries(
-    st.text(min_size=1, max_size=6),
-    entries | json_values,
-    max_size=5,
-).map(lambda h: h) | json_values
+headers = (
+    st.dictionaries(
+        st.text(min_size=1, max_size=6),
+        entries | json_values,
+        max_size=5,
+    ).map(lambda h: h)
+    | json_values
+)
 metadata = st.none() | st.dictionaries(st.text(max_size=4), st.text(max_size=4) | json_values, max_size=3)
 
 

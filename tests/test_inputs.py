@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from reshard import InputError, RulesError
 from reshard.formats.checkpoint import open_checkpoint
-from reshard.model.rules import parse_family
 from reshard.formats.safetensors import encode_header, read_header
+from reshard.model.rules import parse_family
 
 
 def write_raw(path: Path, header: dict | bytes, data: bytes, length: int | None = None) -> Path:
@@ -145,7 +145,10 @@ GOOD_RULE = {"name": "q", "match": "model.layers.*.q.weight", "style": "colwise"
     ("change", "message"),
     [
         ({"colour": "red"}, "unknown key 'colour'"),
-        ({"rules": [dict(GOOD_RULE, style="diagonal")]}, "rule 'q': unknown style 'diagonal'; use one of colwise, rowwise, vocab, replicate"),
+        (
+            {"rules": [dict(GOOD_RULE, style="diagonal")]},
+            "rule 'q': unknown style 'diagonal'; use one of colwise, rowwise, vocab, replicate",
+        ),
         ({"rules": [dict(GOOD_RULE, dim=None)]}, "rule 'q': style colwise needs dim, a non-negative integer"),
         ({"rules": [dict(GOOD_RULE, units="experts")]}, "rule 'q': units 'experts' is not defined in units; defined: heads"),
         ({"rules": [dict(GOOD_RULE, dims=1)]}, "rules\\[0\\]: unknown key 'dims'"),

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import llama_config, llama_shapes
 
 from reshard import ModelConfig, PlanError, TPConfig, UsageError, build_plan
 from reshard.errors import InputError
-from reshard.model.rules import builtin_families, detect_family
 from reshard.formats.safetensors import TensorInfo
-
-from helpers import llama_config, llama_shapes
+from reshard.model.rules import builtin_families, detect_family
 
 LLAMA = builtin_families()["llama"]
 
@@ -101,9 +100,7 @@ def test_missing_config_key() -> None:
     config = {k: v for k, v in LLAMA2_7B.items() if k != "intermediate_size"}
     with pytest.raises(PlanError) as e:
         build_plan(header(LLAMA2_7B), ModelConfig(config), TPConfig.create(2), LLAMA)
-    assert e.value.problems == [
-        "the model config: intermediate_size is missing or not a positive integer; the llama rules need it"
-    ]
+    assert e.value.problems == ["the model config: intermediate_size is missing or not a positive integer; the llama rules need it"]
 
 
 def test_config_that_disagrees_with_weights() -> None:
@@ -162,11 +159,11 @@ def test_unknown_matrix_is_refused_unless_replicate_unknown() -> None:
 )
 def test_tp_config_validation(tp: int, devices: list[int] | None, message: str) -> None:
     with pytest.raises(UsageError, match="^" + message.replace("-", "\\-") + "$"):
-        TPConfig.create(tp, devices)
+        TPConfig.create(tp, device_ids=devices)
 
 
 def test_tp_config_devices() -> None:
-    config = TPConfig.create(4, [4, 5, 6, 7])
+    config = TPConfig.create(4, device_ids=[4, 5, 6, 7])
     assert (config.num_devices, config.device(0), config.device(3)) == (4, "cuda:4", "cuda:7")
     assert TPConfig.create(2).device_ids == (0, 1)
 

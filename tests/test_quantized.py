@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import llama_config, llama_shapes, write_checkpoint
 from safetensors.torch import load_file
 
 from reshard import PlanError, merge, split
-
-from helpers import llama_config, llama_shapes, write_checkpoint
 
 F8 = torch.float8_e4m3fn
 
@@ -48,7 +47,10 @@ def test_fp8_scales_follow_their_weights(tmp_path: Path, tp: int) -> None:
     out = split(model, tp=tp)
     cuts = json.loads((out / "reshard.json").read_text())["tensors"]
     p = "model.layers.0"
-    assert (cuts[f"{p}.self_attn.q_proj.weight_scale"]["style"], cuts[f"{p}.self_attn.q_proj.weight_scale"]["rule"]) == ("colwise", "scale of q_proj")
+    assert (cuts[f"{p}.self_attn.q_proj.weight_scale"]["style"], cuts[f"{p}.self_attn.q_proj.weight_scale"]["rule"]) == (
+        "colwise",
+        "scale of q_proj",
+    )
     assert cuts[f"{p}.self_attn.o_proj.weight_scale"]["style"] == "rowwise"
     assert cuts[f"{p}.mlp.down_proj.weight_scale"]["style"] == "replicate"
     assert cuts[f"{p}.self_attn.v_proj.weight_scale"]["style"] == "replicate"
@@ -87,8 +89,7 @@ def test_block_scales_refuse_a_cut_inside_a_block(tmp_path: Path) -> None:
     with pytest.raises(PlanError) as e:
         split(model, tp=4, out=tmp_path / "out")
     assert (
-        "tensor model.layers.0.self_attn.k_proj.weight_scale_inv: blocks of 8 along dim 0 would be split between ranks; "
-        "choose another --tp"
+        "tensor model.layers.0.self_attn.k_proj.weight_scale_inv: blocks of 8 along dim 0 would be split between ranks; choose another --tp"
     ) in e.value.problems
     assert not (tmp_path / "out").exists()
 

@@ -23,8 +23,6 @@ def test_readme_sessions_print_what_the_readme_shows(tmp_path: Path) -> None:
     assert [c.split()[1] for c, _ in found] == ["plan", "plan", "split", "merge", "verify"]
     for command, shown in found:
         args = shlex.split(command)[1:]
-        run = subprocess.run(
-            [sys.executable, "-m", "reshard", *args], cwd=tmp_path, capture_output=True, text=True
-        )
+        run = subprocess.run([sys.executable, "-m", "reshard", *args], cwd=tmp_path, capture_output=True, text=True)
         printed = "\n".join(line.rstrip() for line in (run.stdout + run.stderr).splitlines())
         assert printed == shown.rstrip("\n"), command

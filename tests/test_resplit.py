@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import snapshot, synthetic_llama
 from typer.testing import CliRunner
 
 from reshard.cli import app
-
-from helpers import snapshot, synthetic_llama
 
 runner = CliRunner()
 
@@ -120,7 +119,10 @@ def test_processes_adding_ranks_to_one_folder_at_once(tmp_path: Path) -> None:
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "reshard", "split", str(model), "--tp", "4", "--rank", "auto", "--out", str(out), "-q"],
-            env={**os.environ, "RANK": str(rank)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "RANK": str(rank)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for rank in range(4)
     ]
@@ -181,5 +183,5 @@ def test_a_rank_reads_less_than_the_whole_model(tmp_path: Path) -> None:
     assert read_nbytes(plan) == plan.nbytes
     # Row cuts and replicated tensors: only the rank's bytes; column cuts (o_proj, down_proj): whole rows.
     column = sum(t.nbytes for t in plan.tensors if t.style == "rowwise")
-    assert read_nbytes(plan, [0]) == sum(t.rank_nbytes(0) for t in plan.tensors if t.style != "rowwise") + column
-    assert read_nbytes(plan, [0]) < plan.nbytes
+    assert read_nbytes(plan, ranks=[0]) == sum(t.rank_nbytes(0) for t in plan.tensors if t.style != "rowwise") + column
+    assert read_nbytes(plan, ranks=[0]) < plan.nbytes

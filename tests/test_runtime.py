@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import synthetic_llama
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -15,8 +16,6 @@ import reshard
 from reshard.cli import app
 from reshard.errors import InputError, UsageError
 from reshard.runtime.parallel import SingleDevice, TorchDistributed
-
-from helpers import synthetic_llama
 
 runner = CliRunner()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -48,7 +47,9 @@ def test_tp_config_file_places_ranks(model: Path, tmp_path: Path, name: str, tex
 def test_flags_override_the_tp_config_and_a_model_config_can_come_too(model: Path, tmp_path: Path) -> None:
     (tmp_path / "tp.toml").write_text("tp = 4\n")
     (model / "config.json").rename(tmp_path / "llama.json")
-    result = invoke("plan", model, "--config", tmp_path / "tp.toml", "--config", tmp_path / "llama.json", "--tp", "2", "--devices", "5,7", "--json")
+    result = invoke(
+        "plan", model, "--config", tmp_path / "tp.toml", "--config", tmp_path / "llama.json", "--tp", "2", "--devices", "5,7", "--json"
+    )
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["tp"] == 2 and plan["device_ids"] == [5, 7]
@@ -116,7 +117,9 @@ def test_load_rank_on_cpu(model: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_load_rank_without_cuda_says_how(model: Path, tmp_path: Path) -> None:
     out = reshard.split(model, tp=2, out=tmp_path / "split")
-    with pytest.raises(InputError, match=r"rank 1 goes on cuda:1 \(its manifest device\), but torch sees no CUDA device; pass device='cpu'"):
+    with pytest.raises(
+        InputError, match=r"rank 1 goes on cuda:1 \(its manifest device\), but torch sees no CUDA device; pass device='cpu'"
+    ):
         reshard.load_rank(out, 1)
 
 
@@ -165,7 +168,9 @@ def _collectives(rank: int, world: int, init: str, backend: str, results: dict) 
 def run_collectives(tmp_path: Path, world: int, backend: str) -> dict:
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    mp.start_processes(_collectives, args=(world, f"file://{tmp_path / 'rendezvous'}", backend, results), nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _collectives, args=(world, f"file://{tmp_path / 'rendezvous'}", backend, results), nprocs=world, start_method="spawn"
+    )
     return dict(results)
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tp_forward import run_tensor_parallel
 
 from reshard import merge, split
-
-from tp_forward import run_tensor_parallel
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=None)  # fmt: skip
 FAMILIES = {
@@ -69,7 +68,9 @@ def splits(family_models: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="session")
-def tp_errors(family_models: dict[str, Path], splits: dict[tuple[str, int], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+def tp_errors(
+    family_models: dict[str, Path], splits: dict[tuple[str, int], Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[int, dict]:
     work = tmp_path_factory.mktemp("dist")
     jobs = {tp: [(n, family_models[n], splits[(n, tp)]) for n in FAMILIES] for tp in TPS}
     jobs[2].append(("phi3-naive", family_models["phi3"], splits[("phi3-naive", 2)]))
@@ -95,13 +96,16 @@ def test_a_naive_cut_of_fused_qkv_is_caught(tp_errors: dict[int, dict], splits: 
 
 @pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("family", [*FAMILIES, "gpt2"])
-def test_merge_gives_back_every_family_bit_for_bit(family_models: dict[str, Path], splits: dict, tmp_path: Path, family: str, tp: int) -> None:
+def test_merge_gives_back_every_family_bit_for_bit(
+    family_models: dict[str, Path], splits: dict, tmp_path: Path, family: str, tp: int
+) -> None:
     merged = merge(splits[(family, tp)], out=tmp_path / "merged")
     assert (merged / "model.safetensors").read_bytes() == (family_models[family] / "model.safetensors").read_bytes()
 
 
 def test_the_layouts_under_test_are_really_there(splits: dict) -> None:
     """The forward test proves what it claims only if these cuts happened."""
+
     def tensors(name: str, tp: int) -> dict:
         return json.loads((splits[(name, tp)] / "reshard.json").read_text())["tensors"]
 
@@ -162,5 +166,9 @@ def test_verify_forward_on_real_models(family_models: dict[str, Path], splits: d
     errors = run_forward(splits[(family, tp)], source=family_models[family])
     kinds = {e.kind: e for e in errors}
     assert all(e.worst <= 1e-5 for e in errors), errors
-    expected = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, "gpt2": {"c_attn_weight", "c_attn_bias", "attn_c_proj", "mlp_c_proj", "wte"}, "mixtral": {"expert_w1_w3", "expert_w2"}}
+    expected = {
+        "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+        "gpt2": {"c_attn_weight", "c_attn_bias", "attn_c_proj", "mlp_c_proj", "wte"},
+        "mixtral": {"expert_w1_w3", "expert_w2"},
+    }
     assert expected[family] <= set(kinds), sorted(kinds)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import llama_config, llama_shapes, snapshot, synthetic_llama, write_checkpoint
 from typer.testing import CliRunner
 
-from reshard.cli import app
 from reshard import verify
-
-from helpers import llama_config, llama_shapes, snapshot, synthetic_llama, write_checkpoint
+from reshard.cli import app
 
 runner = CliRunner()
 
@@ -169,7 +168,7 @@ def test_forward_catches_a_replica_that_differs(weights: Path, tmp_path: Path) -
     recut(out, name, lambda rank, data: bytes(reversed(data)) if rank == 1 else data)
     result = runner.invoke(app, ["verify", str(out), "--forward"])
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"Error: kv_proj: relative error ")
+    assert result.stderr.startswith("Error: kv_proj: relative error ")
     assert f"in {name} is above --tolerance 1e-05; the tensor is cut wrongly, split again" in result.stderr
     assert "FAIL" in result.stdout
 

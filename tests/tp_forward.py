@@ -122,8 +122,10 @@ def worker(rank: int, tp: int, store: str, jobs: list[tuple[str, str, str]], res
                 got = model(TOKENS).logits
             if rank == 0:
                 want = full_logits(Path(model_dir))
-                out[name] = float((got - want).abs().max() / want.abs().max()) if got.shape == want.shape else (
-                    f"logits shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+                out[name] = (
+                    float((got - want).abs().max() / want.abs().max())
+                    if got.shape == want.shape
+                    else (f"logits shape {tuple(got.shape)}, expected {tuple(want.shape)}")
                 )
         except Exception:
             out[name] = f"rank {rank}: {traceback.format_exc()}"

@@ -93,7 +93,7 @@ def write_merge(
 
 
 def _write_index(path: Path, names: list[str], groups: list[list[Entry]]) -> None:
-    weight_map = {entry[0]: name for name, group in zip(names, groups) for entry in group}
+    weight_map = {entry[0]: name for name, group in zip(names, groups, strict=True) for entry in group}
     index = {
         "metadata": {"total_size": sum(entry_nbytes(e) for group in groups for e in group)},
         "weight_map": dict(sorted(weight_map.items())),

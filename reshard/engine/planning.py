@@ -42,7 +42,7 @@ def make_plan(
         >>> plan.rank_nbytes(0) < plan.nbytes
         True
     """
-    tp_config = TPConfig.create(tp, device_ids)
+    tp_config = TPConfig.create(tp, device_ids=device_ids)
     source = open_source(model)
     model_config = source.model_config(config)
     family = detect_family(model_config, arch=arch, rules=rules)

@@ -117,7 +117,7 @@ def write_split(
 def _manifest(source: Source, model_config: ModelConfig, plan: Plan, groups: list[list[list[Entry]]]) -> Manifest:
     manifest = Manifest.for_plan(
         plan,
-        rank_files=[[rank_file_name(r, part) for part in range(len(groups[r]))] for r in range(plan.tp)],
+        rank_files=[[rank_file_name(r, part=part) for part in range(len(groups[r]))] for r in range(plan.tp)],
         source_files=source.source_files,
         metadata=source.metadata,
         config=model_config.raw,
@@ -140,8 +140,8 @@ def _write_ranks(
     with ExitStack() as stack:
         writers: list[PartedWriter | None] = [None] * plan.tp
         for r in chosen:
-            files = [staging / f for f in manifest.rank_files[r]]
-            writers[r] = stack.enter_context(PartedWriter(files, groups[r], rank_metadata(plan, r)))
+            paths = [staging / f for f in manifest.rank_files[r]]
+            writers[r] = stack.enter_context(PartedWriter(paths, groups[r], rank_metadata(plan, r)))
         tensor_bytes = source.open(stack)
         run_all(_task(tensor_bytes, cut, writers, progress) for cut in plan.tensors)
         source.finish()
@@ -165,7 +165,7 @@ def _task(
     return run
 
 
-def read_nbytes(plan: Plan, ranks: Sequence[int] | None = None) -> int:
+def read_nbytes(plan: Plan, *, ranks: Sequence[int] | None = None) -> int:
     """The source bytes a split of these ranks reads: what its progress bar counts to."""
     chosen = range(plan.tp) if ranks is None else ranks
     total = 0
@@ -208,9 +208,9 @@ def split_tensor(
         return
     spans = [rank_spans(cut, r) if target is not None else () for r, target in enumerate(targets)]
     if _by_runs(cut):
-        _split_runs(source, cut, list(zip(targets, spans)), progress)
+        _split_runs(source, cut, list(zip(targets, spans, strict=True)), progress)
     else:
-        _split_rows(source, cut, list(zip(targets, spans)), progress, buffers or Buffers())
+        _split_rows(source, cut, list(zip(targets, spans, strict=True)), progress, buffers or Buffers())
 
 
 def _split_rows(

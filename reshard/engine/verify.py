@@ -105,7 +105,7 @@ def _first_difference(
     outer, length, inner = cut.layout
     if outer > 1 and 0 < length * inner <= BLOCK_BYTES:
         return _compare_rows(cut, source, info, ranks, infos, buffers)
-    for rank, (reader, rank_info) in enumerate(zip(ranks, infos)):
+    for rank, (reader, rank_info) in enumerate(zip(ranks, infos, strict=True)):
         if not _same_runs(cut, rank, source, info, reader, rank_info, buffers):
             return rank
     return None
@@ -122,7 +122,7 @@ def _compare_rows(
     for first in range(0, outer, rows):
         n = min(rows, outer - first)
         block = source.read_into(info.offset + first * row, buffers.get("source", (n, row)))
-        for rank, (reader, rank_info) in enumerate(zip(ranks, infos)):
+        for rank, (reader, rank_info) in enumerate(zip(ranks, infos, strict=True)):
             got = reader.read_into(rank_info.offset + first * rank_rows[rank], buffers.get("rank", (n, rank_rows[rank])))
             for s in rank_spans(cut, rank):
                 held = got[:, s.at * inner : (s.at + s.length) * inner]

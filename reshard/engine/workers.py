@@ -18,7 +18,8 @@ def thread_buffers() -> Buffers:
     """This thread's scratch buffers: each worker reuses its own."""
     if not hasattr(_local, "buffers"):
         _local.buffers = Buffers()
-    return _local.buffers
+    buffers: Buffers = _local.buffers
+    return buffers
 
 
 def run_all(tasks: Iterable[Callable[[], None]], *, workers: int = WORKERS) -> None:

@@ -26,7 +26,7 @@ class FileRecord:
         return {"bytes": self.bytes, "sha256": self.sha256}
 
 
-def file_sha256(path: Path, stop: threading.Event | None = None) -> str | None:
+def file_sha256(path: Path, *, stop: threading.Event | None = None) -> str | None:
     """The file's sha256, read front to back in large chunks; None when `stop` is set before the end."""
     digest = hashlib.sha256()
     buffer = bytearray(CHUNK_BYTES)
@@ -58,7 +58,7 @@ class BackgroundHashes:
     def __init__(self, paths: Iterable[Path]) -> None:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reshard-sha256")
-        self._futures: dict[Path, Future[str | None]] = {p: self._pool.submit(file_sha256, p, self._stop) for p in paths}
+        self._futures: dict[Path, Future[str | None]] = {p: self._pool.submit(file_sha256, p, stop=self._stop) for p in paths}
 
     def results(self) -> dict[Path, str]:
         return {path: future.result() or "" for path, future in self._futures.items()}
@@ -139,4 +139,3 @@ class FollowingHash:
                 raise OSError(f"file ended at byte {self._hashed} while hashing what was written")
             self._digest.update(view[:n])
             self._hashed += n
-

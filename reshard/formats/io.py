@@ -41,12 +41,14 @@ class ByteReader:
 
     def read_into(self, offset: int, out: np.ndarray) -> np.ndarray:
         """Fill `out` (a uint8 array) from the file at `offset`; reusing `out` spares the page faults of a new buffer."""
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         got = 0
         while got < len(view):
             n = os.preadv(self._fd, [view[got:]], offset + got)
             if n == 0:
-                raise InputError(f"{self.path}: file ended at byte {offset + got}, expected {offset + len(view)}; it was truncated while being read")
+                raise InputError(
+                    f"{self.path}: file ended at byte {offset + got}, expected {offset + len(view)}; it was truncated while being read"
+                )
             got += n
         return out
 

@@ -8,7 +8,7 @@ CONFIG_NAME = "config.json"
 MANIFEST_NAME = "reshard.json"
 
 
-def rank_file_name(rank: int, part: int = 0) -> str:
+def rank_file_name(rank: int, *, part: int = 0) -> str:
     """The name vLLM's sharded-state loader looks for."""
     return f"model-rank-{rank}-part-{part}.safetensors"
 

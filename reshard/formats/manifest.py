@@ -65,10 +65,7 @@ class Manifest:
             "tp": self.tp_config.num_devices,
             "device_ids": list(self.tp_config.device_ids),
             "family": self.family,
-            "ranks": [
-                {"rank": r, "device": self.tp_config.device(r), "files": list(files)}
-                for r, files in enumerate(self.rank_files)
-            ],
+            "ranks": [{"rank": r, "device": self.tp_config.device(r), "files": list(files)} for r, files in enumerate(self.rank_files)],
             "files": {name: r.to_dict() for name, r in self.files.items() if name not in self._rank_names},
             "source": {
                 "files": [f.to_dict() for f in self.source_files],
@@ -188,7 +185,7 @@ def _parse(data: Any) -> Manifest:
         raise ValueError("the manifest must be a JSON object")
     if data.get("format") != FORMAT or data.get("version") != VERSION:
         raise ValueError(f"expected format {FORMAT!r} version {VERSION}, found {data.get('format')!r} {data.get('version')!r}")
-    tp_config = TPConfig.create(int(data["tp"]), [int(i) for i in data["device_ids"]])
+    tp_config = TPConfig.create(int(data["tp"]), device_ids=[int(i) for i in data["device_ids"]])
     ranks = data["ranks"]
     if [r["rank"] for r in ranks] != list(range(tp_config.tp)):
         raise ValueError("ranks must list 0..tp-1 in order")
@@ -201,9 +198,7 @@ def _parse(data: Any) -> Manifest:
         family=str(data["family"]),
         rank_files=rank_files,
         tensors=tensors,
-        source_files=tuple(
-            SourceFile(str(f["name"]), _count(f["bytes"]), _hex(f["header_sha256"])) for f in source["files"]
-        ),
+        source_files=tuple(SourceFile(str(f["name"]), _count(f["bytes"]), _hex(f["header_sha256"])) for f in source["files"]),
         source_metadata={str(k): str(v) for k, v in source["metadata"].items()},
         source_config=dict(source["config"]),
         files=files,
@@ -234,6 +229,7 @@ def _parse_tensor(name: str, e: dict[str, Any], tp: int) -> TensorCut:
     shape = tuple(int(d) for d in e["shape"])
     if dtype not in DTYPE_SIZES or style not in STYLES:
         raise ValueError(f"tensor {name}: unknown dtype {dtype!r} or style {style!r}")
+    slices: tuple[tuple[tuple[int, int], ...], ...]
     if dim is None:
         slices = tuple(((0, 1),) for _ in range(tp))
     else:

@@ -127,9 +127,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     begin, end = offsets
     nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != nbytes:
-        raise InputError(
-            f"{where}: data_offsets span {end - begin} bytes but {dtype} {shape} needs {nbytes}; the file is corrupt"
-        )
+        raise InputError(f"{where}: data_offsets span {end - begin} bytes but {dtype} {shape} needs {nbytes}; the file is corrupt")
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), path=path, offset=data_start + begin, nbytes=nbytes)
 
 
@@ -155,5 +153,3 @@ def encode_header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % HEADER_ALIGN)
     return struct.pack("<Q", len(raw)) + raw
-
-

@@ -49,7 +49,7 @@ class SplitFolder:
         for rank in present:
             yield from self._headers(rank)
         if sha256:
-            yield from self.digest_problems(self.hash_all(self.file_names(present), progress))
+            yield from self.digest_problems(self.hash_all(self.file_names(present), progress=progress))
 
     def file_names(self, ranks: Iterable[int]) -> list[str]:
         """The files of these ranks and those every split folder has (config.json), as the manifest lists them."""
@@ -66,7 +66,7 @@ class SplitFolder:
     def rank_tensors(self, rank: int) -> dict[str, TensorInfo]:
         return self._tensors[rank]
 
-    def hash_all(self, names: Sequence[str], progress: Progress | None = None) -> dict[Path, str]:
+    def hash_all(self, names: Sequence[str], *, progress: Progress | None = None) -> dict[Path, str]:
         """The sha256 of the files named that have their recorded size (the others are told by the size check)."""
         paths = [self.path / n for n in names if self._sized(n)]
         with BackgroundHashes(paths) as hashes:

@@ -127,7 +127,6 @@ class SafetensorsWriter(_Output):
         self._pending.clear()
 
 
-
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -232,7 +231,7 @@ class PartedWriter(_Output):
     def __init__(self, paths: list[Path], groups: list[list[Entry]], metadata: dict[str, str]) -> None:
         self._writers: list[SafetensorsWriter] = []
         try:
-            for path, group in zip(paths, groups):
+            for path, group in zip(paths, groups, strict=True):
                 self._writers.append(SafetensorsWriter(path, group, metadata))
         except BaseException:
             self.abort()
@@ -254,6 +253,3 @@ class PartedWriter(_Output):
     def abort(self) -> None:
         for writer in self._writers:
             writer.abort()
-
-
-

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 import sys
-from fractions import Fraction
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from reshard.errors import InputError, UsageError
-
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -71,7 +70,7 @@ class TPConfig:
     device_ids: tuple[int, ...] = field(default=())
 
     @classmethod
-    def create(cls, tp: int, device_ids: Sequence[int] | None = None) -> TPConfig:
+    def create(cls, tp: int, *, device_ids: Sequence[int] | None = None) -> TPConfig:
         if tp < 1:
             raise UsageError(f"--tp must be at least 1, got {tp}")
         ids = tuple(range(tp)) if device_ids is None else tuple(device_ids)

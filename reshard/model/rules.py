@@ -10,8 +10,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from reshard.model.config import ModelConfig
 from reshard.errors import InputError, RulesError
+from reshard.model.config import ModelConfig
 
 STYLES = ("colwise", "rowwise", "vocab", "replicate")
 _FAMILY_KEYS = {"family", "extends", "model_types", "architectures", "units", "rules"}
@@ -88,7 +88,9 @@ class Family:
                 continue
             if len(values) == 1:
                 if type(values[0]) is not int or values[0] <= 0:
-                    raise InputError(f"{config.name}: {choice} must be a positive integer, got {json.dumps(values[0])}; fix the model config")
+                    raise InputError(
+                        f"{config.name}: {choice} must be a positive integer, got {json.dumps(values[0])}; fix the model config"
+                    )
                 return choice, values[0]
             if all(type(v) is int and v > 0 for v in values) and values[0] % values[1] == 0:
                 return choice, values[0] // values[1]
@@ -192,7 +194,7 @@ def _size(value: Any, at: str) -> int | tuple[str, ...] | None:
         return value
     choices = _strings(value, f"{at}.size") if isinstance(value, list) else []
     if not choices or any(not re.fullmatch(r"[\w.]+(/[\w.]+)?", c) for c in choices):
-        raise RulesError(f"{at}.size: must be a positive integer or a list of config keys or ratios like \"hidden_size/num_attention_heads\"")
+        raise RulesError(f'{at}.size: must be a positive integer or a list of config keys or ratios like "hidden_size/num_attention_heads"')
     return tuple(choices)
 
 
@@ -221,11 +223,7 @@ def _strings(value: Any, at: str) -> list[str]:
 
 def builtin_families() -> dict[str, Family]:
     folder = resources.files("reshard.model") / "architectures"
-    pending = {
-        entry.name: json.loads(entry.read_text(encoding="utf-8"))
-        for entry in folder.iterdir()
-        if entry.name.endswith(".json")
-    }
+    pending = {entry.name: json.loads(entry.read_text(encoding="utf-8")) for entry in folder.iterdir() if entry.name.endswith(".json")}
     families: dict[str, Family] = {}
     # Parents first: a file is parsed once the family it extends is known.
     while pending:

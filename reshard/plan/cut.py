@@ -68,7 +68,7 @@ class TensorCut:
         if self.dim is None:
             return self.shape
         held = sum(span.length for span in rank_spans(self, rank))
-        return self.shape[: self.dim] + (held,) + self.shape[self.dim + 1 :]
+        return (*self.shape[: self.dim], held, *self.shape[self.dim + 1 :])
 
     def rank_nbytes(self, rank: int) -> int:
         return tensor_nbytes(self.dtype, self.rank_shape(rank))

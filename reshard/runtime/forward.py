@@ -56,13 +56,17 @@ def expected_cuts(folder: SplitFolder, *, rules: Path | None = None) -> tuple[Te
     config = ModelConfig(raw=manifest.source_config)
     family_name = manifest.family
     if rules is None and family_name not in builtin_families():
-        raise UsageError(f"{folder.path / MANIFEST_NAME}: family {family_name!r} is not built in; pass the rules file it was split with, --rules FILE")
+        raise UsageError(
+            f"{folder.path / MANIFEST_NAME}: family {family_name!r} is not built in; pass the rules file it was split with, --rules FILE"
+        )
     family = detect_family(config, arch=family_name if family_name in builtin_families() or rules else None, rules=rules)
     try:
         plan = build_plan(manifest.tensors, config, manifest.tp_config, family, replicate_unknown=True)
     except PlanError as e:
-        raise InputError(f"{folder.path / MANIFEST_NAME}: the {family.name} rules cannot cut these tensors at tp {folder.tp}: {e.problems[0]}") from e
-    for derived, recorded in zip(plan.tensors, manifest.tensors):
+        raise InputError(
+            f"{folder.path / MANIFEST_NAME}: the {family.name} rules cannot cut these tensors at tp {folder.tp}: {e.problems[0]}"
+        ) from e
+    for derived, recorded in zip(plan.tensors, manifest.tensors, strict=True):
         if not derived.same_cut(recorded):
             raise InputError(
                 f"{folder.path / MANIFEST_NAME}: tensor {recorded.name} is {recorded.describe()}, but the {family.name} "
@@ -258,21 +262,31 @@ def _check_rowwise(cut: TensorCut, local: torch.Tensor, full: torch.Tensor | Non
     return _relative(partial, _product(x, full.float(), out_dim)) if full is not None else 0.0
 
 
-def _worker(rank: int, split_dir: str, init: str, backend: str, options: dict[str, Any], results: Any) -> None:
+@dataclass(frozen=True)
+class _Options:
+    """What every rank process is asked to do."""
+
+    device: str | None
+    source: Path | None
+    rules: Path | None
+
+    def run(self, split_dir: Path, comm: Communicator) -> list[KindError]:
+        return run_rank(split_dir, comm, device=self.device, source=self.source, rules=self.rules)
+
+
+def _worker(rank: int, split_dir: str, init: str, backend: str, options: _Options, results: Any) -> None:
     from reshard.runtime.parallel import TorchDistributed
 
     comm = TorchDistributed.start(rank, results["tp"], init, backend=backend)
     try:
-        found = run_rank(Path(split_dir), comm, **options)
+        found = options.run(Path(split_dir), comm)
         if rank == 0:
             results["errors"] = found
     finally:
         comm.close()
 
 
-def run_forward(
-    split_dir: Path, *, device: str | None = None, source: Path | None = None, rules: Path | None = None
-) -> list[KindError]:
+def run_forward(split_dir: Path, *, device: str | None = None, source: Path | None = None, rules: Path | None = None) -> list[KindError]:
     """Start one process per rank (or, under torchrun, be one of them) and return the errors per kind."""
     import torch
 
@@ -281,24 +295,24 @@ def run_forward(
     # On GPUs each rank goes on its manifest device and talks over NCCL; without CUDA, on the CPU over gloo.
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     backend = "nccl" if cuda else "gloo"
-    options = {"device": device if device is not None else (None if cuda else "cpu"), "source": source, "rules": rules}
+    options = _Options(device if device is not None else (None if cuda else "cpu"), source, rules)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         from reshard.runtime.parallel import TorchDistributed
 
         comm = TorchDistributed.from_env(backend=backend)
         try:
-            return run_rank(folder.path, comm, **options)
+            return options.run(folder.path, comm)
         finally:
             comm.close()
     return _spawn(folder, backend, options)
 
 
-def _spawn(folder: SplitFolder, backend: str, options: dict[str, Any]) -> list[KindError]:
+def _spawn(folder: SplitFolder, backend: str, options: _Options) -> list[KindError]:
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
     with context.Manager() as manager, tempfile.TemporaryDirectory(prefix="reshard-forward-") as scratch:
-        results = manager.dict(tp=folder.tp)
+        results: Any = manager.dict(tp=folder.tp)
         init = f"file://{Path(scratch) / 'rendezvous'}"
         try:
             mp.start_processes(_worker, args=(str(folder.path), init, backend, options, results), nprocs=folder.tp, start_method="spawn")
@@ -308,4 +322,5 @@ def _spawn(folder: SplitFolder, backend: str, options: dict[str, Any]) -> list[K
             raise CheckFailed([f"--forward: a rank process failed: {last.split(': ', 1)[-1]}"]) from e
         except mp.ProcessExitedException as e:
             raise CheckFailed([f"--forward: a rank process died ({e}); run again with RESHARD_DEBUG=1"]) from e
-        return list(results["errors"])
+        errors: list[KindError] = list(results["errors"])
+        return errors

@@ -61,8 +61,7 @@ def _place(folder: SplitFolder, rank: int, device: str | None) -> torch.device:
         return place
     if not torch.cuda.is_available():
         raise InputError(
-            f"{folder.path}: rank {rank} goes on {target} ({where}), but torch sees no CUDA device; "
-            "pass device='cpu' to load it there"
+            f"{folder.path}: rank {rank} goes on {target} ({where}), but torch sees no CUDA device; pass device='cpu' to load it there"
         )
     count = torch.cuda.device_count()
     if (place.index or 0) >= count:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from reshard.errors import UsageError
 
@@ -66,7 +66,7 @@ class TorchDistributed:
     or `TorchDistributed.start(rank, world_size, init_method)` from processes started another way.
     """
 
-    def __init__(self, group: object | None = None) -> None:
+    def __init__(self, group: Any = None) -> None:
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -75,18 +75,14 @@ class TorchDistributed:
         self._group = group
 
     @classmethod
-    def start(
-        cls, rank: int, world_size: int, init_method: str, *, backend: str | None = None, timeout_s: float = 300
-    ) -> TorchDistributed:
+    def start(cls, rank: int, world_size: int, init_method: str, *, backend: str | None = None, timeout_s: float = 300) -> TorchDistributed:
         import torch
         import torch.distributed as dist
 
         if not 0 <= rank < world_size:
             raise UsageError(f"rank {rank} is outside a world of {world_size}")
         backend = backend or ("nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo")
-        dist.init_process_group(
-            backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-        )
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
         return cls()
 
     @classmethod
