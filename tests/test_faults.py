@@ -65,15 +65,26 @@ def test_disk_full_midway_leaves_nothing(model: Path, tmp_path: Path, monkeypatc
     assert snapshot(tmp_path) == before
 
 
+def default_signals() -> None:
+    """In the child, before Python starts: SIGINT as a terminal delivers it. A test run started in the background
+    (`&` in a script, some CI runners) hands its children SIGINT ignored, and Python then installs no handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
 @pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_signal_mid_split_leaves_nothing(model: Path, tmp_path: Path, sig: int, code: int, word: str) -> None:
+def test_signal_mid_split_leaves_nothing(model: Path, tmp_path: Path, sig: int, code: int, word: str, inherited: str) -> None:
     before = snapshot(tmp_path)
     out, marker = tmp_path / "out", tmp_path.parent / f"{tmp_path.name}.writing"
     env = {**os.environ, "PYTHONPATH": f"{FAULTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "RESHARD_TEST_SLOW_WRITES": str(marker)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "reshard", "split", str(model), "--tp", "2", "--out", str(out), "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if inherited == "ignored" else signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "reshard", "split", str(model), "--tp", "2", "--out", str(out), "-q"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_signals,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 60
     while not marker.exists():
         assert process.poll() is None, process.stderr.read()

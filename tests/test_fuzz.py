@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import random
 import struct
+import tempfile
 from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reshard.errors import InputError
+from reshard.formats.io import ByteReader
 from reshard.formats.safetensors import parse_header, read_header
 from reshard.plan.tensor import DTYPE_SIZES
 
@@ -44,12 +52,36 @@ def check(path: Path, raw: bytes, size: int) -> None:
     except InputError as e:
         assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
     else:
-        # What is accepted tiles the file exactly.
+        # What is accepted tiles the file exactly...
         pos = 8 + len(raw)
         for tensor in parsed.tensors:
             assert tensor.offset == pos and tensor.nbytes >= 0
             pos += tensor.nbytes
         assert pos == size
+        # ...and each tensor's bytes are the ones its header entry names, as the safetensors library reads them.
+        check_bytes(raw, size, parsed.tensors)
+
+
+def check_bytes(raw: bytes, size: int, tensors) -> None:
+    data = bytes(random.Random(size).getrandbits(8) for _ in range(size - 8 - len(raw)))
+    header = json.loads(raw)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "accepted.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+        with ByteReader(path) as reader:
+            for tensor in tensors:
+                begin, end = header[tensor.name]["data_offsets"]
+                got = reader.read_into(tensor.offset, np.empty(tensor.nbytes, dtype=np.uint8)).tobytes()
+                assert got == data[begin:end], tensor.name
+        try:
+            loaded = safetensors.torch.load_file(str(path))
+        except (safetensors.SafetensorError, TypeError, ValueError, RuntimeError):
+            return  # a dtype or name this torch cannot hold; the offsets were checked above
+        for tensor in tensors:
+            begin, end = header[tensor.name]["data_offsets"]
+            flat = loaded[tensor.name].reshape(-1)
+            stored = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+            assert stored == data[begin:end], tensor.name
 
 
 @settings(max_examples=400, deadline=None)
@@ -76,3 +108,28 @@ def test_generated_files(tmp_path: Path, prefix: bytes, length: int) -> None:
         read_header(path)
     except InputError as e:
         assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+
+
+valid_tensors = st.lists(
+    st.tuples(st.text(min_size=1, max_size=6), st.sampled_from(sorted(DTYPE_SIZES)), st.lists(st.integers(0, 5), max_size=3)),
+    max_size=5,
+    unique_by=lambda t: t[0],
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tensors=valid_tensors, order=st.randoms(use_true_random=False))
+def test_generated_valid_headers_read_the_right_bytes(tensors: list, order: random.Random) -> None:
+    """Headers that are valid, entries in any order: every one is accepted and each tensor's bytes checked."""
+    header, pos = {}, 0
+    for name, dtype, shape in tensors:
+        n = DTYPE_SIZES[dtype] * int(np.prod(shape))
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + n]}
+        pos += n
+    items = list(header.items())
+    order.shuffle(items)
+    raw = json.dumps(dict(items)).encode()
+    size = 8 + len(raw) + pos
+    parsed = parse_header(Path("gen.safetensors"), raw, size)
+    assert sorted(t.name for t in parsed.tensors) == sorted(header)
+    check_bytes(raw, size, parsed.tensors)

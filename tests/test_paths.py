@@ -96,7 +96,10 @@ def test_the_copy_fallback_still_checks_the_rank_files(model: Path, tmp_path: Pa
     no_copy_file_range(monkeypatch)
     for args in (["merge", before], ["split", before, "--tp", 4]):
         result = invoke(*args, "--out", tmp_path / "out")
-        assert (result.exit_code, result.stderr) == (1, f"Error: {rank1}: sha256 differs from reshard-rank-1.json; the file is corrupt, split again\n")
+        assert (result.exit_code, result.stderr) == (
+            1,
+            f"Error: {rank1}: sha256 differs from reshard-rank-1.json; the file is corrupt, split again\n",
+        )
         assert not (tmp_path / "out").exists()
 
 
@@ -115,7 +118,9 @@ def test_every_staged_file_and_its_folder_are_fsynced_before_the_rename(
     monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", os.fspath(a))) or real_rename(a, b))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.fspath(a))) or real_replace(a, b))
     out = tmp_path / "out"
-    args = {"split": ["split", model, "--tp", 2], "merge": ["merge", source], "ranks": ["split", model, "--tp", 2, "--ranks", "0,1"]}[command]
+    args = {"split": ["split", model, "--tp", 2], "merge": ["merge", source], "ranks": ["split", model, "--tp", 2, "--ranks", "0,1"]}[
+        command
+    ]
     assert invoke(*args, "--out", out, "-q").exit_code == 0
 
     def first(event: str, test) -> int:
@@ -190,7 +195,9 @@ def test_a_rank_file_whose_dtype_or_shape_differs_is_refused(model: Path, tmp_pa
 def test_resplit_refuses_a_plan_that_cuts_another_dim(model: Path, tmp_path: Path) -> None:
     before = split(model, tmp_path / "before", 2)
     rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps({"rules": [{"name": "o_rows", "match": "model.layers.*.self_attn.o_proj.weight", "style": "colwise", "dim": 0}]}))
+    rules.write_text(
+        json.dumps({"rules": [{"name": "o_rows", "match": "model.layers.*.self_attn.o_proj.weight", "style": "colwise", "dim": 0}]})
+    )
     inputs = snapshot(before)
     result = invoke("split", before, "--tp", 4, "--rules", rules, "--out", tmp_path / "after")
     assert result.exit_code == 1
@@ -234,7 +241,10 @@ def test_sizes_that_are_not_whole_bytes_are_refused(text: str) -> None:
         parse_size(text)
 
 
-@pytest.mark.parametrize(("writes", "line"), [(True, "Error: out/x: No space left on device; nothing was written"), (False, "Error: out/x: No space left on device")])
+@pytest.mark.parametrize(
+    ("writes", "line"),
+    [(True, "Error: out/x: No space left on device; nothing was written"), (False, "Error: out/x: No space left on device")],
+)
 def test_only_a_command_that_writes_says_nothing_was_written(capsys: pytest.CaptureFixture[str], writes: bool, line: str) -> None:
     def failing() -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/x")

@@ -58,23 +58,53 @@ def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 NAIVE_QKV = {"rules": [{"name": "qkv_naive", "match": "model.layers.*.self_attn.qkv_proj.weight", "style": "colwise", "dim": 0}]}
 
 
+def attempt(make) -> Path | str:
+    """A split, or why it failed: one family's failure is that family's tests' failure, not every test's."""
+    try:
+        return make()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
 @pytest.fixture(scope="session")
-def splits(family_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
+def split_attempts(family_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path | str]:
     root = tmp_path_factory.mktemp("splits")
-    result = {(name, tp): split(model, tp=tp, out=root / f"{name}-tp{tp}") for name, model in family_models.items() for tp in TPS}
+    result = {
+        (name, tp): attempt(lambda: split(model, tp=tp, out=root / f"{name}-tp{tp}")) for name, model in family_models.items() for tp in TPS
+    }
     (root / "naive.json").write_text(json.dumps(NAIVE_QKV))
-    result[("phi3-naive", 2)] = split(family_models["phi3"], tp=2, out=root / "phi3-naive", rules=root / "naive.json")
+    result[("phi3-naive", 2)] = attempt(lambda: split(family_models["phi3"], tp=2, out=root / "phi3-naive", rules=root / "naive.json"))
     return result
 
 
+class Splits(dict):
+    """The split folders by (family, tp); asking for one that failed fails the asking test with the reason."""
+
+    def __getitem__(self, key: tuple[str, int]) -> Path:
+        found = super().__getitem__(key)
+        if isinstance(found, str):
+            pytest.fail(f"split of {key[0]} at tp {key[1]} failed: {found}")
+        return found
+
+
 @pytest.fixture(scope="session")
-def tp_errors(
-    family_models: dict[str, Path], splits: dict[tuple[str, int], Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[int, dict]:
+def splits(split_attempts: dict[tuple[str, int], Path | str]) -> Splits:
+    return Splits(split_attempts)
+
+
+@pytest.fixture(scope="session")
+def tp_errors(family_models: dict[str, Path], split_attempts: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    """Each family's relative error at each tp, or the reason it has none (its split or its processes failed)."""
     work = tmp_path_factory.mktemp("dist")
-    jobs = {tp: [(n, family_models[n], splits[(n, tp)]) for n in FAMILIES] for tp in TPS}
-    jobs[2].append(("phi3-naive", family_models["phi3"], splits[("phi3-naive", 2)]))
-    return {tp: run_tensor_parallel(tp, jobs[tp], work) for tp in TPS}
+    ready = {key: found for key, found in split_attempts.items() if isinstance(found, Path)}
+    jobs = {tp: [(n, family_models[n], ready[(n, tp)]) for n in FAMILIES if (n, tp) in ready] for tp in TPS}
+    if ("phi3-naive", 2) in ready:
+        jobs[2].append(("phi3-naive", family_models["phi3"], ready[("phi3-naive", 2)]))
+    errors = {tp: run_tensor_parallel(tp, jobs[tp], work) if jobs[tp] else {} for tp in TPS}
+    for (name, tp), found in split_attempts.items():
+        if isinstance(found, str) and tp in errors:
+            errors[tp][name] = f"the split failed: {found}"
+    return errors
 
 
 @pytest.mark.parametrize("tp", TPS)
@@ -172,3 +202,23 @@ def test_verify_forward_on_real_models(family_models: dict[str, Path], splits: d
         "mixtral": {"expert_w1_w3", "expert_w2"},
     }
     assert expected[family] <= set(kinds), sorted(kinds)
+
+
+def test_verify_forward_derives_the_cuts_again(family_models: dict[str, Path], tmp_path: Path) -> None:
+    """A split made with a wrong rule (gpt2's c_fc.bias replicated instead of cut with c_fc's columns) is
+    consistent with its own manifest, so products taken from the manifest's cuts would pass; the forward check
+    derives the cuts from the config and the rules again and names the tensor."""
+    from reshard import InputError
+    from reshard.runtime.forward import run_forward
+
+    rules = tmp_path / "wrong.json"
+    rules.write_text(json.dumps({"rules": [{"name": "c_fc_bias", "match": "transformer.h.*.mlp.c_fc.bias", "style": "replicate"}]}))
+    out = split(family_models["gpt2"], tp=2, out=tmp_path / "wrong", rules=rules)
+    assert json.loads((out / "reshard.json").read_text())["tensors"]["transformer.h.0.mlp.c_fc.bias"]["style"] == "replicate"
+    with pytest.raises(InputError) as e:
+        run_forward(out, source=family_models["gpt2"])
+    assert str(e.value).startswith(
+        f"{out / 'reshard.json'}: tensor transformer.h.0.mlp.c_fc.bias is replicated, but the gpt2 rules cut it colwise on dim 0"
+    )
+    # Given the rules it was split with, the check runs the products the manifest describes.
+    assert all(k.worst <= 1e-5 for k in run_forward(out, source=family_models["gpt2"], rules=rules))

@@ -129,7 +129,8 @@ def worker(rank: int, tp: int, store: str, jobs: list[tuple[str, str, str]], res
                 )
         except Exception:
             out[name] = f"rank {rank}: {traceback.format_exc()}"
-    Path(f"{results}.rank{rank}").write_text(json.dumps(out))
+        # After every job, so that a rank dying later leaves the jobs before it their own results.
+        Path(f"{results}.rank{rank}").write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
@@ -139,10 +140,19 @@ def run_tensor_parallel(tp: int, jobs: list[tuple[str, Path, Path]], workdir: Pa
 
     store, results = workdir / f"store-{tp}", workdir / f"results-{tp}"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(worker, args=(tp, str(store), [(n, str(m), str(s)) for n, m, s in jobs], str(results)), nprocs=tp)
-    per_rank = [json.loads(Path(f"{results}.rank{r}").read_text()) for r in range(tp)]
+    crashed = None
+    try:
+        mp.spawn(worker, args=(tp, str(store), [(n, str(m), str(s)) for n, m, s in jobs], str(results)), nprocs=tp)
+    except Exception as e:  # a rank process died: the jobs it finished keep their results, the others get this
+        crashed = f"the rank processes failed: {e}"
+    per_rank = [json.loads(p.read_text()) if (p := Path(f"{results}.rank{r}")).is_file() else {} for r in range(tp)]
     merged: dict[str, object] = {}
     for name, *_ in jobs:
         failures = [r[name] for r in per_rank if isinstance(r.get(name), str)]
-        merged[name] = "\n".join(failures) if failures else per_rank[0][name]
+        if failures:
+            merged[name] = "\n".join(failures)
+        elif name in per_rank[0]:
+            merged[name] = per_rank[0][name]
+        else:
+            merged[name] = crashed or "no result"
     return merged

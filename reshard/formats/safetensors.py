@@ -90,7 +90,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsFile:
         raise InputError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
     data_start = 8 + len(raw)
     tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
-    tensors.sort(key=lambda t: t.offset)
+    tensors.sort(key=lambda t: (t.offset, t.nbytes))  # an empty tensor sits before the one starting where it does
     pos = data_start
     for t in tensors:
         if t.offset != pos:
