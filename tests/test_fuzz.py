@@ -12,7 +12,6 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import raw_bytes, reference_slice, snapshot
 from safetensors.torch import load_file
 
 from reshard import PlanError, merge, split
 from reshard.formats.checkpoint import open_checkpoint
+
+from helpers import raw_bytes, reference_slice, snapshot
 
 CASES = [(name, layout, tp) for name in ("llama", "mistral", "qwen2", "qwen3") for layout in ("", "-sharded") for tp in (2, 4)]
 

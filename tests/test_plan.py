@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import llama_config, llama_shapes
 
 from reshard import ModelConfig, PlanError, TPConfig, UsageError, build_plan
 from reshard.errors import InputError
 from reshard.formats.safetensors import TensorInfo
 from reshard.model.rules import builtin_families, detect_family
+
+from helpers import llama_config, llama_shapes
 
 LLAMA = builtin_families()["llama"]
 

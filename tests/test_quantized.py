@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import llama_config, llama_shapes, write_checkpoint
 from safetensors.torch import load_file
 
 from reshard import PlanError, merge, split
+
+from helpers import llama_config, llama_shapes, write_checkpoint
 
 F8 = torch.float8_e4m3fn
 

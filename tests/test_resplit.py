@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import snapshot, synthetic_llama
 from typer.testing import CliRunner
 
 from reshard.cli import app
+
+from helpers import snapshot, synthetic_llama
 
 runner = CliRunner()
 

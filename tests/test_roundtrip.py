@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DTYPES, raw_bytes, reference_slice, snapshot, synthetic_llama
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from reshard import merge, split
+
+from helpers import DTYPES, raw_bytes, reference_slice, snapshot, synthetic_llama
 
 # The package exports the functions split and merge, which hide the engine modules of the same names.
 split_module = importlib.import_module("reshard.engine.split")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import synthetic_llama
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -16,6 +15,8 @@ import reshard
 from reshard.cli import app
 from reshard.errors import InputError, UsageError
 from reshard.runtime.parallel import SingleDevice, TorchDistributed
+
+from helpers import synthetic_llama
 
 runner = CliRunner()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

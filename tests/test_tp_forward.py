@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tp_forward import run_tensor_parallel
 
 from reshard import merge, split
+
+from tp_forward import run_tensor_parallel
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=None)  # fmt: skip
 FAMILIES = {

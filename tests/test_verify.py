@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import llama_config, llama_shapes, snapshot, synthetic_llama, write_checkpoint
 from typer.testing import CliRunner
 
 from reshard import verify
 from reshard.cli import app
+
+from helpers import llama_config, llama_shapes, snapshot, synthetic_llama, write_checkpoint
 
 runner = CliRunner()
 
