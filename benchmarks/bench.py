@@ -126,6 +126,12 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temporary folder)")
     parser.add_argument("--no-naive", action="store_true", help="skip the load-everything script (it needs torch)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another reshard source tree (e.g. `git worktree add /tmp/base HEAD~3`): its split and merge run in the same rounds",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="reshard-bench-", dir=args.workdir))
@@ -142,6 +148,16 @@ def main() -> None:
             merge_name: ("merged", [*reshard, "merge", str(work / "split"), "--out", str(work / "merged"), "--quiet"]),
             f"load_file + torch.chunk + save_file (tp {args.tp})": ("naive", [sys.executable, str(HERE / "naive_split.py"), str(src), str(work / "naive"), str(args.tp)]),
         }  # fmt: skip
+        if args.baseline is not None:
+            base_run = ["env", f"PYTHONPATH={args.baseline.resolve()}", sys.executable, "-m", "reshard"]
+            commands[f"{split_name} (baseline)"] = (
+                "split-base",
+                [*base_run, "split", str(src), "--tp", str(args.tp), "--out", str(work / "split-base"), "--quiet"],
+            )
+            commands[f"{merge_name} (baseline)"] = (
+                "merged-base",
+                [*base_run, "merge", str(work / "split-base"), "--out", str(work / "merged-base"), "--quiet"],
+            )
         if args.no_naive:
             commands.pop(next(k for k in commands if k.startswith("load_file")))
         times: dict[str, list[float]] = {name: [] for name in commands}
@@ -156,9 +172,9 @@ def main() -> None:
                 times[name].append(seconds)
                 peaks[name] = max(peaks[name], rss)
                 print(f"round {round_ + 1}: {name}: {seconds:.2f} s, {rss / 2**20:.0f} MiB", file=sys.stderr)
-                if name == merge_name:
-                    same &= filecmp.cmp(work / "merged" / "model.safetensors", src / "model.safetensors", shallow=False)
-                if name != split_name:  # merge reads the split; everything else is removed at once
+                if name.startswith(merge_name):
+                    same &= filecmp.cmp(work / output / "model.safetensors", src / "model.safetensors", shallow=False)
+                if not name.startswith(split_name):  # merge reads the split; everything else is removed at once
                     shutil.rmtree(work / output, ignore_errors=True)
         base = statistics.median(times["cp -r"])
         print(f"Checkpoint: {size / 2**30:.2f} GiB bf16 (Llama-2-7B shapes), tp {args.tp}, {args.rounds} rounds, median seconds")

@@ -52,7 +52,6 @@ class _Command(TyperCommand):
 
 
 app = typer.Typer(
-    help="Split LLM safetensors checkpoints for tensor parallelism, and merge them back bit for bit.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -275,3 +275,21 @@ def test_rules_file_is_validated_strictly(model: Path, tmp_path: Path, rules: di
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: {path}") and message in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["plan", "split", "merge", "verify"])
+def test_help_reads_as_a_person_writes_it(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], prog_name="reshard")
+    assert result.exit_code == 0
+    usage = result.stdout.splitlines()[0]
+    assert usage == f"Usage: reshard {command} [OPTIONS] {'MODEL' if command in ('plan', 'split') else 'DIR'}"
+    assert "<" not in result.stdout.replace("<model folder>-tp<N>", "").replace("<DIR>-merged", "")  # no <bool>, <path> tags
+    assert "{" not in result.stdout
+    if command == "split":
+        for shown in ("--tp N", "--out DIR", "--devices IDS", "--config FILE", "--max-shard-size SIZE", "--rank R", "--force  ", "cuda:IDS[r]"):
+            assert shown in result.stdout, shown
+
+
+def test_top_level_help_tells_how_to_see_a_traceback() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "RESHARD_DEBUG=1" in result.stdout

@@ -11,11 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from reshard.engine.sources import Contiguous, Stitched, TensorBytes
-from reshard.engine.split import Progress, split_tensor
+from reshard.engine.split import split_tensor
 from reshard.engine.staging import staged_output
 from reshard.engine.workers import WORKERS, run_all, thread_buffers
 from reshard.formats.checksums import BackgroundHashes
-from reshard.formats.io import Buffers, ByteReader, copy_durably, write_durably
+from reshard.formats.io import Buffers, ByteReader, Progress, copy_durably, write_durably
 from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, merged_file_names
 from reshard.formats.safetensors import Entry, TensorInfo, entry_nbytes
 from reshard.formats.split_folder import SplitFolder

@@ -20,15 +20,13 @@ from reshard.engine.sources import Source, TensorBytes, TensorSource
 from reshard.engine.staging import staged_output, staged_ranks
 from reshard.engine.workers import run_all, thread_buffers
 from reshard.formats.checksums import record
-from reshard.formats.io import BLOCK_BYTES, Buffers, copy_durably
+from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, copy_durably
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_file_name
 from reshard.formats.manifest import Manifest, write_manifest
 from reshard.formats.safetensors import Entry
 from reshard.formats.writer import PartedWriter, Region, partition
 from reshard.model.config import ModelConfig
 from reshard.plan.cut import Plan, Span, TensorCut, rank_spans
-
-Progress = Callable[[int], object]
 
 
 def split(

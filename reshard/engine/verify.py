@@ -7,7 +7,7 @@ same range walk with plain reads, so a bug in the engine's copies or gathers can
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
-from reshard.formats.io import BLOCK_BYTES, Buffers, ByteReader
+from reshard.formats.io import BLOCK_BYTES, Buffers, ByteReader, Progress
 from reshard.formats.layout import MANIFEST_NAME
 from reshard.formats.manifest import Manifest
 from reshard.formats.safetensors import TensorInfo
 from reshard.formats.split_folder import SplitFolder
 from reshard.plan.cut import TensorCut, rank_spans
-
-Progress = Callable[[int], object]
 
 
 @dataclass

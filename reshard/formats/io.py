@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from reshard.errors import InputError
 
 # The most bytes an engine reads or gathers in one go: memory stays near a few of these whatever the checkpoint.
 BLOCK_BYTES = 32 << 20
+
+# Called with the number of bytes just processed (from several threads: the callee locks if it must).
+Progress = Callable[[int], object]
 
 
 class Buffers:

@@ -5,16 +5,15 @@ manifest's dtypes and shapes, and, when asked, every file its recorded sha256.""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from reshard.errors import InputError
 from reshard.formats.checksums import BackgroundHashes
+from reshard.formats.io import Progress
 from reshard.formats.layout import MANIFEST_NAME, rank_record_name
 from reshard.formats.manifest import Manifest, read_manifest
 from reshard.formats.safetensors import TensorInfo, read_header, shown
-
-Progress = Callable[[int], object]
 
 
 class SplitFolder:

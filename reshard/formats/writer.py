@@ -8,6 +8,7 @@ import ctypes
 import errno
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
@@ -29,14 +30,14 @@ def _writeback_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshard-writeback")
 
 
-class _Output:
+class _Output(ABC):
     """An output that is closed (finished, flushed) when its block ends well, and aborted when it does not."""
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
-    def abort(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def abort(self) -> None: ...
 
     def __enter__(self: _O) -> _O:
         return self
