@@ -286,7 +286,16 @@ def test_help_reads_as_a_person_writes_it(command: str) -> None:
     assert "<" not in result.stdout.replace("<model folder>-tp<N>", "").replace("<DIR>-merged", "")  # no <bool>, <path> tags
     assert "{" not in result.stdout
     if command == "split":
-        for shown in ("--tp N", "--out DIR", "--devices IDS", "--config FILE", "--max-shard-size SIZE", "--rank R", "--force  ", "cuda:IDS[r]"):
+        for shown in (
+            "--tp N",
+            "--out DIR",
+            "--devices IDS",
+            "--config FILE",
+            "--max-shard-size SIZE",
+            "--rank R",
+            "--force  ",
+            "cuda:IDS[r]",
+        ):
             assert shown in result.stdout, shown
 
 

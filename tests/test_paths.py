@@ -253,3 +253,29 @@ def test_only_a_command_that_writes_says_nothing_was_written(capsys: pytest.Capt
         _run(failing, writes=writes)
     assert e.value.exit_code == 1
     assert capsys.readouterr().err == line + "\n"
+
+
+@pytest.mark.parametrize("which", ["config.json", "reshard.json", "reshard-rank-0.json", "rules", "tp.json"])
+@pytest.mark.parametrize("content", ["fifo", "deep"])
+def test_json_inputs_that_would_hang_or_overflow_are_one_line_errors(model: Path, tmp_path: Path, which: str, content: str) -> None:
+    """A FIFO in place of a JSON file (reading it would block forever) and nesting deep enough to overflow the
+    parser: each is told in one line naming the file, never a hang or a traceback."""
+    folder = split(model, tmp_path / "split", 2) if which.startswith("reshard") else model
+    path = {"rules": tmp_path / "rules.json", "tp.json": tmp_path / "tp.json"}.get(which, folder / which)
+    path.unlink(missing_ok=True)
+    if content == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    args = {
+        "config.json": ["plan", model, "--tp", 2],
+        "reshard.json": ["merge", folder, "--out", tmp_path / "out"],
+        "reshard-rank-0.json": ["verify", folder],
+        "rules": ["plan", model, "--tp", 2, "--rules", path],
+        "tp.json": ["plan", model, "--tp", 2, "--config", path],
+    }[which]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: "), result.stderr
+    assert ("not a regular file" if content == "fifo" else "as JSON") in lines[0]

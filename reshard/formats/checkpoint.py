@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from reshard.errors import InputError
 from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
-from reshard.formats.safetensors import DuplicateKey, SafetensorsFile, TensorInfo, read_header, shown, strict_object
+from reshard.formats.safetensors import SafetensorsFile, TensorInfo, read_header, shown
+from reshard.jsonfile import DuplicateKey, read_json
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,9 @@ def _from_file(path: Path) -> Checkpoint:
 
 def _from_index(index_path: Path) -> Checkpoint:
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=strict_object)
+        index = read_json(index_path, what="index", fix="fix or re-save it", strict=True)
     except DuplicateKey as e:
         raise InputError(f"{index_path}: tensor {shown(str(e))} is listed twice; the index is corrupt, re-save the checkpoint") from e
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InputError(f"{index_path}: cannot read the index as JSON ({e}); fix or re-save it") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise InputError(f"{index_path}: weight_map must map tensor names to file names")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from reshard.errors import InputError, ReshardError
 from reshard.formats.checksums import FileRecord
 from reshard.formats.io import write_durably
 from reshard.formats.layout import MANIFEST_NAME, rank_record_name
+from reshard.jsonfile import read_json
 from reshard.model.config import TPConfig
 from reshard.model.rules import STYLES
 from reshard.plan.cut import Plan, TensorCut, coverage
@@ -143,13 +145,11 @@ def dumps(data: dict[str, Any]) -> str:
 
 def read_manifest(folder: Path) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(f"{folder}: no {MANIFEST_NAME} here; pass a folder written by `reshard split`")
+    data = read_json(path, what="manifest", fix="split again")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
         manifest = _parse(data)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"{path}: cannot read the manifest as JSON ({e}); split again") from e
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"{path}: malformed manifest ({type(e).__name__}: {e}); split again") from e
     except ReshardError as e:
@@ -158,26 +158,28 @@ def read_manifest(folder: Path) -> Manifest:
 
 
 def _with_rank_records(folder: Path, manifest: Manifest) -> Manifest:
+    """The manifest with the size and sha256 of the files of every rank whose record is in the folder."""
     files, present = dict(manifest.files), []
     for rank, names in enumerate(manifest.rank_files):
         path = folder / rank_record_name(rank)
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("the rank record must be a JSON object")
-            if data.get("format") != RANK_FORMAT or data.get("version") != VERSION or data.get("rank") != rank:
-                raise ValueError(f"expected format {RANK_FORMAT!r} version {VERSION} for rank {rank}")
-            if list(data["files"]) != list(names):
-                raise ValueError(f"lists {list(data['files'])}, {MANIFEST_NAME} lists {list(names)}")
-            files |= {name: FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise InputError(f"{path}: cannot read the rank record as JSON ({e}); split again") from e
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise InputError(f"{path}: malformed rank record ({type(e).__name__}: {e}); split again") from e
-        present.append(rank)
+        if os.path.lexists(path):
+            files |= _rank_record(path, rank, names)
+            present.append(rank)
     return replace(manifest, files=files, ranks_present=tuple(present))
+
+
+def _rank_record(path: Path, rank: int, names: tuple[str, ...]) -> dict[str, FileRecord]:
+    data = read_json(path, what="rank record", fix="split again")
+    try:
+        if not isinstance(data, dict):
+            raise ValueError("the rank record must be a JSON object")
+        if data.get("format") != RANK_FORMAT or data.get("version") != VERSION or data.get("rank") != rank:
+            raise ValueError(f"expected format {RANK_FORMAT!r} version {VERSION} for rank {rank}")
+        if list(data["files"]) != list(names):
+            raise ValueError(f"lists {list(data['files'])}, {MANIFEST_NAME} lists {list(names)}")
+        return {name: FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: malformed rank record ({type(e).__name__}: {e}); split again") from e
 
 
 def _parse(data: Any) -> Manifest:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reshard.errors import InputError
+from reshard.jsonfile import DuplicateKey, strict_object
 from reshard.plan.tensor import DTYPE_SIZES, SUB_BYTE_DTYPES, tensor_nbytes
 
 MAX_HEADER_BYTES = 100_000_000
@@ -59,20 +60,6 @@ def read_header(path: Path) -> SafetensorsFile:
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror}") from e
     return parse_header(path, raw, size)
-
-
-class DuplicateKey(ValueError):
-    """A JSON object with a key given twice."""
-
-
-def strict_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """A JSON object that refuses a key given twice (json.loads would keep the last silently)."""
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise DuplicateKey(key)
-        result[key] = value
-    return result
 
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsFile:

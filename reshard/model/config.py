@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import InputError, UsageError
+from reshard.jsonfile import read_json, read_text
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -37,12 +38,9 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"{path}: no model config here; put config.json beside the weights or pass --config FILE") from None
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise InputError(f"{path}: cannot read the model config as JSON ({e}); fix or replace the file") from e
+        raw = read_json(
+            path, what="model config", fix="fix or replace the file", missing="put config.json beside the weights or pass --config FILE"
+        )
         if not isinstance(raw, dict):
             raise InputError(f"{path}: the model config must be a JSON object")
         return cls(raw=raw, path=path)
@@ -106,28 +104,25 @@ def is_tp_config(path: Path) -> bool:
     if path.suffix.lower() == ".toml":
         return True
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        data = read_json(path, what="config", fix="")
+    except InputError:
         return False  # read again, and reported, as a model config
     return isinstance(data, dict) and bool(data) and set(data) <= set(TP_KEYS)
 
 
 def load_tp_config(path: Path) -> TPSettings:
     """A TP config: `tp` (or `num_devices`, as the seed's TPConfig calls it) and `device_ids`, in TOML or JSON."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such TP config") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InputError(f"{path}: cannot read the TP config ({e}); fix the file") from e
+    if path.suffix.lower() != ".toml":
+        data = read_json(path, what="TP config", fix="fix the file")
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(read_text(path, what="TP config", fix="fix the file"))
+        except (ValueError, RecursionError) as e:
+            raise InputError(f"{path}: cannot read the TP config as TOML ({e}); fix the file") from e
     if not isinstance(data, dict):
         raise InputError(f"{path}: the TP config must be a table of tp and device_ids")
     unknown = sorted(set(data) - set(TP_KEYS))

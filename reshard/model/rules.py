@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import InputError, RulesError
+from reshard.jsonfile import read_json
 from reshard.model.config import ModelConfig
 
 STYLES = ("colwise", "rowwise", "vocab", "replicate")
@@ -105,9 +106,9 @@ def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern[str]:
 
 def _read_rules(path: Path) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise RulesError(f"{path}: cannot read rules file as JSON ({e}); fix the file") from e
+        return read_json(Path(path), what="rules file", fix="fix the file")
+    except InputError as e:
+        raise RulesError(str(e)) from e
 
 
 def parse_family(data: Any, source: str, *, parents: dict[str, Family] | None = None) -> Family:
