@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import reshard
 from reshard import InputError, UsageError
 from reshard.cli import _run, app
+from reshard.engine import staging as staging_module
 from reshard.formats import writer
 from reshard.model.config import parse_size
 
@@ -117,6 +118,8 @@ def test_every_staged_file_and_its_folder_are_fsynced_before_the_rename(
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", fd_path(fd))) or real_fsync(fd))
     monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", os.fspath(a))) or real_rename(a, b))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.fspath(a))) or real_replace(a, b))
+    real_noreplace = staging_module.rename_noreplace
+    monkeypatch.setattr(staging_module, "rename_noreplace", lambda a, b: events.append(("rename", os.fspath(a))) or real_noreplace(a, b))
     out = tmp_path / "out"
     args = {"split": ["split", model, "--tp", 2], "merge": ["merge", source], "ranks": ["split", model, "--tp", 2, "--ranks", "0,1"]}[
         command

@@ -109,15 +109,15 @@ def test_failure_midway_leaves_no_output(tmp_path: Path, monkeypatch: pytest.Mon
     assert snapshot(model) == before
 
 
-def test_force_replaces_an_existing_output(tmp_path: Path) -> None:
+def test_force_replaces_an_earlier_output_of_reshard(tmp_path: Path) -> None:
     model = synthetic_llama(tmp_path / "model", torch.bfloat16)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    split(model, tp=2, out=out, force=True)
-    assert not (out / "stale.txt").exists()
-    assert (out / "reshard.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+    out = split(model, tp=2, out=tmp_path / "out")
+    split(model, tp=4, out=out, force=True)
+    assert json.loads((out / "reshard.json").read_text())["tp"] == 4
+    assert not (out / "model-rank-0-part-0.safetensors").exists() or (out / "reshard-rank-3.json").exists()
+    merged = merge(out, out=tmp_path / "merged")
+    merge(out, out=merged, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "model", "out"]
 
 
 def test_max_shard_size_cuts_rank_files_into_parts(tmp_path: Path) -> None:

@@ -1,0 +1,195 @@
+"""A user's data is never lost: outputs are placed by file identity, --force replaces only what reshard wrote,
+one run at a time per output, nothing half-written survives a kill, and outputs are no more readable than inputs.
+Every case runs the real command and checks that nothing outside the output changed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from reshard.cli import app
+
+from helpers import snapshot, synthetic_llama
+
+runner = CliRunner()
+FAULTS = Path(__file__).parent / "faults"
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return synthetic_llama(tmp_path / "m" / "model", torch.bfloat16, kv_heads=2, layers=4)
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def split(model: Path, out: Path, *flags: object) -> Path:
+    result = invoke("split", model, "--tp", 2, "--out", out, "-q", *flags)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def twice(path: Path) -> str:
+    """The same folder spelled with a leading `//`."""
+    return "/" + str(path)
+
+
+def refused(args: list[object], message: str, before: dict[str, bytes], root: Path) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert snapshot(root) == before
+
+
+def test_the_input_by_another_spelling_is_never_the_output(model: Path, tmp_path: Path) -> None:
+    folder = split(model, tmp_path / "m" / "split")
+    (tmp_path / "alias").symlink_to(tmp_path / "m")
+    before = snapshot(tmp_path)
+    replaces, inside = "output would replace the input", "output would be written inside the input folder"
+    cases = [
+        (["split", model, "--tp", 2, "--out", twice(model), "--force"], replaces),
+        (["split", model, "--tp", 2, "--out", tmp_path / "alias" / "model", "--force"], replaces),
+        (["split", model, "--tp", 2, "--out", tmp_path / "m", "--force"], replaces),  # a folder holding the input
+        (["merge", folder, "--out", twice(folder), "--force"], replaces),
+        (["split", folder, "--tp", 4, "--out", tmp_path / "alias" / "split", "--force"], replaces),
+        (["split", model, "--tp", 2, "--out", twice(model / "sub")], inside),
+        (["split", model, "--tp", 2, "--rank", 0, "--out", twice(model)], replaces),
+        (["split", model, "--tp", 2, "--rank", 0, "--out", tmp_path / "alias" / "model" / "sub"], inside),
+    ]
+    for args, message in cases:
+        refused(args, message, before, tmp_path)
+
+
+def test_force_replaces_only_what_reshard_wrote(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("four years of work")
+    before = snapshot(tmp_path)
+    message = f"{out}: holds thesis.tex, which reshard did not write; --force replaces only a folder written by reshard"
+    refused(["split", model, "--tp", 2, "--out", out, "--force"], message, before, tmp_path)
+    (out / "thesis.tex").unlink()
+    split(model, out, "--force")  # an empty folder holds nothing to lose
+    (out / "notes.txt").write_text("mine")  # a split folder the user added to
+    before = snapshot(tmp_path)
+    refused(["split", model, "--tp", 2, "--out", out, "--force"], "holds notes.txt, which reshard did not write", before, tmp_path)
+    (out / "notes.txt").unlink()
+    split(model, out, "--force")
+    merged = invoke("merge", out, "--out", tmp_path / "merged", "-q")
+    assert merged.exit_code == 0
+    assert invoke("merge", out, "--out", tmp_path / "merged", "-q", "--force").exit_code == 0
+    (tmp_path / "file").write_text("x")
+    before = snapshot(tmp_path)
+    refused(["split", model, "--tp", 2, "--out", tmp_path / "file", "--force"], "exists and is not a folder", before, tmp_path)
+
+
+def slow_split(model: Path, out: Path, marker: Path, *flags: str) -> subprocess.Popen[str]:
+    """A split in its own process whose writes are slowed, so that something can happen while it writes."""
+    env = {**os.environ, "PYTHONPATH": f"{FAULTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "RESHARD_TEST_SLOW_WRITES": str(marker)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reshard", "split", str(model), "--tp", "2", "--out", str(out), "-q", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert time.monotonic() < deadline, "the split never started writing"
+        time.sleep(0.01)
+    return process
+
+
+def test_a_second_run_on_the_same_output_is_refused_at_once(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = slow_split(model, out, tmp_path / "writing")
+    second = invoke("split", model, "--tp", 2, "--out", out, "-q")
+    assert (second.exit_code, second.stderr) == (
+        1,
+        f"Error: {out}: another reshard run is writing it; wait for it to finish or choose another --out\n",
+    )
+    assert first.wait(timeout=120) == 0, first.stderr.read() if first.stderr else ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out", "writing"]
+    assert invoke("verify", out).exit_code == 0
+
+
+def test_an_output_that_appears_meanwhile_is_not_replaced(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process = slow_split(model, out, tmp_path / "writing", "--force")
+    out.mkdir()
+    (out / "thesis.tex").write_text("written while reshard ran")
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert stderr == f"Error: {out}: appeared or changed while reshard was writing; nothing was replaced; choose another --out\n"
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out", "writing"]
+
+
+def test_a_run_killed_with_sigkill_leaves_nothing_the_next_run_keeps(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process = slow_split(model, out, tmp_path / "writing")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert any(name.endswith(".partial") for name in left) and ".out.reshard-lock" in left
+    split(model, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out", "writing"]
+
+
+def test_the_old_output_comes_back_when_a_run_died_between_its_renames(model: Path, tmp_path: Path) -> None:
+    out = split(model, tmp_path / "out")
+    kept = snapshot(out)
+    aside = tmp_path / ".out.reshard-abcd1234.old"
+    aside.mkdir()
+    out.rename(aside / "out")  # where a --force run moved it before it died
+    result = invoke("split", model, "--tp", 4, "--out", out)
+    assert (result.exit_code, result.stderr) == (1, f"Error: {out}: already exists; pass --force to replace it or choose another --out\n")
+    assert snapshot(out) == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+
+
+def test_stale_rank_staging_is_removed_and_a_failed_rank_run_leaves_no_empty_folder(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = split(model, tmp_path / "out", "--rank", 0)
+    stale = out / ".ranks-abcd1234.partial"
+    stale.mkdir()
+    (stale / "model-rank-1-part-0.safetensors").write_bytes(b"half")
+    split(model, out, "--rank", 1)
+    assert not stale.exists() and invoke("verify", out).exit_code == 0
+
+    def full(*args: object) -> int:
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "copy_file_range", full)
+    fresh = tmp_path / "fresh"
+    result = invoke("split", model, "--tp", 2, "--rank", 0, "--out", fresh)
+    assert result.exit_code == 1 and "No space left on device" in result.stderr and "nothing was written" in result.stderr
+    assert not fresh.exists()
+
+
+def modes(folder: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
+
+
+@pytest.mark.parametrize("flags", [[], ["--rank", "0"]])
+def test_outputs_are_no_more_readable_than_the_inputs(model: Path, tmp_path: Path, flags: list[str]) -> None:
+    for path in model.iterdir():
+        path.chmod(0o600)
+    out = split(model, tmp_path / "out", *flags)
+    found = modes(out)
+    assert found.pop("out") == 0o700 or flags  # a folder --rank created beside others keeps the usual mode
+    assert found and set(found.values()) == {0o600}, found
+    if not flags:
+        merged = invoke("merge", out, "--out", tmp_path / "merged", "-q")
+        assert merged.exit_code == 0
+        assert modes(tmp_path / "merged") == {"merged": 0o700, "model.safetensors": 0o600, "config.json": 0o600}
