@@ -196,7 +196,7 @@ def test_python_dash_m_and_debug_traceback(tmp_path: Path) -> None:
     ("damage", "message"),
     [
         (lambda m: m.pop("tensors"), "malformed manifest (KeyError: 'tensors'); split again"),
-        (lambda m: m.update(version=9), "malformed manifest (ValueError: expected format 'reshard' version 1, found 'reshard' 9)"),
+        (lambda m: m.update(version=9), "malformed manifest (ValueError: expected format 'reshard' version 2, found 'reshard' 9)"),
         (lambda m: m["ranks"][0].update(files=["../elsewhere.safetensors"]), "rank file '../elsewhere.safetensors' must be a plain file name inside the split folder"),
         (lambda m: m["tensors"]["model.norm.weight"].update(dtype="X9"), "tensor model.norm.weight: unknown dtype 'X9'"),
     ],

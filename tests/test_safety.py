@@ -5,6 +5,7 @@ Every case runs the real command and checks that nothing outside the output chan
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -47,8 +48,9 @@ def twice(path: Path) -> str:
 def refused(args: list[object], message: str, before: dict[str, bytes], root: Path) -> None:
     result = invoke(*args)
     assert result.exit_code == 1, result.output
-    assert result.stderr.startswith("Error: ") and message in result.stderr, result.stderr
-    assert len(result.stderr.splitlines()) == 1
+    lines = result.stderr.splitlines()
+    assert lines and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 or args[0] == "verify"  # verify names every problem it finds
     assert snapshot(root) == before
 
 
@@ -193,3 +195,91 @@ def test_outputs_are_no_more_readable_than_the_inputs(model: Path, tmp_path: Pat
         merged = invoke("merge", out, "--out", tmp_path / "merged", "-q")
         assert merged.exit_code == 0
         assert modes(tmp_path / "merged") == {"merged": 0o700, "model.safetensors": 0o600, "config.json": 0o600}
+
+
+def forge(folder: Path, change) -> None:
+    """Edit a split folder's manifest and re-bind every rank record to it, as a careful forger would: only the
+    checks of content, not of bookkeeping, can then refuse it."""
+    import hashlib
+    import json
+
+    manifest = json.loads((folder / "reshard.json").read_text())
+    change(manifest)
+    text = json.dumps(manifest, indent=1)
+    (folder / "reshard.json").write_text(text)
+    for record_path in folder.glob("reshard-rank-*.json"):
+        record = json.loads(record_path.read_text())
+        record["manifest_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        record_path.write_text(json.dumps(record))
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda m: m["tensors"][Q].update(slices=[[[16, 32]], [[0, 16]]]),
+            f"tensor {Q} is recorded colwise on dim 0 with slices [[[16, 32]], [[0, 16]]], but the llama rules cut it colwise on dim 0 with slices [[[0, 16]], [[16, 32]]]; the manifest was changed, split again",
+        ),
+        (lambda m: m["tensors"][Q].update(slices=[[[16, 0]], [[16, 32]]]), "every slice must be [start, stop) with 0 <= start < stop"),
+        (lambda m: m["ranks"][1].update(files=m["ranks"][0]["files"]), "a rank file is listed twice"),
+        (
+            lambda m: m["tensors"]["model.norm.weight"].update(style="colwise", dim=0, slices=[[[0, 16]], [[16, 32]]]),
+            "tensor model.norm.weight is recorded colwise on dim 0",
+        ),
+    ],
+)
+def test_a_forged_manifest_is_refused_by_every_reader(model: Path, tmp_path: Path, change, message: str) -> None:
+    import reshard
+
+    folder = split(model, tmp_path / "split")
+    forge(folder, change)
+    before = snapshot(tmp_path)
+    for args in (["merge", folder, "--out", tmp_path / "out"], ["split", folder, "--tp", 4, "--out", tmp_path / "out"], ["verify", folder]):
+        refused(args, message, before, tmp_path)
+    with pytest.raises(reshard.InputError, match=re.escape(message)):
+        reshard.load_rank(folder, 0, device="cpu")
+
+
+def test_a_rank_from_another_split_is_refused(model: Path, tmp_path: Path) -> None:
+    """Another model with the same shapes: its rank 1 file and record, copied in, belong to another manifest."""
+    import reshard
+
+    folder = split(model, tmp_path / "split")
+    other = split(synthetic_llama(tmp_path / "other", torch.bfloat16, seed=1, kv_heads=2, layers=4), tmp_path / "other-split")
+    for name in ("model-rank-1-part-0.safetensors", "reshard-rank-1.json"):
+        (folder / name).write_bytes((other / name).read_bytes())
+    before = snapshot(tmp_path)
+    message = f"{folder / 'reshard-rank-1.json'}: belongs to another split (its manifest_sha256 is not this reshard.json's); split again"
+    for args in (["merge", folder, "--out", tmp_path / "out"], ["verify", folder]):
+        refused(args, message, before, tmp_path)
+    with pytest.raises(reshard.InputError, match="belongs to another split"):
+        reshard.load_rank(folder, 1, device="cpu")
+
+
+def test_links_are_not_followed_out_of_a_split_folder(model: Path, tmp_path: Path) -> None:
+    import reshard
+
+    folder = split(model, tmp_path / "split")
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    secret.chmod(0o600)
+    (folder / "config.json").rename(tmp_path / "config.json")
+    (folder / "config.json").symlink_to(secret)
+    before = snapshot(tmp_path)
+    message = f"{folder / 'config.json'}: links to {secret}, outside the split folder"
+    refused(["merge", folder, "--out", tmp_path / "out"], message, before, tmp_path)
+    # A manifest that lists no config.json: the folder's config.json is never read.
+    forge(folder, lambda m: m["files"].clear())
+    assert invoke("merge", folder, "--out", tmp_path / "out", "-q").exit_code == 0
+    assert "PRIVATE KEY" not in (tmp_path / "out" / "config.json").read_text()
+    # Rank 0 a link to rank 1: the same file under two names, or a file whose sha256 is not rank 0's.
+    rank0 = folder / "model-rank-0-part-0.safetensors"
+    rank0.unlink()
+    rank0.symlink_to("model-rank-1-part-0.safetensors")
+    result = invoke("merge", folder, "--out", tmp_path / "out2")
+    assert result.exit_code == 1 and "is the same file as" in result.stderr
+    with pytest.raises(reshard.InputError, match="sha256 differs from reshard-rank-0.json"):
+        reshard.load_rank(folder, 0, device="cpu")

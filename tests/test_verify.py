@@ -126,16 +126,27 @@ def test_against_refuses_another_checkpoint(model: Path, tmp_path: Path) -> None
     out = split(model, tmp_path / "split", 2)
     other = synthetic_llama(tmp_path / "other", torch.bfloat16, seed=1, kv_heads=2, vocab=62)
     same_header = runner.invoke(app, ["verify", str(out), "--against", str(other)])
-    # Same shapes, other values: the headers agree, the tensors do not.
+    # Same shapes, other values: the headers agree, the sampled data does not.
     assert same_header.exit_code == 1
-    assert "differs from rank 0's slice" in same_header.stderr
-    assert "more problems" in same_header.stderr.splitlines()[-1]
-    assert len(same_header.stderr.splitlines()) == 11
+    assert same_header.stderr.startswith(f"Error: {other}: model.safetensors differs from the one split (reshard.json records ")
+    assert ", data sample sha256 " in same_header.stderr
     bigger = synthetic_llama(tmp_path / "bigger", torch.bfloat16, kv_heads=2, vocab=64)
     result = runner.invoke(app, ["verify", str(out), "--against", str(bigger)])
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: {bigger}: model.safetensors differs from the one split (reshard.json records ")
     assert result.stderr.rstrip().endswith("pass the checkpoint this folder was split from")
+
+
+def test_many_problems_are_named_ten_then_counted(model: Path, tmp_path: Path) -> None:
+    out = split(model, tmp_path / "split", 2)
+    names = list(json.loads((out / "reshard.json").read_text())["tensors"])
+    for name in names:
+        recut(out, name, lambda rank, data: bytes(reversed(data)) if rank == 0 else data)
+    result = runner.invoke(app, ["verify", str(out), "--against", str(model)])
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 11 and all("differs from rank 0's slice" in line for line in lines[:10])
+    assert lines[-1] == f"Error: {len(names) - 10} more problems"
 
 
 def test_verify_bad_folder(tmp_path: Path) -> None:

@@ -17,11 +17,11 @@ import numpy as np
 
 from reshard.errors import InputError
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
-from reshard.formats.checksums import BackgroundHashes
+from reshard.formats.checksums import BackgroundHashes, sampled_sha256
 from reshard.formats.io import Buffers, ByteReader
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME
 from reshard.formats.manifest import SourceFile
-from reshard.formats.safetensors import TensorInfo
+from reshard.formats.safetensors import SafetensorsFile, TensorInfo
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import ModelConfig
 from reshard.plan.cut import Piece, TensorCut, coverage
@@ -95,6 +95,11 @@ class Stitched:
 TensorSource = Callable[[TensorCut, Buffers], TensorBytes]
 
 
+def source_file(f: SafetensorsFile) -> SourceFile:
+    """What a manifest records of a checkpoint file, to tell it again: size, header and a sample of its data."""
+    return SourceFile(f.path.name, f.size, f.header_sha256, sampled_sha256(f.path, start=f.data_start))
+
+
 @dataclass
 class CheckpointSource:
     checkpoint: Checkpoint
@@ -116,7 +121,7 @@ class CheckpointSource:
 
     @property
     def source_files(self) -> list[SourceFile]:
-        return [SourceFile(f.path.name, f.size, f.header_sha256) for f in self.checkpoint.files]
+        return [source_file(f) for f in self.checkpoint.files]
 
     @property
     def metadata(self) -> dict[str, str]:

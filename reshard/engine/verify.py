@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reshard.engine.sources import source_file
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
 from reshard.formats.io import BLOCK_BYTES, Buffers, ByteReader, Progress
 from reshard.formats.layout import MANIFEST_NAME
@@ -64,11 +65,11 @@ def _source_problems(manifest: Manifest, model: Path, ckpt: Checkpoint) -> Itera
     found = {f.path.name: f for f in ckpt.files}
     for source in manifest.source_files:
         f = found.get(source.name)
-        if f is None or (f.size, f.header_sha256) != (source.bytes, source.header_sha256):
+        if f is None or source_file(f) != source:
             what = "is not there" if f is None else "differs from the one split"
             yield (
                 f"{model}: {source.name} {what} ({MANIFEST_NAME} records {source.bytes} bytes, header sha256 "
-                f"{source.header_sha256[:12]}); pass the checkpoint this folder was split from"
+                f"{source.header_sha256[:12]}, data sample sha256 {source.sample_sha256[:12]}); pass the checkpoint this folder was split from"
             )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -12,8 +13,8 @@ from typing import Any
 from reshard.errors import InputError, ReshardError
 from reshard.formats.checksums import FileRecord
 from reshard.formats.io import write_durably
-from reshard.formats.layout import MANIFEST_NAME, rank_record_name
-from reshard.jsonfile import read_json
+from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_record_name
+from reshard.jsonfile import read_json, read_text
 from reshard.model.config import TPConfig
 from reshard.model.rules import STYLES
 from reshard.plan.cut import Plan, TensorCut, coverage
@@ -21,7 +22,7 @@ from reshard.plan.tensor import DTYPE_SIZES
 
 FORMAT = "reshard"
 RANK_FORMAT = "reshard-rank"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,10 @@ class SourceFile:
     name: str
     bytes: int
     header_sha256: str
+    sample_sha256: str  # of 64 blocks spread over its data (checksums.sampled_sha256)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "bytes": self.bytes, "header_sha256": self.header_sha256}
+        return {"name": self.name, "bytes": self.bytes, "header_sha256": self.header_sha256, "sample_sha256": self.sample_sha256}
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,20 @@ class Manifest:
     source_config: dict[str, Any]
     files: dict[str, FileRecord] = field(default_factory=dict)  # every file of the folder but the manifests
     ranks_present: tuple[int, ...] = ()  # ranks whose record file is in the folder (all, unless extracted with --rank)
+    rules: dict[str, Any] | None = None  # the --rules file's JSON, when one shaped the family
 
     @property
     def complete(self) -> bool:
         return len(self.ranks_present) == self.tp_config.tp
 
     def rank_record(self, rank: int) -> dict[str, Any]:
+        """The rank's files, bound to this manifest by its sha256: a record (and its files) from another split
+        is refused."""
         return {
             "format": RANK_FORMAT,
             "version": VERSION,
             "rank": rank,
+            "manifest_sha256": hashlib.sha256(dumps(self.to_dict()).encode()).hexdigest(),
             "files": {name: self.files[name].to_dict() for name in self.rank_files[rank]},
         }
 
@@ -67,6 +73,7 @@ class Manifest:
             "tp": self.tp_config.num_devices,
             "device_ids": list(self.tp_config.device_ids),
             "family": self.family,
+            **({"rules": self.rules} if self.rules is not None else {}),
             "ranks": [{"rank": r, "device": self.tp_config.device(r), "files": list(files)} for r, files in enumerate(self.rank_files)],
             "files": {name: r.to_dict() for name, r in self.files.items() if name not in self._rank_names},
             "source": {
@@ -106,6 +113,7 @@ class Manifest:
             source_files=tuple(source_files),
             source_metadata=metadata,
             source_config=config,
+            rules=plan.rules,
         )
 
 
@@ -147,34 +155,40 @@ def read_manifest(folder: Path) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     if not os.path.lexists(path):
         raise InputError(f"{folder}: no {MANIFEST_NAME} here; pass a folder written by `reshard split`")
-    data = read_json(path, what="manifest", fix="split again")
+    text = read_text(path, what="manifest", fix="split again")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{path}: cannot read the manifest as JSON ({e}); split again") from e
     try:
         manifest = _parse(data)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"{path}: malformed manifest ({type(e).__name__}: {e}); split again") from e
     except ReshardError as e:
         raise InputError(f"{path}: {e}") from e
-    return _with_rank_records(Path(folder), manifest)
+    return _with_rank_records(Path(folder), manifest, hashlib.sha256(text.encode()).hexdigest())
 
 
-def _with_rank_records(folder: Path, manifest: Manifest) -> Manifest:
+def _with_rank_records(folder: Path, manifest: Manifest, digest: str) -> Manifest:
     """The manifest with the size and sha256 of the files of every rank whose record is in the folder."""
     files, present = dict(manifest.files), []
     for rank, names in enumerate(manifest.rank_files):
         path = folder / rank_record_name(rank)
         if os.path.lexists(path):
-            files |= _rank_record(path, rank, names)
+            files |= _rank_record(path, rank, names, digest)
             present.append(rank)
     return replace(manifest, files=files, ranks_present=tuple(present))
 
 
-def _rank_record(path: Path, rank: int, names: tuple[str, ...]) -> dict[str, FileRecord]:
+def _rank_record(path: Path, rank: int, names: tuple[str, ...], digest: str) -> dict[str, FileRecord]:
     data = read_json(path, what="rank record", fix="split again")
     try:
         if not isinstance(data, dict):
             raise ValueError("the rank record must be a JSON object")
         if data.get("format") != RANK_FORMAT or data.get("version") != VERSION or data.get("rank") != rank:
             raise ValueError(f"expected format {RANK_FORMAT!r} version {VERSION} for rank {rank}")
+        if data.get("manifest_sha256") != digest:
+            raise InputError(f"{path}: belongs to another split (its manifest_sha256 is not this {MANIFEST_NAME}'s); split again")
         if list(data["files"]) != list(names):
             raise ValueError(f"lists {list(data['files'])}, {MANIFEST_NAME} lists {list(names)}")
         return {name: FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
@@ -192,6 +206,13 @@ def _parse(data: Any) -> Manifest:
     if [r["rank"] for r in ranks] != list(range(tp_config.tp)):
         raise ValueError("ranks must list 0..tp-1 in order")
     rank_files = tuple(tuple(_relative(f) for f in r["files"]) for r in ranks)
+    listed = [name for names in rank_files for name in names]
+    reserved = {MANIFEST_NAME, CONFIG_NAME, *(rank_record_name(r) for r in range(tp_config.tp))}
+    if len(set(listed)) != len(listed) or reserved & set(listed):
+        raise ValueError("a rank file is listed twice, or under the name of a manifest or config file")
+    rules = data.get("rules")
+    if rules is not None and not isinstance(rules, dict):
+        raise ValueError("rules must be the JSON object of a rules file")
     tensors = tuple(_parse_tensor(name, e, tp_config.tp) for name, e in data["tensors"].items())
     source = data["source"]
     files = {_relative(name, "file"): FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
@@ -200,10 +221,13 @@ def _parse(data: Any) -> Manifest:
         family=str(data["family"]),
         rank_files=rank_files,
         tensors=tensors,
-        source_files=tuple(SourceFile(str(f["name"]), _count(f["bytes"]), _hex(f["header_sha256"])) for f in source["files"]),
+        source_files=tuple(
+            SourceFile(str(f["name"]), _count(f["bytes"]), _hex(f["header_sha256"]), _hex(f["sample_sha256"])) for f in source["files"]
+        ),
         source_metadata={str(k): str(v) for k, v in source["metadata"].items()},
         source_config=dict(source["config"]),
         files=files,
+        rules=rules,
     )
 
 

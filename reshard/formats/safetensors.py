@@ -38,6 +38,10 @@ class SafetensorsFile:
     size: int  # of the whole file
     header_sha256: str  # of the length prefix and the header: what the manifest records of a source file
 
+    @property
+    def data_start(self) -> int:
+        return self.size - sum(t.nbytes for t in self.tensors)
+
 
 def read_header(path: Path) -> SafetensorsFile:
     """Read and validate the header of a safetensors file; the tensor data is not read."""

@@ -5,6 +5,8 @@ manifest's dtypes and shapes, and, when asked, every file its recorded sha256.""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from reshard.formats.io import Progress
 from reshard.formats.layout import MANIFEST_NAME, rank_record_name
 from reshard.formats.manifest import Manifest, read_manifest
 from reshard.formats.safetensors import TensorInfo, read_header, shown
+from reshard.model.config import ModelConfig
+from reshard.plan.build import first_difference, replan
 
 
 class SplitFolder:
@@ -41,9 +45,11 @@ class SplitFolder:
         """Every problem with the ranks asked for, in order: unfinished ranks, absent ranks, file sizes, rank-file
         headers against the manifest, and with `sha256` every file's digest."""
         chosen = list(range(self.tp)) if ranks is None else list(ranks)
+        yield from self._cuts()
         yield from self._unfinished()
         yield from self._absent(chosen, purpose, every=ranks is None)
         present = [r for r in chosen if r in self.manifest.ranks_present]
+        yield from self._links(self.file_names(present))
         yield from self._sizes(self.file_names(present))
         for rank in present:
             yield from self._headers(rank)
@@ -85,6 +91,47 @@ class SplitFolder:
         problem = next(self.digest_problems(digests), None)
         if problem is not None:
             raise InputError(problem)
+
+    def _cuts(self) -> Iterator[str]:
+        """Every tensor is cut as the recorded config and rules say: slices edited, swapped or reversed in the
+        manifest would rebuild another model."""
+        where = self.path / MANIFEST_NAME
+        manifest = self.manifest
+        try:
+            plan = replan(
+                manifest.tensors, ModelConfig(raw=manifest.source_config), manifest.tp_config,
+                family=manifest.family, rules=manifest.rules, where=str(where),
+            )  # fmt: skip
+        except InputError as e:
+            yield str(e)
+            return
+        found = first_difference(manifest.tensors, plan.tensors)
+        if found is not None:
+            recorded, derived = found
+            yield (
+                f"{where}: tensor {shown(recorded.name)} is recorded {recorded.describe()}, but the {manifest.family} "
+                f"rules cut it {derived.describe()}; the manifest was changed, split again"
+            )
+
+    def _links(self, names: list[str]) -> Iterator[str]:
+        """Files are read only inside the folder, and each listed file is a file of its own: no link out of the
+        folder, no two names for one file (rank 0 a link to rank 1)."""
+        inside = os.path.realpath(self.path)
+        seen: dict[tuple[int, int], str] = {}
+        for name in names:
+            path = self.path / name
+            if not os.path.lexists(path):
+                continue  # told by the size check
+            if os.path.dirname(os.path.realpath(path)) != inside:
+                yield f"{path}: links to {os.path.realpath(path)}, outside the split folder; copy the file in, or split again"
+                continue
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode):
+                yield f"{path}: is not a regular file; split again"
+            elif (key := (info.st_dev, info.st_ino)) in seen:
+                yield f"{path}: is the same file as {seen[key]}; every file of a split is its own, split again"
+            else:
+                seen[key] = name
 
     def _unfinished(self) -> Iterator[str]:
         for rank, names in enumerate(self.manifest.rank_files):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ class Family:
     units: dict[str, Unit]
     rules: tuple[Rule, ...]
     source: str
+    given: dict[str, Any] | None = None  # the --rules file's JSON that shaped this family, recorded in the manifest
 
     def match(self, tensor_name: str) -> Rule | None:
         for rule in self.rules:
@@ -244,12 +245,19 @@ def detect_family(config: ModelConfig, *, arch: str | None = None, rules: Path |
     `extends` builds on the detected family; one that lists the config's model_type, or is given for a model
     no built-in family knows, stands on its own (or on the family it names in `extends`).
     """
+    data = _read_rules(rules) if rules is not None else None
+    return family_for(config, arch=arch, given=data, source=str(rules))
+
+
+def family_for(config: ModelConfig, *, arch: str | None, given: Any, source: str = "the rules") -> Family:
+    """detect_family with the rules file's JSON already read (as a manifest records it)."""
     families = builtin_families()
-    data = _rules_file(rules) if rules is not None else None
-    if arch is not None and arch not in families and not (data is not None and data.get("family") == arch):
+    if given is not None:
+        _check_given(given, source)
+    if arch is not None and arch not in families and not (given is not None and given.get("family") == arch):
         raise InputError(f"--arch {arch}: unknown family; known: {', '.join(families)}")
     base = families.get(arch) if arch is not None else _detect(config, families.values())
-    if data is None:
+    if given is None:
         if base is None:
             known = sorted(t for f in families.values() for t in f.model_types)
             raise InputError(
@@ -257,20 +265,20 @@ def detect_family(config: ModelConfig, *, arch: str | None = None, rules: Path |
                 f"{', '.join(known)} (or pass --arch NAME, or --rules FILE for a new layout)"
             )
         return base
-    if base is None or config.model_type in data.get("model_types", []) or "extends" in data:
-        return parse_family(data, str(rules), parents=families)
-    return parse_family({"extends": base.name, **data, "family": base.name}, f"{rules} + {base.source}", parents=families)
+    if base is None or config.model_type in given.get("model_types", []) or "extends" in given:
+        family = parse_family(given, source, parents=families)
+    else:
+        family = parse_family({"extends": base.name, **given, "family": base.name}, f"{source} + {base.source}", parents=families)
+    return replace(family, given=given)
 
 
-def _rules_file(path: Path) -> dict[str, Any]:
-    """A --rules file's JSON, with the keys detection reads checked before it reads them."""
-    data = _read_rules(path)
+def _check_given(data: Any, source: str) -> None:
+    """The keys detection reads, checked before it reads them."""
     if not isinstance(data, dict):
-        raise RulesError(f"{path}: must be a JSON object")
-    _strings(data.get("model_types", []), f"{path}: model_types")
+        raise RulesError(f"{source}: must be a JSON object")
+    _strings(data.get("model_types", []), f"{source}: model_types")
     if "extends" in data:
-        _string(data["extends"], f"{path}: extends")
-    return data
+        _string(data["extends"], f"{source}: extends")
 
 
 def _detect(config: ModelConfig, families: Iterable[Family]) -> Family | None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from reshard.errors import PlanError
+from reshard.errors import InputError, PlanError
 from reshard.model.config import ModelConfig, TPConfig
-from reshard.model.rules import Family, Rule
+from reshard.model.rules import Family, Rule, builtin_families, family_for
 from reshard.plan.cut import Plan, TensorCut, replicated
 from reshard.plan.tensor import TensorSpec
 
@@ -110,7 +111,7 @@ def build_plan(
     problems = draft.report(family.name)
     if problems:
         raise PlanError(problems)
-    return Plan(family=family.name, tp_config=tp_config, tensors=tuple(draft.cuts[t.name] for t in tensors))
+    return Plan(family=family.name, tp_config=tp_config, tensors=tuple(draft.cuts[t.name] for t in tensors), rules=family.given)
 
 
 def _unmatched(draft: _Draft, info: TensorSpec, replicate_unknown: bool) -> None:
@@ -240,6 +241,25 @@ def _scale_cut(info: TensorSpec, weight: TensorCut | None, tp: int) -> TensorCut
     dim = d if len(info.shape) == len(weight.shape) else 0
     slices = tuple(tuple((a // block, b // block) for a, b in ranges) for ranges in weight.slices)
     return TensorCut(info.name, info.dtype, info.shape, weight.style, dim, rule, slices)
+
+
+def replan(
+    cuts: Sequence[TensorCut], config: ModelConfig, tp_config: TPConfig, *, family: str, rules: dict[str, Any] | None, where: str
+) -> Plan:
+    """The plan the rules give, again, for tensors a recorded plan says how it cut: what to check it against.
+    Tensors no rule matches are taken as replicated (the only cut --replicate-unknown makes)."""
+    if rules is None and family not in builtin_families():
+        raise InputError(f"{where}: family {family!r} is not built in and no rules are recorded for it; pass its rules with --rules FILE")
+    try:
+        found = family_for(config, arch=family, given=rules, source=f"{where}: rules")
+        return build_plan(cuts, config, tp_config, found, replicate_unknown=True)
+    except PlanError as e:
+        raise InputError(f"{where}: the {family} rules cannot cut these tensors at tp {tp_config.tp}: {e.problems[0]}") from e
+
+
+def first_difference(recorded: Sequence[TensorCut], derived: Sequence[TensorCut]) -> tuple[TensorCut, TensorCut] | None:
+    """The first tensor cut otherwise than the rules say, with the cut they give."""
+    return next(((r, d) for r, d in zip(recorded, derived, strict=True) if not r.same_cut(d)), None)
 
 
 def valid_tp(counts: Sequence[Count]) -> list[int]:

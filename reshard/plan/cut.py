@@ -153,6 +153,7 @@ class Plan:
     family: str
     tp_config: TPConfig
     tensors: tuple[TensorCut, ...]  # in the source's data order
+    rules: dict[str, Any] | None = None  # the --rules file's JSON, when one shaped the family
 
     @property
     def tp(self) -> int:

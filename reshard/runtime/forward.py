@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reshard.errors import CheckFailed, InputError, PlanError, UsageError
+from reshard.errors import CheckFailed, InputError, UsageError
 from reshard.formats.checkpoint import open_checkpoint
 from reshard.formats.layout import MANIFEST_NAME
+from reshard.formats.safetensors import shown
 from reshard.formats.split_folder import SplitFolder
+from reshard.jsonfile import read_json
 from reshard.model.config import ModelConfig
-from reshard.model.rules import builtin_families, detect_family
-from reshard.plan.build import build_plan
+from reshard.model.rules import builtin_families
+from reshard.plan.build import first_difference, replan
 from reshard.plan.cut import TensorCut, coverage, rank_spans
 from reshard.runtime.load import load_rank
 
@@ -51,27 +53,23 @@ class KindError:
 
 
 def expected_cuts(folder: SplitFolder, *, rules: Path | None = None) -> tuple[TensorCut, ...]:
-    """Every tensor's cut as the rules and the source config give it, checked against the manifest's."""
-    manifest = folder.manifest
-    config = ModelConfig(raw=manifest.source_config)
-    family_name = manifest.family
-    if rules is None and family_name not in builtin_families():
-        raise UsageError(
-            f"{folder.path / MANIFEST_NAME}: family {family_name!r} is not built in; pass the rules file it was split with, --rules FILE"
-        )
-    family = detect_family(config, arch=family_name if family_name in builtin_families() or rules else None, rules=rules)
-    try:
-        plan = build_plan(manifest.tensors, config, manifest.tp_config, family, replicate_unknown=True)
-    except PlanError as e:
+    """Every tensor's cut as the built-in rules of the manifest's family (or the rules file given) cut it for
+    the recorded config, checked against the manifest's: a split made with a rule the model does not run with
+    fails here, naming the tensor."""
+    manifest, where = folder.manifest, folder.path / MANIFEST_NAME
+    given = read_json(rules, what="rules file", fix="fix the file") if rules is not None else None
+    if given is None and manifest.family not in builtin_families():
+        given = manifest.rules  # a family of its own: its recorded rules are all there is to go by
+    plan = replan(
+        manifest.tensors, ModelConfig(raw=manifest.source_config), manifest.tp_config, family=manifest.family, rules=given, where=str(where)
+    )
+    found = first_difference(manifest.tensors, plan.tensors)
+    if found is not None:
+        recorded, derived = found
         raise InputError(
-            f"{folder.path / MANIFEST_NAME}: the {family.name} rules cannot cut these tensors at tp {folder.tp}: {e.problems[0]}"
-        ) from e
-    for derived, recorded in zip(plan.tensors, manifest.tensors, strict=True):
-        if not derived.same_cut(recorded):
-            raise InputError(
-                f"{folder.path / MANIFEST_NAME}: tensor {recorded.name} is {recorded.describe()}, but the {family.name} "
-                f"rules cut it {derived.describe()}; split again (or pass the rules it was split with, --rules FILE)"
-            )
+            f"{where}: tensor {shown(recorded.name)} is {recorded.describe()}, but the {manifest.family} rules cut it "
+            f"{derived.describe()}; split again (or pass the rules it was split with, --rules FILE)"
+        )
     return plan.tensors
 
 
