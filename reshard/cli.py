@@ -22,7 +22,7 @@ from reshard.engine.merge import default_merge_dir, write_merge
 from reshard.engine.planning import make_plan
 from reshard.engine.split import default_split_dir, read_nbytes, write_split
 from reshard.engine.verify import Report, verify
-from reshard.errors import CheckFailed, ReshardError, UsageError
+from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
 from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
@@ -180,11 +180,12 @@ def _chosen_ranks(rank: Optional[str], ranks: Optional[str], tp: int) -> Optiona
     return sorted(chosen)
 
 
-def _fail(error: BaseException, message: str, code: int) -> NoReturn:
+def _fail(error: BaseException, lines: Sequence[str], code: int) -> NoReturn:
+    """One `Error:` line per problem; a name holding a line break cannot make a line of its own."""
     if os.environ.get("RESHARD_DEBUG"):
         raise error
-    for line in message.splitlines():
-        typer.echo(f"Error: {line}", err=True)
+    for line in lines:
+        typer.echo(f"Error: {one_line(line)}", err=True)
     raise typer.Exit(code)
 
 
@@ -194,15 +195,17 @@ def _run(action: Callable[[], T], *, writes: bool) -> T:
     nothing = "; nothing was written" if writes else ""
     try:
         return action()
+    except (PlanError, CheckFailed) as e:
+        _fail(e, e.problems, e.exit_code)
     except ReshardError as e:
-        _fail(e, str(e), e.exit_code)
+        _fail(e, [str(e)], e.exit_code)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        _fail(e, f"{where}{e.strerror or e}{nothing}", 1)
+        _fail(e, [f"{where}{e.strerror or e}{nothing}"], 1)
     except Terminated as e:
-        _fail(e, f"terminated{nothing}", 143)
+        _fail(e, [f"terminated{nothing}"], 143)
     except KeyboardInterrupt as e:
-        _fail(e, f"interrupted{nothing}", 130)
+        _fail(e, [f"interrupted{nothing}"], 130)
 
 
 @contextmanager
@@ -379,7 +382,7 @@ def verify_command(
     problems = report.problems + _forward_problems(errors, tolerance)
     if problems:
         shown = problems[:MAX_PROBLEMS] + ([f"{len(problems) - MAX_PROBLEMS} more problems"] if len(problems) > MAX_PROBLEMS else [])
-        _fail(CheckFailed(shown), "\n".join(shown), 1)
+        _fail(CheckFailed(shown), shown, 1)
     if lead and forward:
         worst = max((e.worst for e in errors), default=0.0)
         reference = against if against is not None else "the weights rebuilt from the rank files"

@@ -6,6 +6,18 @@ error, as for any other bad flag, and 1 for everything else.
 
 from __future__ import annotations
 
+import json
+
+
+def shown(name: str) -> str:
+    """A name as an error line shows it: quoted when it holds line breaks or other unprintable characters."""
+    return name if name.isprintable() else json.dumps(name)
+
+
+def one_line(message: str) -> str:
+    """A message made one line whatever names it holds: line breaks escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
 
 class ReshardError(Exception):
     """Base class of every error reshard raises on purpose."""

@@ -4,6 +4,7 @@ Every case runs the real command and checks that nothing outside the output chan
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -201,7 +202,6 @@ def forge(folder: Path, change) -> None:
     """Edit a split folder's manifest and re-bind every rank record to it, as a careful forger would: only the
     checks of content, not of bookkeeping, can then refuse it."""
     import hashlib
-    import json
 
     manifest = json.loads((folder / "reshard.json").read_text())
     change(manifest)
@@ -283,3 +283,47 @@ def test_links_are_not_followed_out_of_a_split_folder(model: Path, tmp_path: Pat
     assert result.exit_code == 1 and "is the same file as" in result.stderr
     with pytest.raises(reshard.InputError, match="sha256 differs from reshard-rank-0.json"):
         reshard.load_rank(folder, 0, device="cpu")
+
+
+def test_inputs_that_would_hang_or_exhaust_memory_are_refused(model: Path, tmp_path: Path) -> None:
+    import struct
+
+    before = snapshot(tmp_path)
+    many = invoke("plan", model, "--tp", 100_000_000)
+    assert (many.exit_code, many.stderr) == (2, "Error: --tp 100000000 is more ranks than reshard cuts a model into; at most 65536\n")
+    refused(["plan", model, "--tp", 2, "--config", "/dev/zero"], "/dev/zero: the model config is not a regular file", before, tmp_path)
+    fifo_folder = tmp_path / "fifo"
+    fifo_folder.mkdir()
+    os.mkfifo(fifo_folder / "model.safetensors")
+    (fifo_folder / "config.json").write_bytes((model / "config.json").read_bytes())
+    before = snapshot(tmp_path / "m")
+    for args in (["plan", fifo_folder, "--tp", 2], ["split", fifo_folder, "--tp", 2, "--out", tmp_path / "out"]):
+        result = invoke(*args)
+        assert result.exit_code == 1
+        assert (
+            result.stderr
+            == f"Error: {fifo_folder / 'model.safetensors'}: not a regular file (a pipe or a device is never read); pass the checkpoint's files\n"
+        )
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    header = json.dumps({"a": {"dtype": "F32", "shape": [0, 2**64 + 1], "data_offsets": [0, 0]}}).encode()
+    (huge / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    (huge / "config.json").write_bytes((model / "config.json").read_bytes())
+    result = invoke("split", huge, "--tp", 2, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "shape must be a list of integers from 0 to 2^63-1" in result.stderr
+    assert not (tmp_path / "out").exists() and snapshot(tmp_path / "m") == before
+
+
+def test_a_name_with_a_line_break_stays_on_its_error_line(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from helpers import llama_config
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    save_file({"model.layers.0.mlp.strange\nError: fake": torch.zeros(4, 4)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(llama_config()))
+    result = invoke("plan", folder, "--tp", 2)
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and '"model.layers.0.mlp.strange\\nError: fake"' in lines[0], result.stderr

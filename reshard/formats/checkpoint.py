@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from reshard.errors import InputError
+from reshard.errors import InputError, shown
 from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
-from reshard.formats.safetensors import SafetensorsFile, TensorInfo, read_header, shown
+from reshard.formats.safetensors import SafetensorsFile, TensorInfo, read_header
 from reshard.jsonfile import DuplicateKey, read_json
 
 

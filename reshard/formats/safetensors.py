@@ -6,16 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from reshard.errors import InputError
+from reshard.errors import InputError, shown
 from reshard.jsonfile import DuplicateKey, strict_object
 from reshard.plan.tensor import DTYPE_SIZES, SUB_BYTE_DTYPES, tensor_nbytes
 
 MAX_HEADER_BYTES = 100_000_000
 HEADER_ALIGN = 8
+# What a dimension can be in the files' readers (a signed 64-bit count), even for an empty tensor.
+MAX_DIM = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,10 @@ class SafetensorsFile:
 def read_header(path: Path) -> SafetensorsFile:
     """Read and validate the header of a safetensors file; the tensor data is not read."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{path}: not a regular file (a pipe or a device is never read); pass the checkpoint's files")
+        size = info.st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -95,11 +101,6 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsFile:
     return SafetensorsFile(path=path, metadata=dict(metadata), tensors=tuple(tensors), size=file_size, header_sha256=digest)
 
 
-def shown(name: str) -> str:
-    """A name as an error line shows it: quoted when it holds line breaks or other unprintable characters."""
-    return name if name.isprintable() else json.dumps(name)
-
-
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     where = f"{path}: tensor {shown(name)}"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
@@ -111,8 +112,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
         raise InputError(f"{where} has dtype {dtype}, which packs values below a byte and cannot be cut safely")
     if dtype not in DTYPE_SIZES:
         raise InputError(f"{where} has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise InputError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+        raise InputError(f"{where}: shape must be a list of integers from 0 to 2^63-1, got {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
         raise InputError(f"{where}: data_offsets must be two non-negative integers, got {offsets!r}")
     begin, end = offsets

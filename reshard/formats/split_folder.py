@@ -10,12 +10,12 @@ import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from reshard.errors import InputError
+from reshard.errors import InputError, shown
 from reshard.formats.checksums import BackgroundHashes
 from reshard.formats.io import Progress
 from reshard.formats.layout import MANIFEST_NAME, rank_record_name
 from reshard.formats.manifest import Manifest, read_manifest
-from reshard.formats.safetensors import TensorInfo, read_header, shown
+from reshard.formats.safetensors import TensorInfo, read_header
 from reshard.model.config import ModelConfig
 from reshard.plan.build import first_difference, replan
 

@@ -60,6 +60,10 @@ class ModelConfig:
         return tuple(a for a in value if isinstance(a, str)) if isinstance(value, list) else ()
 
 
+# More ranks than any cut dim of a real model has rows; a bound that keeps plans small.
+MAX_TP = 65536
+
+
 @dataclass(frozen=True)
 class TPConfig:
     """How many ranks, and which GPU each rank runs on (rank r -> cuda:device_ids[r])."""
@@ -71,6 +75,8 @@ class TPConfig:
     def create(cls, tp: int, *, device_ids: Sequence[int] | None = None) -> TPConfig:
         if tp < 1:
             raise UsageError(f"--tp must be at least 1, got {tp}")
+        if tp > MAX_TP:
+            raise UsageError(f"--tp {tp} is more ranks than reshard cuts a model into; at most {MAX_TP}")
         ids = tuple(range(tp)) if device_ids is None else tuple(device_ids)
         if len(ids) != tp:
             raise UsageError(f"--devices lists {len(ids)} ids but --tp is {tp}; give one device id per rank")

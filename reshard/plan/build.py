@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reshard.errors import InputError, PlanError
+from reshard.errors import InputError, PlanError, shown
 from reshard.model.config import ModelConfig, TPConfig
 from reshard.model.rules import Family, Rule, builtin_families, family_for
 from reshard.plan.cut import Plan, TensorCut, replicated
@@ -65,15 +65,15 @@ class _Draft:
             # First: shape complaints about such a checkpoint are consequences of the packing.
             problems.insert(
                 0,
-                f"tensor {self.quantized[0]} is in a packed quantized format (GPTQ, AWQ or bitsandbytes), whose elements "
+                f"tensor {shown(self.quantized[0])} is in a packed quantized format (GPTQ, AWQ or bitsandbytes), whose elements "
                 "hold several values and cannot be cut by rows or columns; dequantize the checkpoint first, or give a "
                 "rule for it with --rules",
             )
         if self.unknown:
             n = len(self.unknown)
-            shown = ", ".join(self.unknown[:3]) + (f" and {n - 3} more" if n > 3 else "")
+            listed = ", ".join(shown(n) for n in self.unknown[:3]) + (f" and {n - 3} more" if n > 3 else "")
             problems.append(
-                f"{n} tensor(s) match no {family} rule and are not 1-D: {shown}; give a rule for them with "
+                f"{n} tensor(s) match no {family} rule and are not 1-D: {listed}; give a rule for them with "
                 "--rules FILE, or pass --replicate-unknown to copy them whole to every rank"
             )
         return problems
@@ -131,7 +131,7 @@ def _matched(draft: _Draft, info: TensorSpec, rule: Rule, counts: dict[str, Coun
         return
     if rule.dim >= len(info.shape):
         draft.problems.append(
-            f"tensor {info.name} has shape {list(info.shape)}; rule {rule.name} cuts dim {rule.dim}, which it does not have"
+            f"tensor {shown(info.name)} has shape {list(info.shape)}; rule {rule.name} cuts dim {rule.dim}, which it does not have"
         )
         return
     parts = [counts.get(u) for u in rule.parts] or [bare[(rule.name, info.shape[rule.dim])]]
@@ -191,7 +191,7 @@ def _size_problem(info: TensorSpec, dim: int, parts: list[Count], config: str) -
         says = f"{parts[0].label.split(' ')[0]} is {expected}"
     else:
         says = " + ".join(f"{p.label} x {p.size_label}" if p.size_label else p.label for p in parts) + f" = {expected}"
-    return f"tensor {info.name}: dim {dim} is {size}, but {says}; {config} does not match the weights"
+    return f"tensor {shown(info.name)}: dim {dim} is {size}, but {says}; {config} does not match the weights"
 
 
 def _cut(info: TensorSpec, rule: Rule, dim: int, parts: list[Count], tp: int, config: str) -> TensorCut | str:
@@ -202,7 +202,7 @@ def _cut(info: TensorSpec, rule: Rule, dim: int, parts: list[Count], tp: int, co
     size, total = info.shape[dim], sum(p.value for p in parts)
     if size % total:
         labels = " + ".join(p.label for p in parts)
-        return f"tensor {info.name}: dim {dim} is {size}, not a multiple of {labels}; {config} does not match the weights"
+        return f"tensor {shown(info.name)}: dim {dim} is {size}, not a multiple of {labels}; {config} does not match the weights"
     unit = size // total
     slices: list[list[tuple[int, int]]] = [[] for _ in range(tp)]
     offset = 0
@@ -229,15 +229,17 @@ def _scale_cut(info: TensorSpec, weight: TensorCut | None, tp: int) -> TensorCut
         # A 1-D scale has one value per output channel (weight dim 0).
         shape = info.shape + (1,) * (len(weight.shape) - 1)
     if shape is None:
-        return f"tensor {info.name} has shape {list(info.shape)}, which does not line up with {weight.name} {list(weight.shape)}"
+        return (
+            f"tensor {shown(info.name)} has shape {list(info.shape)}, which does not line up with {shown(weight.name)} {list(weight.shape)}"
+        )
     d = weight.dim
     if shape[d] == 1:
         return replicated(info.name, info.dtype, info.shape, tp, rule)
     if weight.shape[d] % shape[d]:
-        return f"tensor {info.name}: dim {d} ({shape[d]}) does not divide {weight.name} dim {d} ({weight.shape[d]})"
+        return f"tensor {shown(info.name)}: dim {d} ({shape[d]}) does not divide {shown(weight.name)} dim {d} ({weight.shape[d]})"
     block = weight.shape[d] // shape[d]
     if any(x % block for ranges in weight.slices for r in ranges for x in r):
-        return f"tensor {info.name}: blocks of {block} along dim {d} would be split between ranks; choose another --tp"
+        return f"tensor {shown(info.name)}: blocks of {block} along dim {d} would be split between ranks; choose another --tp"
     dim = d if len(info.shape) == len(weight.shape) else 0
     slices = tuple(tuple((a // block, b // block) for a, b in ranges) for ranges in weight.slices)
     return TensorCut(info.name, info.dtype, info.shape, weight.style, dim, rule, slices)

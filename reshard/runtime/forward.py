@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reshard.errors import CheckFailed, InputError, UsageError
+from reshard.errors import CheckFailed, InputError, UsageError, shown
 from reshard.formats.checkpoint import open_checkpoint
 from reshard.formats.layout import MANIFEST_NAME
-from reshard.formats.safetensors import shown
 from reshard.formats.split_folder import SplitFolder
 from reshard.jsonfile import read_json
 from reshard.model.config import ModelConfig
