@@ -113,7 +113,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if dtype not in DTYPE_SIZES:
         raise InputError(f"{where} has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
-        raise InputError(f"{where}: shape must be a list of integers from 0 to 2^63-1, got {shape!r}")
+        raise InputError(f"{where}: shape must be a list of non-negative integers below 2^63, got {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
         raise InputError(f"{where}: data_offsets must be two non-negative integers, got {offsets!r}")
     begin, end = offsets
