@@ -327,3 +327,39 @@ def test_a_name_with_a_line_break_stays_on_its_error_line(tmp_path: Path) -> Non
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and '"model.layers.0.mlp.strange\\nError: fake"' in lines[0], result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real file system that fills: a tmpfs of 48 KiB (root may mount one; elsewhere the test cannot run)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.parametrize("command", ["split", "ranks", "merge"])
+def test_a_disk_that_fills_leaves_nothing_behind(model: Path, tmp_path: Path, small_disk: Path, command: str) -> None:
+    source = split(model, tmp_path / "split") if command == "merge" else model
+    sentinel = small_disk / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "keep.txt").write_text("outside the output")
+    inputs, around = snapshot(tmp_path / "m"), snapshot(sentinel)
+    out = small_disk / "out"
+    args = {
+        "split": ["split", model, "--tp", 2, "--out", out],
+        "ranks": ["split", model, "--tp", 2, "--rank", 1, "--out", out],
+        "merge": ["merge", source, "--out", out],
+    }[command]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {out}/") and "No space left on device" in lines[0], result.stderr
+    assert lines[0].endswith("free some space or choose another --out; nothing was written")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["sentinel"]
+    assert snapshot(sentinel) == around and snapshot(tmp_path / "m") == inputs

@@ -67,17 +67,23 @@ class ByteReader:
 
 
 def write_durably(path: Path, data: bytes) -> None:
-    """A small output file, on disk before the folder is renamed into place."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """A small output file, on disk before the folder is renamed into place; a failure names it."""
+    try:
+        with open(path, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def copy_durably(source: Path, target: Path) -> None:
-    shutil.copyfile(source, target)
-    with open(target, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        shutil.copyfile(source, target)
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, e.filename or str(target)) from e
 
 
 def fsync_dir(path: Path) -> None:
