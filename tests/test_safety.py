@@ -363,3 +363,51 @@ def test_a_disk_that_fills_leaves_nothing_behind(model: Path, tmp_path: Path, sm
     assert lines[0].endswith("free some space or choose another --out; nothing was written")
     assert sorted(p.name for p in small_disk.iterdir()) == ["sentinel"]
     assert snapshot(sentinel) == around and snapshot(tmp_path / "m") == inputs
+
+
+def test_a_rank_run_stopped_by_sigterm_leaves_no_folder(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process = slow_split(model, out, tmp_path / "writing", "--rank", "0")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr) == (143, "Error: terminated; nothing was written\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "writing"]
+
+
+def test_load_rank_refuses_an_unfinished_or_padded_rank(model: Path, tmp_path: Path) -> None:
+    import reshard
+
+    folder = split(model, tmp_path / "split")
+    (folder / "reshard-rank-1.json").unlink()
+    with pytest.raises(reshard.InputError, match=r"reshard-rank-1.json: missing, so rank 1's files were never finished"):
+        reshard.load_rank(folder, 1, device="cpu")
+    rank0 = folder / "model-rank-0-part-0.safetensors"
+    with open(rank0, "ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(reshard.InputError, match=r"model-rank-0-part-0.safetensors: \d+ bytes, but reshard-rank-0.json records"):
+        reshard.load_rank(folder, 0, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("tp.toml", "a = " + "[" * 5000 + "]" * 5000 + "\n", "cannot read the TP config as TOML"),
+        ("rules.json", '{"model_types": 5, "rules": []}', "model_types: must be a list of strings"),
+        ("rules.json", '{"extends": ["llama"], "family": "x"}', "extends: must be a non-empty string"),
+        ("rules.json", '{"rules": [{"name": "q", "match": 7, "style": "colwise", "dim": 0}]}', "match: must be a list of strings"),
+    ],
+)
+def test_bad_option_files_are_one_line_errors(model: Path, tmp_path: Path, name: str, text: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    flag = "--config" if name.endswith(".toml") else "--rules"
+    result = invoke("plan", model, "--tp", 2, flag, path)
+    assert result.exit_code == 1, result.output
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f"Error: {path}") and message in result.stderr
+
+
+def test_a_manifest_naming_a_path_instead_of_a_file_is_refused(model: Path, tmp_path: Path) -> None:
+    folder = split(model, tmp_path / "split")
+    forge(folder, lambda m: m.update(files={"./config.json": m["files"]["config.json"]}))
+    before = snapshot(tmp_path)
+    refused(["verify", folder], "file './config.json' must be a plain file name inside the split folder", before, tmp_path)

@@ -52,6 +52,8 @@ def verify(split_dir: Path, *, against: Path | None = None, progress: Progress |
     manifest = folder.manifest
     report = Report(manifest)
     ranks = None if against is not None else manifest.ranks_present
+    if ranks is not None:
+        report.problems.extend(folder.unfinished(range(folder.tp)))
     report.problems.extend(folder.check(ranks=ranks, purpose="verify --against", sha256=True, progress=progress))
     names = folder.file_names(manifest.ranks_present)
     report.files, report.file_bytes = len(names), sum(manifest.files[n].bytes for n in names)

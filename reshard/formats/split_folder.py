@@ -46,7 +46,7 @@ class SplitFolder:
         headers against the manifest, and with `sha256` every file's digest."""
         chosen = list(range(self.tp)) if ranks is None else list(ranks)
         yield from self._cuts()
-        yield from self._unfinished()
+        yield from self.unfinished(chosen)
         yield from self._absent(chosen, purpose, every=ranks is None)
         present = [r for r in chosen if r in self.manifest.ranks_present]
         yield from self._links(self.file_names(present))
@@ -133,8 +133,10 @@ class SplitFolder:
             else:
                 seen[key] = name
 
-    def _unfinished(self) -> Iterator[str]:
-        for rank, names in enumerate(self.manifest.rank_files):
+    def unfinished(self, ranks: Iterable[int]) -> Iterator[str]:
+        """Ranks whose files are here without their record: a run that never finished them."""
+        for rank in ranks:
+            names = self.manifest.rank_files[rank]
             if rank not in self.manifest.ranks_present and any((self.path / n).exists() for n in names):
                 yield f"{self.path / rank_record_name(rank)}: missing, so rank {rank}'s files were never finished; split again"
 
