@@ -19,7 +19,7 @@ from reshard.errors import InputError
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
 from reshard.formats.checksums import BackgroundHashes, sampled_sha256
 from reshard.formats.io import Buffers, ByteReader
-from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME
+from reshard.formats.layout import CONFIG_NAME, ENGINE_FILES, MANIFEST_NAME
 from reshard.formats.manifest import SourceFile
 from reshard.formats.safetensors import SafetensorsFile, TensorInfo
 from reshard.formats.split_folder import SplitFolder
@@ -132,6 +132,11 @@ class CheckpointSource:
         by_name = {t.name: t for t in self.checkpoint.tensors}
         return lambda cut, _: Contiguous(readers[by_name[cut.name].path], by_name[cut.name].offset, cut)
 
+    def engine_files(self) -> dict[str, Path]:
+        """The files beside the weights an engine starts from (generation config, tokenizer)."""
+        folder = self.checkpoint.folder or self.checkpoint.root
+        return {name: folder / name for name in ENGINE_FILES if (folder / name).is_file() and not (folder / name).is_symlink()}
+
     def check_plan(self, cuts: Sequence[TensorCut]) -> None:
         """Any cut of a checkpoint can be read."""
 
@@ -189,6 +194,10 @@ class SplitSource:
             return Stitched(before, [readers[i.path] for i in infos], infos, buffers, whole=cut.dim is None)
 
         return source
+
+    def engine_files(self) -> dict[str, Path]:
+        """The engine files this folder holds (its manifest lists and checks them)."""
+        return {name: self.folder.path / name for name in self.folder.manifest.files if name in ENGINE_FILES}
 
     def check_plan(self, cuts: Sequence[TensorCut]) -> None:
         """A row is stitched along the dim the folder was cut on: a plan cutting another dim needs the original."""

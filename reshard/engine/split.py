@@ -20,6 +20,7 @@ from reshard.engine.sources import Source, TensorBytes, TensorSource
 from reshard.engine.staging import staged_output, staged_ranks
 from reshard.engine.workers import run_all, thread_buffers
 from reshard.formats.checksums import record
+from reshard.formats.export import Layout, OutTensor, own_layout
 from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, copy_durably
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_file_name
 from reshard.formats.manifest import Manifest, write_manifest
@@ -88,41 +89,56 @@ def write_split(
     plan: Plan,
     out: Path,
     *,
+    layout: Layout | None = None,
     force: bool = False,
     progress: Progress | None = None,
     max_shard_size: int | None = None,
     ranks: Sequence[int] | None = None,
 ) -> Manifest:
-    """Write the split; with `ranks`, only those ranks, added to `out` beside any others already there."""
+    """Write the split in `layout` (reshard's own by default); with `ranks`, only those ranks, added to `out`
+    beside any others already there."""
     source.check_plan(plan.tensors)
-    groups = [partition([(t.name, t.dtype, t.rank_shape(r)) for t in plan.tensors], max_shard_size) for r in range(plan.tp)]
-    manifest = _manifest(source, model_config, plan, groups)
+    layout = layout if layout is not None else own_layout(plan.tensors)
+    groups = [partition(layout.rank_entries(plan.tensors, r), max_shard_size) for r in range(plan.tp)]
+    shared = _shared_files(source, model_config, layout)
+    manifest = _manifest(source, model_config, plan, groups, layout, shared)
     chosen = sorted(set(range(plan.tp) if ranks is None else ranks))
-    inputs = [*source.inputs, *([model_config.path] if model_config.path else [])]
+    inputs = [*source.inputs, *shared.values()]
     staged: AbstractContextManager[Path] = (
         staged_output(out, inputs, force=force)
         if ranks is None
-        else staged_ranks(out, inputs, force=force, manifest=manifest, ranks=chosen, config=model_config.path)
+        else staged_ranks(out, inputs, force=force, manifest=manifest, ranks=chosen, shared=shared)
     )
     with staged as staging:
         manifest = _write_ranks(source, plan, manifest, staging, groups, chosen, progress)
-        if ranks is None and model_config.path:
-            copy_durably(model_config.path, staging / CONFIG_NAME)
+        if ranks is None:
+            for name, path in shared.items():
+                copy_durably(path, staging / name)
         write_manifest(staging, manifest, ranks=None if ranks is None else chosen)
     return manifest
 
 
-def _manifest(source: Source, model_config: ModelConfig, plan: Plan, groups: list[list[list[Entry]]]) -> Manifest:
+def _shared_files(source: Source, model_config: ModelConfig, layout: Layout) -> dict[str, Path]:
+    """The files every rank folder gets beside the rank files: config.json, and for an engine layout the files
+    the engine starts from (generation config, tokenizer), when the source has them."""
+    shared = {CONFIG_NAME: model_config.path} if model_config.path else {}
+    if not layout.own:
+        shared |= source.engine_files()
+    return shared
+
+
+def _manifest(
+    source: Source, model_config: ModelConfig, plan: Plan, groups: list[list[list[Entry]]], layout: Layout, shared: dict[str, Path]
+) -> Manifest:
     manifest = Manifest.for_plan(
         plan,
         rank_files=[[rank_file_name(r, part=part) for part in range(len(groups[r]))] for r in range(plan.tp)],
         source_files=source.source_files,
         metadata=source.metadata,
         config=model_config.raw,
+        layout=layout,
     )
-    if model_config.path:
-        manifest = replace(manifest, files={CONFIG_NAME: record(model_config.path)})
-    return manifest
+    return replace(manifest, files={name: record(path) for name, path in shared.items()})
 
 
 def _write_ranks(
@@ -141,7 +157,14 @@ def _write_ranks(
             paths = [staging / f for f in manifest.rank_files[r]]
             writers[r] = stack.enter_context(PartedWriter(paths, groups[r], rank_metadata(plan, r)))
         tensor_bytes = source.open(stack)
-        run_all(_task(tensor_bytes, cut, writers, progress) for cut in plan.tensors)
+        places = [manifest.packing.placements(plan.tensors, r) for r in range(plan.tp)]
+        constants = [out for out in manifest.packing.tensors if not out.pieces]
+        run_all(
+            [
+                *(_task(tensor_bytes, cut, _regions(cut, writers, places), progress) for cut in plan.tensors),
+                *(_constant(out, writers) for out in constants),
+            ]
+        )
         source.finish()
         files = dict(manifest.files)
         for w in writers:
@@ -151,11 +174,28 @@ def _write_ranks(
     return replace(manifest, files=files)
 
 
-def _task(
-    tensor_bytes: TensorSource, cut: TensorCut, writers: Sequence[PartedWriter | None], progress: Progress | None
-) -> Callable[[], None]:
-    regions = [w.region(cut.name) if w is not None else None for w in writers]
+def _regions(cut: TensorCut, writers: Sequence[PartedWriter | None], places: list[dict[str, tuple[str, int]]]) -> list[Region | None]:
+    """Where each rank's slice of the tensor goes: its place inside the output tensor that holds it."""
+    regions: list[Region | None] = []
+    for rank, writer in enumerate(writers):
+        if writer is None:
+            regions.append(None)
+            continue
+        name, offset = places[rank][cut.name]
+        regions.append(writer.region(name, offset=offset, size=cut.rank_nbytes(rank)))
+    return regions
 
+
+def _constant(out: OutTensor, writers: Sequence[PartedWriter | None]) -> Callable[[], None]:
+    def run() -> None:
+        for writer in writers:
+            if writer is not None:
+                writer.region(out.name).write(out.constant_bytes())
+
+    return run
+
+
+def _task(tensor_bytes: TensorSource, cut: TensorCut, regions: list[Region | None], progress: Progress | None) -> Callable[[], None]:
     def run() -> None:
         buffers = thread_buffers()
         split_tensor(tensor_bytes(cut, buffers), cut, regions, progress=progress, buffers=buffers)

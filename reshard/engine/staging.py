@@ -26,7 +26,7 @@ from reshard.engine.target import (
 )
 from reshard.errors import OutputError
 from reshard.formats.io import copy_durably, fsync_dir
-from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_record_name
+from reshard.formats.layout import MANIFEST_NAME, rank_record_name
 from reshard.formats.manifest import Manifest, dumps
 
 RANKS_STAGING = re.compile(r"\.ranks-[a-z0-9_]{8}\.partial")
@@ -100,7 +100,7 @@ def write_error(error: OSError, staging: Path, target: Path) -> OSError | Output
 
 @contextmanager
 def staged_ranks(
-    target: Path, inputs: Sequence[Path], *, force: bool, manifest: Manifest, ranks: Sequence[int], config: Path | None
+    target: Path, inputs: Sequence[Path], *, force: bool, manifest: Manifest, ranks: Sequence[int], shared: dict[str, Path]
 ) -> Iterator[Path]:
     """Yield a staging folder inside `target` for some ranks' files; on success they move into `target`, each
     rank's record last, beside any ranks already there (other nodes' or processes' extractions).
@@ -116,7 +116,7 @@ def staged_ranks(
         _check_ranks_target(target, force=force, manifest=manifest, ranks=ranks)
         with _rank_staging(target) as staging:
             yield staging
-            _move_ranks(staging, target, manifest, ranks, config, output_modes(inputs))
+            _move_ranks(staging, target, manifest, ranks, shared, output_modes(inputs))
     except BaseException:
         if created:
             _remove_if_empty(target)
@@ -169,12 +169,15 @@ def _try_lock(folder: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def _move_ranks(staging: Path, target: Path, manifest: Manifest, ranks: Sequence[int], config: Path | None, modes: tuple[int, int]) -> None:
-    if config is not None and not (target / CONFIG_NAME).exists():
-        copy_durably(config, staging / CONFIG_NAME)
+def _move_ranks(
+    staging: Path, target: Path, manifest: Manifest, ranks: Sequence[int], shared: dict[str, Path], modes: tuple[int, int]
+) -> None:
+    added = [name for name in shared if not (target / name).exists()]
+    for name in added:
+        copy_durably(shared[name], staging / name)
     restrict(staging, modes)
-    if (staging / CONFIG_NAME).exists():
-        os.replace(staging / CONFIG_NAME, target / CONFIG_NAME)
+    for name in added:
+        os.replace(staging / name, target / name)
     for rank in ranks:
         for name in manifest.rank_files[rank]:
             os.replace(staging / name, target / name)

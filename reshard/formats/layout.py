@@ -6,6 +6,19 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MANIFEST_NAME = "reshard.json"
+# What an engine starts from besides the weights and config.json, copied beside an engine layout's rank files.
+ENGINE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+)
 
 
 def rank_file_name(rank: int, *, part: int = 0) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from reshard.errors import InputError, ReshardError
 from reshard.formats.checksums import FileRecord
+from reshard.formats.export import Layout, layout_from_dict, own_layout
 from reshard.formats.io import write_durably
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_record_name
 from reshard.jsonfile import read_json, read_text
@@ -50,6 +51,11 @@ class Manifest:
     files: dict[str, FileRecord] = field(default_factory=dict)  # every file of the folder but the manifests
     ranks_present: tuple[int, ...] = ()  # ranks whose record file is in the folder (all, unless extracted with --rank)
     rules: dict[str, Any] | None = None  # the --rules file's JSON, when one shaped the family
+    layout: Layout | None = None  # how the rank files name and pack the tensors; None for reshard's own
+
+    @property
+    def packing(self) -> Layout:
+        return self.layout if self.layout is not None else own_layout(self.tensors)
 
     @property
     def complete(self) -> bool:
@@ -74,6 +80,7 @@ class Manifest:
             "device_ids": list(self.tp_config.device_ids),
             "family": self.family,
             **({"rules": self.rules} if self.rules is not None else {}),
+            **({"layout": self.layout.to_dict()} if self.layout is not None and not self.layout.own else {}),
             "ranks": [{"rank": r, "device": self.tp_config.device(r), "files": list(files)} for r, files in enumerate(self.rank_files)],
             "files": {name: r.to_dict() for name, r in self.files.items() if name not in self._rank_names},
             "source": {
@@ -104,6 +111,7 @@ class Manifest:
         source_files: list[SourceFile],
         metadata: dict[str, str],
         config: dict[str, Any],
+        layout: Layout | None = None,
     ) -> Manifest:
         return cls(
             tp_config=plan.tp_config,
@@ -114,6 +122,7 @@ class Manifest:
             source_metadata=metadata,
             source_config=config,
             rules=plan.rules,
+            layout=layout if layout is not None and not layout.own else None,
         )
 
 
@@ -228,6 +237,7 @@ def _parse(data: Any) -> Manifest:
         source_config=dict(source["config"]),
         files=files,
         rules=rules,
+        layout=layout_from_dict(data["layout"], tensors) if "layout" in data else None,
     )
 
 

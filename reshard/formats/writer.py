@@ -79,9 +79,10 @@ class SafetensorsWriter(_Output):
         self._copy_file_range = hasattr(os, "copy_file_range")
         Region(self, 0, len(header)).write(header)
 
-    def region(self, name: str) -> Region:
-        start, size = self._starts[name]
-        return Region(self, start, size)
+    def region(self, name: str, *, offset: int = 0, size: int | None = None) -> Region:
+        """The tensor's bytes, or `size` of them from `offset` (one piece of a tensor several are packed in)."""
+        start, whole = self._starts[name]
+        return Region(self, start + offset, whole - offset if size is None else size)
 
     def note_written(self, position: int, n: int) -> None:
         self._hash.written(position, n)
@@ -239,8 +240,8 @@ class PartedWriter(_Output):
             raise
         self._part_of = {name: i for i, group in enumerate(groups) for name, _, _ in group}
 
-    def region(self, name: str) -> Region:
-        return self._writers[self._part_of[name]].region(name)
+    def region(self, name: str, *, offset: int = 0, size: int | None = None) -> Region:
+        return self._writers[self._part_of[name]].region(name, offset=offset, size=size)
 
     def close(self) -> None:
         """Finish every file; one that did not get all its bytes raises."""

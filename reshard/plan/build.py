@@ -30,18 +30,27 @@ class Count:
     pad: bool = False
     size: int | None = None  # elements of the cut dim per unit, when the config says
     size_label: str = ""  # "head_dim (128)"; empty for a size of 1
+    pad_to: int | None = None  # a padded count is first padded to a multiple of this (of tp when None)
+
+    def padded(self, tp: int) -> int:
+        multiple = self.pad_to or tp
+        return -(-self.value // multiple) * multiple
 
     def allows(self, tp: int) -> bool:
-        return self.value % tp == 0 or (self.replicate and tp % self.value == 0) or self.pad
+        if self.pad:
+            return self.padded(tp) % tp == 0
+        return self.value % tp == 0 or (self.replicate and tp % self.value == 0)
 
     def rank_units(self, tp: int) -> list[tuple[int, int]]:
         """The [start, stop) units each rank holds; past `value` on the last ranks when padded."""
-        if self.value % tp == 0 or not self.replicate:
-            per = -(-self.value // tp)
+        if self.pad or self.value % tp == 0 or not self.replicate:
+            per = -(-(self.padded(tp) if self.pad else self.value) // tp)
             return [(r * per, (r + 1) * per) for r in range(tp)]
         return [(r * self.value // tp, r * self.value // tp + 1) for r in range(tp)]
 
     def problem(self, tp: int) -> str:
+        if self.pad:
+            return f"{self.label}, padded to {self.padded(tp)} (a multiple of {self.pad_to}), is not divisible by --tp {tp}"
         nor = ", nor --tp a multiple of it" if self.replicate else ""
         return f"{self.label} is not divisible by --tp {tp}{nor}"
 
@@ -86,11 +95,15 @@ def build_plan(
     family: Family,
     *,
     replicate_unknown: bool = False,
+    vocab_multiple: int | None = None,
 ) -> Plan:
-    """Decide every tensor's cut, or raise PlanError listing every problem found. Does no I/O."""
+    """Decide every tensor's cut, or raise PlanError listing every problem found. Does no I/O.
+
+    A padded count (the vocabulary) is padded to a multiple of tp, or first to one of `vocab_multiple` (as an
+    engine that pads its vocabulary to 64 rows lays it out) and then divided by tp."""
     tp = tp_config.num_devices
     matched = [(t, family.match(t.name)) for t in tensors]
-    counts, bare, problems = _counts(matched, config, family)
+    counts, bare, problems = _counts(matched, config, family, vocab_multiple)
     draft = _Draft(tp, config.name, problems=problems)
     failing = [c for c in [*counts.values(), *bare.values()] if not c.allows(tp)]
     if failing:
@@ -154,7 +167,7 @@ def _scaled(draft: _Draft, info: TensorSpec) -> None:
 
 
 def _counts(
-    matched: list[tuple[TensorSpec, Rule | None]], config: ModelConfig, family: Family
+    matched: list[tuple[TensorSpec, Rule | None]], config: ModelConfig, family: Family, pad_to: int | None
 ) -> tuple[dict[str, Count], dict[tuple[str, int], Count], list[str]]:
     """The config counts the matched rules use, and the dims no count describes (which must divide by tp
     themselves; one per rule and size, named after its first tensor)."""
@@ -169,7 +182,7 @@ def _counts(
         spec = family.units[unit]
         size_key, size = family.size(unit, config)
         size_label = f"{size_key} ({size})" if size_key else ""
-        counts[unit] = Count(f"{key} ({value})", value, spec.replicate, spec.pad, size, size_label)
+        counts[unit] = Count(f"{key} ({value})", value, spec.replicate, spec.pad, size, size_label, pad_to if spec.pad else None)
     bare = {
         (rule.name, info.shape[rule.dim]): info.name
         for info, rule in reversed(matched)

@@ -1,0 +1,218 @@
+"""Output layouts: how the tensors of a plan are named and packed in the rank files.
+
+reshard's own layout keeps every source tensor under its own name. An engine's layout (vLLM's sharded_state,
+from engines/vllm.json) is a name and concatenation map on top of the same cuts: a rank's `qkv_proj.weight` is
+its q, k and v slices one after another, a tied embedding is stored under the name the engine keeps, and a few
+constant tensors the engine registers (attention scales) are added. The bytes of every source tensor's slice are
+still written by the one split engine, each at its place inside the output tensor that holds it."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from reshard.errors import InputError
+from reshard.model.config import ModelConfig
+from reshard.model.rules import compile_patterns
+from reshard.plan.cut import Plan, TensorCut
+from reshard.plan.tensor import DTYPE_SIZES
+
+FORMATS = ("reshard", "vllm")
+_PACK = {"F32": "<f", "F64": "<d"}
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """A tensor of every rank file: the source tensors whose rank slices it holds, back to back along dim 0,
+    or a constant (no pieces) of the given dtype, shape and value."""
+
+    name: str
+    dtype: str
+    pieces: tuple[str, ...]
+    shape: tuple[int, ...] = ()  # a constant's shape
+    value: float = 0.0  # a constant's value
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.pieces == (self.name,):
+            return {"name": self.name}
+        if self.pieces:
+            return {"name": self.name, "from": list(self.pieces)}
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "value": self.value}
+
+    def constant_bytes(self) -> bytes:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return struct.pack(_PACK[self.dtype], self.value) * count
+
+
+@dataclass(frozen=True)
+class Layout:
+    format: str  # "reshard" or "vllm"
+    version: str | None  # the engine version whose loader it targets
+    tensors: tuple[OutTensor, ...]
+    vocab_multiple: int | None = None
+
+    @property
+    def own(self) -> bool:
+        return self.format == "reshard"
+
+    def rank_entries(self, tensors: Sequence[TensorCut], rank: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor of the rank's files, in order."""
+        cuts = {t.name: t for t in tensors}
+        return [(out.name, out.dtype, rank_shape(out, cuts, rank)) for out in self.tensors]
+
+    def placements(self, tensors: Sequence[TensorCut], rank: int) -> dict[str, tuple[str, int]]:
+        """Where each source tensor's slice goes on a rank: (output tensor, byte offset inside it)."""
+        cuts = {t.name: t for t in tensors}
+        found: dict[str, tuple[str, int]] = {}
+        for out in self.tensors:
+            at = 0
+            for piece in out.pieces:
+                found[piece] = (out.name, at)
+                at += cuts[piece].rank_nbytes(rank)
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "vocab_multiple": self.vocab_multiple,
+            "tensors": [out.to_dict() for out in self.tensors],
+        }
+
+
+def rank_shape(out: OutTensor, cuts: dict[str, TensorCut], rank: int) -> tuple[int, ...]:
+    if not out.pieces:
+        return out.shape
+    shapes = [cuts[p].rank_shape(rank) for p in out.pieces]
+    if len(shapes) == 1:
+        return shapes[0]
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+@cache
+def engine_data(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((resources.files("reshard.formats") / "engines" / f"{name}.json").read_text(encoding="utf-8"))
+    return data
+
+
+def vocab_multiple(format: str) -> int | None:
+    """How the format pads the vocabulary before dividing it by tp (None: to a multiple of tp)."""
+    if format == "reshard":
+        return None
+    multiple: int = engine_data(format)["vocab_multiple"]
+    return multiple
+
+
+def build_layout(plan: Plan, config: ModelConfig, *, format: str) -> Layout:
+    """The layout of `format` for this plan; an engine layout refuses a family it does not describe."""
+    if format == "reshard":
+        return own_layout(plan.tensors)
+    data = engine_data(format)
+    spec = data["families"].get(plan.family)
+    if spec is None:
+        known = ", ".join(sorted(data["families"]))
+        raise InputError(
+            f"--format {format}: the {plan.family} family has no {format} {data['version']} layout in reshard; families with one: "
+            f"{known} (split with the default format instead)"
+        )
+    tensors = _engine_tensors(plan, config, spec)
+    return Layout(format, str(data["version"]), tensors, data["vocab_multiple"])
+
+
+def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any]) -> tuple[OutTensor, ...]:
+    names = [t.name for t in plan.tensors]
+    dtypes = {t.name: t.dtype for t in plan.tensors}
+    fused = _fusions(names, spec.get("fuse", []))
+    renamed = dict(spec.get("tied", {})) if config.raw.get("tie_word_embeddings") else {}
+    out: list[OutTensor] = []
+    done: set[str] = set()
+    for name in names:
+        if name in done:
+            continue
+        into, pieces = fused.get(name, (renamed.get(name, name), (name,)))
+        if len({dtypes[p] for p in pieces}) > 1:
+            raise InputError(f"tensor {pieces[0]}: {into} packs tensors of different dtypes; convert the checkpoint to one dtype")
+        if into in names and into not in pieces:
+            raise InputError(f"tensor {name}: its layout name {into} is another tensor of the checkpoint; split with the default format")
+        out.append(OutTensor(into, dtypes[name], pieces))
+        done |= set(pieces)
+    for constant in spec.get("constants", []):
+        out += _constants(names, constant)
+    return tuple(out)
+
+
+def _fusions(names: list[str], rules: list[dict[str, Any]]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """For the first source tensor of every fused group: the output name and the group, in the rule's order."""
+    present = set(names)
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for rule in rules:
+        first = compile_patterns((rule["from"][0],))
+        for name in names:
+            match = first.fullmatch(name)
+            if match is None:
+                continue
+            stars = _stars(rule["from"][0], name)
+            group = tuple(_fill(p, stars) for p in rule["from"])
+            if all(p in present for p in group):
+                found[group[0]] = (_fill(rule["into"], stars), group)
+            elif any(p in present for p in group[1:]):
+                missing = next(p for p in group if p not in present)
+                raise InputError(f"tensor {missing} is missing, and {_fill(rule['into'], stars)} needs it")
+    return found
+
+
+def _constants(names: list[str], spec: dict[str, Any]) -> list[OutTensor]:
+    beside = compile_patterns((spec["beside"],))
+    if spec["dtype"] not in _PACK or spec["dtype"] not in DTYPE_SIZES:
+        raise InputError(f"engine layout: constant dtype {spec['dtype']} is not supported")
+    return [
+        OutTensor(_fill(spec["name"], _stars(spec["beside"], name)), spec["dtype"], (), tuple(spec.get("shape", [])), float(spec["value"]))
+        for name in names
+        if beside.fullmatch(name)
+    ]
+
+
+def _stars(pattern: str, name: str) -> list[str]:
+    """The dotted components `*` stands for in a name that matches the pattern."""
+    regex = re.escape(pattern).replace(r"\*", "([^.]+)")
+    match = re.fullmatch(regex, name)
+    return list(match.groups()) if match else []
+
+
+def _fill(pattern: str, stars: list[str]) -> str:
+    parts = pattern.split("*")
+    return parts[0] + "".join(star + part for star, part in zip(stars, parts[1:], strict=True))
+
+
+def own_layout(tensors: Sequence[TensorCut]) -> Layout:
+    """reshard's own layout: every source tensor under its own name."""
+    return Layout("reshard", None, tuple(OutTensor(t.name, t.dtype, (t.name,)) for t in tensors))
+
+
+def layout_from_dict(data: Any, tensors: Sequence[TensorCut]) -> Layout:
+    """A manifest's layout (None: reshard's own), in its recorded order."""
+    if data is None:
+        return own_layout(tensors)
+    if not isinstance(data, dict) or data.get("format") not in FORMATS[1:]:
+        raise ValueError("layout must name an engine format: " + ", ".join(FORMATS[1:]))
+    dtypes = {t.name: t.dtype for t in tensors}
+    out: list[OutTensor] = []
+    for entry in data["tensors"]:
+        name = str(entry["name"])
+        if "dtype" in entry:
+            out.append(OutTensor(name, str(entry["dtype"]), (), tuple(int(d) for d in entry["shape"]), float(entry["value"])))
+        else:
+            pieces = tuple(str(p) for p in entry.get("from", [name]))
+            out.append(OutTensor(name, dtypes[pieces[0]], pieces))
+    held = [p for o in out for p in o.pieces]
+    if sorted(held) != sorted(dtypes):
+        raise ValueError("the layout must hold every tensor of the manifest exactly once")
+    return Layout(str(data["format"]), str(data["version"]), tuple(out), data.get("vocab_multiple"))
