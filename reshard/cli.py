@@ -23,6 +23,7 @@ from reshard.engine.planning import make_plan
 from reshard.engine.split import default_split_dir, read_nbytes, write_split
 from reshard.engine.verify import Report, verify
 from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
+from reshard.formats.export import build_layout
 from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
@@ -118,6 +119,14 @@ MaxShardOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        metavar="FORMAT",
+        help="Layout of the rank files: reshard (each tensor under its own name) or vllm (vLLM's sharded_state).",
+    ),
+]
 
 
 def parse_devices(value: Optional[str]) -> Optional[list[int]]:
@@ -233,6 +242,7 @@ def plan_command(
     replicate_unknown: ReplicateOpt = False,
     rules: RulesOpt = None,
     gpu_memory: GpuMemoryOpt = None,
+    format: FormatOpt = "reshard",
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Show how every tensor would be cut and what each rank gets, without writing anything."""
@@ -241,7 +251,14 @@ def plan_command(
         count, device_ids, model_config = _tp_settings(tp, devices, config)
         limit = parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
         _, _, plan = make_plan(
-            model, tp=count, device_ids=device_ids, config=model_config, arch=arch, replicate_unknown=replicate_unknown, rules=rules
+            model,
+            tp=count,
+            device_ids=device_ids,
+            config=model_config,
+            arch=arch,
+            replicate_unknown=replicate_unknown,
+            rules=rules,
+            format=format,
         )
         return plan, limit
 
@@ -284,6 +301,7 @@ def split_command(
     ranks: Annotated[
         Optional[str], typer.Option("--ranks", metavar="R,R", help="Write only these ranks, comma-separated, e.g. 0,2.", show_default=False)
     ] = None,
+    format: FormatOpt = "reshard",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -294,13 +312,21 @@ def split_command(
         count, device_ids, config_path = _tp_settings(tp, devices, config)
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         source, model_config, plan = make_plan(
-            model, tp=count, device_ids=device_ids, config=config_path, arch=arch, replicate_unknown=replicate_unknown, rules=rules
+            model,
+            tp=count,
+            device_ids=device_ids,
+            config=config_path,
+            arch=arch,
+            replicate_unknown=replicate_unknown,
+            rules=rules,
+            format=format,
         )
+        layout = build_layout(plan, model_config, format=format)
         chosen = _chosen_ranks(rank, ranks, count)
         target = out if out is not None else default_split_dir(source.root, count)
         with _progress(read_nbytes(plan, ranks=chosen), "split", quiet) as progress:
             manifest = write_split(
-                source, model_config, plan, target, force=force, progress=progress, max_shard_size=max_bytes, ranks=chosen
+                source, model_config, plan, target, layout=layout, force=force, progress=progress, max_shard_size=max_bytes, ranks=chosen
             )
         which = "" if chosen is None else f", rank{'s' if len(chosen) > 1 else ''} {', '.join(map(str, chosen))} of 0..{plan.tp - 1}"
         console = _console()

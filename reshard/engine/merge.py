@@ -87,7 +87,7 @@ def write_merge(
         writer.close()
         if len(names) > 1:
             _write_index(staging / INDEX_NAME, names, groups)
-        _write_config(folder, staging / CONFIG_NAME)
+        _write_shared(folder, staging)
         folder.require_digests(hashes.results())
     return names
 
@@ -121,10 +121,12 @@ def merge_tensor(
     split_tensor(source, replace(cut, slices=(((0, cut.length),),)), [target], progress=progress, buffers=buffers)
 
 
-def _write_config(folder: SplitFolder, target: Path) -> None:
-    # The split folder's copy, checked by its sha256 in the manifest, is the source's file byte for byte; a
-    # folder whose manifest lists none gets the manifest's parsed copy.
-    if CONFIG_NAME in folder.manifest.files:
-        copy_durably(folder.path / CONFIG_NAME, target)
-    else:
-        write_durably(target, (json.dumps(folder.manifest.source_config, indent=2) + "\n").encode())
+def _write_shared(folder: SplitFolder, staging: Path) -> None:
+    # The split folder's copies, checked by their sha256 in the manifest, are the source's files byte for byte
+    # (config.json, and the tokenizer files of an engine layout); a folder whose manifest lists no config.json
+    # gets the manifest's parsed copy.
+    shared = folder.file_names([])
+    for name in shared:
+        copy_durably(folder.path / name, staging / name)
+    if CONFIG_NAME not in shared:
+        write_durably(staging / CONFIG_NAME, (json.dumps(folder.manifest.source_config, indent=2) + "\n").encode())

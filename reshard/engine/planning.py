@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reshard.engine.sources import Source, open_source
+from reshard.errors import UsageError
+from reshard.formats.export import FORMATS, build_layout, vocab_multiple
 from reshard.model.config import ModelConfig, TPConfig
 from reshard.model.rules import detect_family
 from reshard.plan.build import build_plan
@@ -21,6 +23,7 @@ def make_plan(
     arch: str | None = None,
     replicate_unknown: bool = False,
     rules: Path | None = None,
+    format: str = "reshard",
 ) -> tuple[Source, ModelConfig, Plan]:
     """Read a checkpoint's headers and config and plan its split.
 
@@ -33,6 +36,7 @@ def make_plan(
         arch: force a rules family instead of detecting it from the config.
         replicate_unknown: copy tensors that match no rule whole to every rank instead of refusing.
         rules: a rules file whose rules are tried before the family's.
+        format: the layout the plan is for: "reshard", or "vllm" (whose vocabulary is padded to 64 rows first).
 
     Returns:
         The opened source (checkpoint or split folder), its model config, and the plan.
@@ -46,5 +50,9 @@ def make_plan(
     source = open_source(model)
     model_config = source.model_config(config)
     family = detect_family(model_config, arch=arch, rules=rules)
-    plan = build_plan(source.tensors, model_config, tp_config, family, replicate_unknown=replicate_unknown)
+    if format not in FORMATS:
+        raise UsageError(f"--format {format}: unknown; use one of {', '.join(FORMATS)}")
+    multiple = vocab_multiple(format)
+    plan = build_plan(source.tensors, model_config, tp_config, family, replicate_unknown=replicate_unknown, vocab_multiple=multiple)
+    build_layout(plan, model_config, format=format)  # a family the format has no layout for is refused here
     return source, model_config, plan

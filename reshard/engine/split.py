@@ -20,7 +20,7 @@ from reshard.engine.sources import Source, TensorBytes, TensorSource
 from reshard.engine.staging import staged_output, staged_ranks
 from reshard.engine.workers import run_all, thread_buffers
 from reshard.formats.checksums import record
-from reshard.formats.export import Layout, OutTensor, own_layout
+from reshard.formats.export import Layout, OutTensor, build_layout, own_layout
 from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, copy_durably
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_file_name
 from reshard.formats.manifest import Manifest, write_manifest
@@ -44,6 +44,7 @@ def split(
     rules: Path | None = None,
     max_shard_size: int | None = None,
     ranks: Sequence[int] | None = None,
+    format: str = "reshard",
 ) -> Path:
     """Split a checkpoint into per-rank safetensors files plus reshard.json.
 
@@ -60,6 +61,8 @@ def split(
         rules: a rules file whose rules are tried before the family's.
         max_shard_size: cut each rank's output into files of at most this many bytes of tensor data.
         ranks: write only these ranks, into `out` beside any ranks already there (one node's share).
+        format: "reshard" (each tensor under its own name) or "vllm" (vLLM's sharded_state layout: its fused
+            names, vocabulary padding and buffers, loaded with `load_format="sharded_state"`).
 
     Returns:
         The output folder.
@@ -69,10 +72,11 @@ def split(
         PosixPath('/tmp/tiny-tp2')
     """
     source, model_config, plan = make_plan(
-        model, tp=tp, device_ids=device_ids, config=config, arch=arch, replicate_unknown=replicate_unknown, rules=rules
+        model, tp=tp, device_ids=device_ids, config=config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format
     )
     out = Path(out) if out is not None else default_split_dir(source.root, tp)
-    write_split(source, model_config, plan, out, force=force, progress=progress, max_shard_size=max_shard_size, ranks=ranks)
+    layout = build_layout(plan, model_config, format=format)
+    write_split(source, model_config, plan, out, layout=layout, force=force, progress=progress, max_shard_size=max_shard_size, ranks=ranks)
     return out
 
 

@@ -150,7 +150,7 @@ def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any]) -> tu
 
 
 def _fusions(names: list[str], rules: list[dict[str, Any]]) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """For the first source tensor of every fused group: the output name and the group, in the rule's order."""
+    """For every source tensor of a fused group: the output name and the group, in the rule's order."""
     present = set(names)
     found: dict[str, tuple[str, tuple[str, ...]]] = {}
     for rule in rules:
@@ -162,7 +162,7 @@ def _fusions(names: list[str], rules: list[dict[str, Any]]) -> dict[str, tuple[s
             stars = _stars(rule["from"][0], name)
             group = tuple(_fill(p, stars) for p in rule["from"])
             if all(p in present for p in group):
-                found[group[0]] = (_fill(rule["into"], stars), group)
+                found |= {p: (_fill(rule["into"], stars), group) for p in group}
             elif any(p in present for p in group[1:]):
                 missing = next(p for p in group if p not in present)
                 raise InputError(f"tensor {missing} is missing, and {_fill(rule['into'], stars)} needs it")

@@ -12,12 +12,14 @@ from pathlib import Path
 
 from reshard.errors import InputError, shown
 from reshard.formats.checksums import BackgroundHashes
+from reshard.formats.export import build_layout, engine_data
 from reshard.formats.io import Progress
 from reshard.formats.layout import MANIFEST_NAME, rank_record_name
 from reshard.formats.manifest import Manifest, read_manifest
 from reshard.formats.safetensors import TensorInfo, read_header
 from reshard.model.config import ModelConfig
 from reshard.plan.build import first_difference, replan
+from reshard.plan.cut import Plan
 
 
 class SplitFolder:
@@ -96,11 +98,11 @@ class SplitFolder:
         """Every tensor is cut as the recorded config and rules say: slices edited, swapped or reversed in the
         manifest would rebuild another model."""
         where = self.path / MANIFEST_NAME
-        manifest = self.manifest
+        manifest, config = self.manifest, ModelConfig(raw=self.manifest.source_config)
         try:
             plan = replan(
-                manifest.tensors, ModelConfig(raw=manifest.source_config), manifest.tp_config,
-                family=manifest.family, rules=manifest.rules, where=str(where),
+                manifest.tensors, config, manifest.tp_config, family=manifest.family, rules=manifest.rules,
+                where=str(where), vocab_multiple=manifest.packing.vocab_multiple,
             )  # fmt: skip
         except InputError as e:
             yield str(e)
@@ -112,6 +114,22 @@ class SplitFolder:
                 f"{where}: tensor {shown(recorded.name)} is recorded {recorded.describe()}, but the {manifest.family} "
                 f"rules cut it {derived.describe()}; the manifest was changed, split again"
             )
+        elif not manifest.packing.own:
+            yield from self._packing(plan, config)
+
+    def _packing(self, plan: Plan, config: ModelConfig) -> Iterator[str]:
+        """An engine layout is the one reshard makes for this plan: names and packing order included."""
+        recorded, where = self.manifest.packing, self.path / MANIFEST_NAME
+        if recorded.version != engine_data(recorded.format)["version"]:
+            yield f"{where}: made for {recorded.format} {recorded.version}, and this reshard writes {engine_data(recorded.format)['version']}; split again"
+            return
+        try:
+            derived = build_layout(plan, config, format=recorded.format)
+        except InputError as e:
+            yield f"{where}: {e}"
+            return
+        if derived.to_dict() != recorded.to_dict():
+            yield f"{where}: the {recorded.format} layout is not the one reshard makes for this model; the manifest was changed, split again"
 
     def _links(self, names: list[str]) -> Iterator[str]:
         """Files are read only inside the folder, and each listed file is a file of its own: no link out of the
@@ -184,20 +202,34 @@ class SplitFolder:
                 if info.name in tensors:
                     yield f"{path}: tensor {shown(info.name)} is also in another of rank {rank}'s files; split again"
                 tensors[info.name] = info
-        yield from self._against_manifest(rank, tensors)
-        self._tensors[rank] = tensors
+        problems = list(self._against_manifest(rank, tensors))
+        yield from problems
+        if not problems:
+            self._tensors[rank] = self._sources(rank, tensors)
 
     def _against_manifest(self, rank: int, tensors: dict[str, TensorInfo]) -> Iterator[str]:
+        """The rank files hold exactly the layout's tensors, with their dtypes and rank shapes."""
         first = self.path / self.manifest.rank_files[rank][0]
-        expected = {cut.name for cut in self.manifest.tensors}
+        entries = self.manifest.packing.rank_entries(self.manifest.tensors, rank)
+        expected = {name for name, _, _ in entries}
         for extra in [n for n in tensors if n not in expected][:1]:
             yield f"{tensors[extra].path}: tensor {shown(extra)} is not in the manifest; the rank file does not belong to this split"
-        for cut in self.manifest.tensors:
-            info = tensors.get(cut.name)
+        for name, dtype, shape in entries:
+            info = tensors.get(name)
             if info is None:
-                yield f"{first}: tensor {cut.name} is missing; the split folder is incomplete, split again"
-            elif info.dtype != cut.dtype or info.shape != cut.rank_shape(rank):
+                yield f"{first}: tensor {shown(name)} is missing; the split folder is incomplete, split again"
+            elif info.dtype != dtype or info.shape != shape:
                 yield (
-                    f"{info.path}: tensor {cut.name} is {info.dtype} {list(info.shape)}, the manifest expects "
-                    f"{cut.dtype} {list(cut.rank_shape(rank))}; the rank file does not belong to this manifest"
+                    f"{info.path}: tensor {shown(name)} is {info.dtype} {list(info.shape)}, the manifest expects "
+                    f"{dtype} {list(shape)}; the rank file does not belong to this manifest"
                 )
+
+    def _sources(self, rank: int, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """Where each source tensor's slice lies in the rank's files: inside the output tensor that holds it."""
+        found = {}
+        places = self.manifest.packing.placements(self.manifest.tensors, rank)
+        for cut in self.manifest.tensors:
+            name, offset = places[cut.name]
+            out = tensors[name]
+            found[cut.name] = TensorInfo(cut.name, cut.dtype, cut.rank_shape(rank), out.path, out.offset + offset, cut.rank_nbytes(rank))
+        return found

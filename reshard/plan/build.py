@@ -259,7 +259,14 @@ def _scale_cut(info: TensorSpec, weight: TensorCut | None, tp: int) -> TensorCut
 
 
 def replan(
-    cuts: Sequence[TensorCut], config: ModelConfig, tp_config: TPConfig, *, family: str, rules: dict[str, Any] | None, where: str
+    cuts: Sequence[TensorCut],
+    config: ModelConfig,
+    tp_config: TPConfig,
+    *,
+    family: str,
+    rules: dict[str, Any] | None,
+    where: str,
+    vocab_multiple: int | None = None,
 ) -> Plan:
     """The plan the rules give, again, for tensors a recorded plan says how it cut: what to check it against.
     Tensors no rule matches are taken as replicated (the only cut --replicate-unknown makes)."""
@@ -267,7 +274,7 @@ def replan(
         raise InputError(f"{where}: family {family!r} is not built in and no rules are recorded for it; pass its rules with --rules FILE")
     try:
         found = family_for(config, arch=family, given=rules, source=f"{where}: rules")
-        return build_plan(cuts, config, tp_config, found, replicate_unknown=True)
+        return build_plan(cuts, config, tp_config, found, replicate_unknown=True, vocab_multiple=vocab_multiple)
     except PlanError as e:
         raise InputError(f"{where}: the {family} rules cannot cut these tensors at tp {tp_config.tp}: {e.problems[0]}") from e
 

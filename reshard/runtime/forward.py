@@ -30,7 +30,7 @@ from reshard.model.config import ModelConfig
 from reshard.model.rules import builtin_families
 from reshard.plan.build import first_difference, replan
 from reshard.plan.cut import TensorCut, coverage, rank_spans
-from reshard.runtime.load import load_rank
+from reshard.runtime.load import load_rank, piece
 
 if TYPE_CHECKING:
     import torch
@@ -118,16 +118,18 @@ def _references(folder: SplitFolder, source: Path | None, stack: ExitStack) -> A
         {name: stack.enter_context(safe_open(str(folder.path / name), framework="pt", device="cpu")) for name in files}
         for files in folder.manifest.rank_files
     ]
-    return lambda cut: _rebuilt(cut, ranks)
+    places = [folder.manifest.packing.placements(folder.manifest.tensors, r) for r in range(folder.tp)]
+    return lambda cut: _rebuilt(cut, ranks, places)
 
 
-def _rebuilt(cut: TensorCut, ranks: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+def _rebuilt(cut: TensorCut, ranks: Sequence[Mapping[str, Any]], places: Sequence[Mapping[str, tuple[str, int]]]) -> torch.Tensor:
     """The unsharded tensor, rebuilt from the rank files as merge would, without the merge engine."""
     import torch
 
     def rank_tensor(rank: int) -> torch.Tensor:
-        handle = next(h for h in ranks[rank].values() if cut.name in h.keys())
-        return handle.get_tensor(cut.name)
+        name, offset = places[rank][cut.name]
+        handle = next(h for h in ranks[rank].values() if name in h.keys())
+        return piece(handle.get_tensor(name), offset, cut.rank_shape(rank))
 
     if cut.dim is None:
         return rank_tensor(0)

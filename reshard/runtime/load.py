@@ -42,7 +42,18 @@ def load_rank(split_dir: Path, rank: int, *, device: str | None = None, check_sh
         with safe_open(str(folder.path / name), framework="pt", device=str(place)) as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
-    return {t.name: tensors[t.name] for t in folder.manifest.tensors}
+    places = folder.manifest.packing.placements(folder.manifest.tensors, rank)
+    return {t.name: piece(tensors[places[t.name][0]], places[t.name][1], t.rank_shape(rank)) for t in folder.manifest.tensors}
+
+
+def piece(packed: torch.Tensor, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The source tensor's slice that starts `offset` bytes into a tensor of an engine layout (a view)."""
+    flat = packed.reshape(-1)
+    start = offset // max(1, flat.element_size())
+    count = 1
+    for d in shape:
+        count *= d
+    return flat[start : start + count].reshape(shape)
 
 
 def _place(folder: SplitFolder, rank: int, device: str | None) -> torch.device:
