@@ -60,7 +60,13 @@ def expected_cuts(folder: SplitFolder, *, rules: Path | None = None) -> tuple[Te
     if given is None and manifest.family not in builtin_families():
         given = manifest.rules  # a family of its own: its recorded rules are all there is to go by
     plan = replan(
-        manifest.tensors, ModelConfig(raw=manifest.source_config), manifest.tp_config, family=manifest.family, rules=given, where=str(where)
+        manifest.tensors,
+        ModelConfig(raw=manifest.source_config),
+        manifest.tp_config,
+        family=manifest.family,
+        rules=given,
+        where=str(where),
+        vocab_multiple=manifest.packing.vocab_multiple,
     )
     found = first_difference(manifest.tensors, plan.tensors)
     if found is not None:

@@ -1,0 +1,149 @@
+"""`split --format vllm`: vLLM's sharded_state names, packing and vocabulary padding on top of the same cuts,
+checked slice by slice here (tests_vllm/ proves it with a real vLLM); merge, verify and resplit read it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import reshard
+from reshard.cli import app
+
+from helpers import llama_config, llama_shapes, snapshot, synthetic_llama, write_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    # 8 heads, 2 kv heads (replicated at tp 4), vocabulary 100 (padded to 128 as vLLM pads it), float32 values.
+    config = llama_config(kv_heads=2, vocab=100)
+    gen = torch.Generator().manual_seed(0)
+    return write_checkpoint(tmp_path / "model", {n: torch.randn(s, generator=gen) for n, s in llama_shapes(config).items()}, config)
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def split(model: Path, out: Path, tp: int, *flags: object) -> Path:
+    result = invoke("split", model, "--tp", tp, "--format", "vllm", "--out", out, "-q", *flags)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_rank_files_hold_what_vllm_registers(model: Path, tmp_path: Path, tp: int) -> None:
+    source = load_file(model / "model.safetensors")
+    out = split(model, tmp_path / "out", tp)
+    heads, kv, head_dim = 8, 2, 4
+    for rank in range(tp):
+        got = load_file(out / f"model-rank-{rank}-part-0.safetensors")
+        p = "model.layers.1"
+        assert f"{p}.self_attn.q_proj.weight" not in got and f"{p}.mlp.up_proj.weight" not in got
+        q = source[f"{p}.self_attn.q_proj.weight"].chunk(tp)[rank]
+        kv_head = rank * kv // tp if tp > kv else None
+        k, v = (source[f"{p}.self_attn.{n}_proj.weight"] for n in "kv")
+        k, v = (t.chunk(kv)[kv_head] if kv_head is not None else t.chunk(tp)[rank] for t in (k, v))
+        assert torch.equal(got[f"{p}.self_attn.qkv_proj.weight"], torch.cat([q, k, v]))
+        gate, up = (source[f"{p}.mlp.{n}_proj.weight"].chunk(tp)[rank] for n in ("gate", "up"))
+        assert torch.equal(got[f"{p}.mlp.gate_up_proj.weight"], torch.cat([gate, up]))
+        assert torch.equal(got[f"{p}.self_attn.o_proj.weight"], source[f"{p}.self_attn.o_proj.weight"].chunk(tp, dim=1)[rank])
+        # 100 rows padded to 128 (a multiple of 64), then cut in tp equal parts; rows past 100 are zeros.
+        per = 128 // tp
+        want = torch.zeros(per, heads * head_dim)
+        rows = source["lm_head.weight"][rank * per : (rank + 1) * per]
+        want[: rows.shape[0]] = rows
+        assert torch.equal(got["lm_head.weight"], want)
+        for scale in ("_k_scale", "_v_scale", "_q_scale", "_prob_scale"):
+            assert got[f"{p}.self_attn.attn.{scale}"].shape == () and got[f"{p}.self_attn.attn.{scale}"].item() == 1.0
+        assert torch.equal(got["model.norm.weight"], source["model.norm.weight"])
+    manifest = json.loads((out / "reshard.json").read_text())
+    assert manifest["layout"]["format"] == "vllm" and manifest["layout"]["version"] == "0.32"
+
+
+def test_merge_verify_and_resplit_read_the_vllm_layout(model: Path, tmp_path: Path) -> None:
+    out = split(model, tmp_path / "vllm", 4)
+    assert invoke("verify", out, "--against", model).exit_code == 0
+    assert invoke("verify", out, "--forward", "--device", "cpu").exit_code == 0
+    assert invoke("merge", out, "--out", tmp_path / "merged", "-q").exit_code == 0
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    # Resplit: from reshard's layout into vLLM's, and from vLLM's into reshard's, equal to the direct splits.
+    own = invoke("split", model, "--tp", 2, "--out", tmp_path / "own", "-q")
+    assert own.exit_code == 0
+    assert snapshot(split(tmp_path / "own", tmp_path / "own-to-vllm", 4)) == snapshot(out)
+    back = invoke("split", out, "--tp", 2, "--out", tmp_path / "vllm-to-own", "-q")
+    assert back.exit_code == 0 and snapshot(tmp_path / "vllm-to-own") == snapshot(tmp_path / "own")
+    weights = reshard.load_rank(out, 3, device="cpu")
+    assert "model.layers.0.self_attn.k_proj.weight" in weights  # by source names, views into the packed tensors
+
+
+def test_ranks_parts_and_engine_files(model: Path, tmp_path: Path) -> None:
+    (model / "tokenizer.json").write_text('{"version": "1.0"}')
+    (model / "generation_config.json").write_text('{"do_sample": false}')
+    full = split(model, tmp_path / "full", 2, "--max-shard-size", "20KB")
+    assert len(list(full.glob("model-rank-0-part-*.safetensors"))) > 1
+    assert (full / "tokenizer.json").read_text() == '{"version": "1.0"}' and (full / "generation_config.json").is_file()
+    for rank in range(2):
+        split(model, tmp_path / "nodes", 2, "--max-shard-size", "20KB", "--rank", rank)
+    assert snapshot(tmp_path / "nodes") == snapshot(full)
+    assert invoke("merge", full, "--out", tmp_path / "merged", "-q").exit_code == 0
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_tied_embeddings_are_stored_under_the_name_vllm_keeps(tmp_path: Path) -> None:
+    model = synthetic_llama(tmp_path / "model", torch.float32, kv_heads=2, vocab=64)
+    tensors = load_file(model / "model.safetensors")
+    del tensors["lm_head.weight"]
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text()) | {"tie_word_embeddings": True}
+    (model / "config.json").write_text(json.dumps(config))
+    out = split(model, tmp_path / "out", 2)
+    got = load_file(out / "model-rank-0-part-0.safetensors")
+    assert "lm_head.weight" in got and "model.embed_tokens.weight" not in got
+    assert invoke("merge", out, "--out", tmp_path / "merged", "-q").exit_code == 0
+    assert load_file(tmp_path / "merged" / "model.safetensors").keys() == tensors.keys()
+
+
+def test_what_the_vllm_layout_cannot_do_is_refused(model: Path, tmp_path: Path) -> None:
+    bad_tp = invoke("plan", model, "--tp", 3, "--format", "vllm")
+    assert bad_tp.exit_code == 1
+    assert "vocab_size (100), padded to 128 (a multiple of 64), is not divisible by --tp 3" in bad_tp.stderr
+    unknown = invoke("plan", model, "--tp", 2, "--format", "gguf")
+    assert (unknown.exit_code, unknown.stderr) == (2, "Error: --format gguf: unknown; use one of reshard, vllm\n")
+    gpt2 = tmp_path / "gpt2"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=32, n_head=4, n_layer=1, vocab_size=64)).save_pretrained(gpt2)
+    refused = invoke("split", gpt2, "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        "Error: --format vllm: the gpt2 family has no vllm 0.32 layout in reshard; families with one: llama "
+        "(split with the default format instead)\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_vllm_layout_is_refused(model: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    out = split(model, tmp_path / "out", 2)
+    manifest = json.loads((out / "reshard.json").read_text())
+    entry = next(e for e in manifest["layout"]["tensors"] if e["name"].endswith("0.self_attn.qkv_proj.weight"))
+    entry["from"] = [entry["from"][1], entry["from"][0], entry["from"][2]]  # k before q
+    text = json.dumps(manifest)
+    (out / "reshard.json").write_text(text)
+    for rank in range(2):
+        path = out / f"reshard-rank-{rank}.json"
+        record = json.loads(path.read_text()) | {"manifest_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        path.write_text(json.dumps(record))
+    result = invoke("merge", out, "--out", tmp_path / "merged")
+    assert result.exit_code == 1
+    assert "the vllm layout is not the one reshard makes for this model; the manifest was changed, split again" in result.stderr
