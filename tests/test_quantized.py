@@ -116,3 +116,14 @@ def test_packed_quantized_formats_are_refused(tmp_path: Path, suffixes: tuple[st
         f"tensor {prefix}.{first} is in a packed quantized format (GPTQ, AWQ or bitsandbytes), whose elements hold "
         "several values and cannot be cut by rows or columns; dequantize the checkpoint first, or give a rule for it with --rules"
     )
+
+
+def test_the_vllm_layout_refuses_a_quantized_checkpoint_by_name(tmp_path: Path) -> None:
+    from reshard import InputError
+
+    model = fp8_llama(tmp_path / "fp8")
+    with pytest.raises(
+        InputError, match=r"--format vllm: tensor model.layers.0.\S+ is a quantization scale, and reshard has no vllm layout"
+    ):
+        split(model, tp=2, out=tmp_path / "out", format="vllm")
+    assert not (tmp_path / "out").exists()

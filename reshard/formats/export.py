@@ -17,9 +17,10 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from reshard.errors import InputError
+from reshard.errors import InputError, shown
 from reshard.model.config import ModelConfig
 from reshard.model.rules import compile_patterns
+from reshard.plan.build import SCALE_SUFFIXES
 from reshard.plan.cut import Plan, TensorCut
 from reshard.plan.tensor import DTYPE_SIZES
 
@@ -122,6 +123,12 @@ def build_layout(plan: Plan, config: ModelConfig, *, format: str) -> Layout:
         raise InputError(
             f"--format {format}: the {plan.family} family has no {format} {data['version']} layout in reshard; families with one: "
             f"{known} (split with the default format instead)"
+        )
+    scaled = next((t.name for t in plan.tensors if t.name.endswith(SCALE_SUFFIXES)), None)
+    if scaled is not None:
+        raise InputError(
+            f"--format {format}: tensor {shown(scaled)} is a quantization scale, and reshard has no {format} layout for "
+            "quantized checkpoints; split with the default format instead"
         )
     tensors = _engine_tensors(plan, config, spec)
     return Layout(format, str(data["version"]), tensors, data["vocab_multiple"])
