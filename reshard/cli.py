@@ -23,7 +23,7 @@ from reshard.engine.planning import make_plan
 from reshard.engine.split import default_split_dir, read_nbytes, write_split
 from reshard.engine.verify import Report, verify
 from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
-from reshard.formats.export import build_layout
+from reshard.formats.export import build_layout, engine_data
 from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
@@ -264,13 +264,16 @@ def plan_command(
 
     plan, limit = _run(action, writes=False)
     if as_json:
-        data = plan.to_dict()
+        data = plan.to_dict() | ({"format": format} if format != "reshard" else {})
         for entry in data["ranks"] if limit is not None else []:
             entry["fits"] = entry["bytes"] <= limit
         typer.echo(json.dumps(data, indent=2))
         return
     console = _console()
     console.print(plan_summary(plan, model))
+    if format != "reshard":
+        data = engine_data(format)
+        console.print(f"Layout: {format} {data['version']}, loaded with {data['loader']}")
     console.print(tensor_table(plan))
     console.print(rank_table(plan, gpu_memory=limit))
     over = [r for r in range(plan.tp) if limit is not None and plan.rank_nbytes(r) > limit]

@@ -147,3 +147,12 @@ def test_a_changed_vllm_layout_is_refused(model: Path, tmp_path: Path) -> None:
     result = invoke("merge", out, "--out", tmp_path / "merged")
     assert result.exit_code == 1
     assert "the vllm layout is not the one reshard makes for this model; the manifest was changed, split again" in result.stderr
+
+
+def test_plan_shows_the_vllm_cut(model: Path) -> None:
+    shown = invoke("plan", model, "--tp", 4, "--format", "vllm")
+    assert shown.exit_code == 0, shown.stderr
+    assert 'Layout: vllm 0.32, loaded with load_format="sharded_state"' in shown.stdout
+    plan = json.loads(invoke("plan", model, "--tp", 4, "--format", "vllm", "--json").stdout)
+    lm_head = next(t for t in plan["tensors"] if t["name"] == "lm_head.weight")
+    assert (plan["format"], lm_head["rank_shape"], lm_head["padding"]) == ("vllm", [32, 32], 28)
