@@ -22,15 +22,17 @@ MODELS = {
     "llama": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=2),  # kv heads replicated at tp 4
     "qwen2": dict(model_type="qwen2", num_attention_heads=8, num_key_value_heads=2),  # q/k/v biases
     "qwen3": dict(model_type="qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=32),  # q/k norms
+    # tied embeddings (stored as lm_head.weight), one kv head replicated on both ranks
+    "gemma": dict(model_type="gemma", num_attention_heads=8, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True),
 }
-CASES = [("llama", 2), ("llama", 4), ("qwen2", 2), ("qwen3", 2)]
+CASES = [("llama", 2), ("llama", 4), ("qwen2", 2), ("qwen3", 2), ("gemma", 2)]
 
 
 def build(kind: str, folder: Path) -> Path:
     """A tiny model vLLM's CPU attention runs (head_dim 32), random weights and norms, vocabulary 1000 (padded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(MODELS[kind])
+    spec = {"tie_word_embeddings": False, **MODELS[kind]}
     config = AutoConfig.for_model(
         spec.pop("model_type"),
         hidden_size=256,
@@ -38,7 +40,9 @@ def build(kind: str, folder: Path) -> Path:
         num_hidden_layers=2,
         vocab_size=1000,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
         **spec,
     )
     torch.manual_seed(0)

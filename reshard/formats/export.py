@@ -118,6 +118,8 @@ def build_layout(plan: Plan, config: ModelConfig, *, format: str) -> Layout:
         return own_layout(plan.tensors)
     data = engine_data(format)
     spec = data["families"].get(plan.family)
+    if spec is not None and "same_as" in spec:
+        spec = data["families"][spec["same_as"]]
     if spec is None:
         known = ", ".join(sorted(data["families"]))
         raise InputError(
