@@ -125,7 +125,7 @@ def test_what_the_vllm_layout_cannot_do_is_refused(model: Path, tmp_path: Path) 
     refused = invoke("split", gpt2, "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
     assert refused.exit_code == 1
     assert refused.stderr == (
-        "Error: --format vllm: the gpt2 family has no vllm 0.32 layout in reshard; families with one: gemma, llama "
+        "Error: --format vllm: the gpt2 family has no vllm 0.32 layout in reshard; families with one: gemma, llama, mixtral "
         "(split with the default format instead)\n"
     )
     assert not (tmp_path / "out").exists()
@@ -156,3 +156,28 @@ def test_plan_shows_the_vllm_cut(model: Path) -> None:
     plan = json.loads(invoke("plan", model, "--tp", 4, "--format", "vllm", "--json").stdout)
     lm_head = next(t for t in plan["tensors"] if t["name"] == "lm_head.weight")
     assert (plan["format"], lm_head["rank_shape"], lm_head["padding"]) == ("vllm", [32, 32], 28)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_mixtral_experts_are_stacked_as_vllm_holds_them(tmp_path: Path, tp: int) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, num_local_experts=3, num_experts_per_tok=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    source = load_file(tmp_path / "moe" / "model.safetensors")
+    out = split(tmp_path / "moe", tmp_path / "out", tp)
+    p = "model.layers.0.block_sparse_moe.experts"
+    for rank in range(tp):
+        got = load_file(out / f"model-rank-{rank}-part-0.safetensors")
+        w13 = torch.stack([torch.cat([source[f"{p}.{e}.w{i}.weight"].chunk(tp)[rank] for i in (1, 3)]) for e in range(3)])
+        w2 = torch.stack([source[f"{p}.{e}.w2.weight"].chunk(tp, dim=1)[rank] for e in range(3)])
+        assert torch.equal(got[f"{p}.routed_experts.w13_weight"], w13)
+        assert torch.equal(got[f"{p}.routed_experts.w2_weight"], w2)
+        assert not any(".w1.weight" in k or ".w2.weight" in k for k in got)
+    assert invoke("verify", out, "--against", tmp_path / "moe").exit_code == 0
+    assert invoke("merge", out, "--out", tmp_path / "merged", "-q").exit_code == 0
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (tmp_path / "moe" / "model.safetensors").read_bytes()

@@ -24,8 +24,10 @@ MODELS = {
     "qwen3": dict(model_type="qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=32),  # q/k norms
     # tied embeddings (stored as lm_head.weight), one kv head replicated on both ranks
     "gemma": dict(model_type="gemma", num_attention_heads=8, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True),
+    # experts stacked into w13_weight / w2_weight
+    "mixtral": dict(model_type="mixtral", num_attention_heads=8, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
 }
-CASES = [("llama", 2), ("llama", 4), ("qwen2", 2), ("qwen3", 2), ("gemma", 2)]
+CASES = [("llama", 2), ("llama", 4), ("qwen2", 2), ("qwen3", 2), ("gemma", 2), ("mixtral", 2)]
 
 
 def build(kind: str, folder: Path) -> Path:

@@ -38,12 +38,13 @@ class OutTensor:
     pieces: tuple[str, ...]
     shape: tuple[int, ...] = ()  # a constant's shape
     value: float = 0.0  # a constant's value
+    stack: int = 0  # when above 0: the pieces are this many equal groups stacked along a new leading dim (experts)
 
     def to_dict(self) -> dict[str, Any]:
         if self.pieces == (self.name,):
             return {"name": self.name}
         if self.pieces:
-            return {"name": self.name, "from": list(self.pieces)}
+            return {"name": self.name, "from": list(self.pieces), **({"stack": self.stack} if self.stack else {})}
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "value": self.value}
 
     def constant_bytes(self) -> bytes:
@@ -93,9 +94,12 @@ def rank_shape(out: OutTensor, cuts: dict[str, TensorCut], rank: int) -> tuple[i
     if not out.pieces:
         return out.shape
     shapes = [cuts[p].rank_shape(rank) for p in out.pieces]
-    if len(shapes) == 1:
+    if len(shapes) == 1 and not out.stack:
         return shapes[0]
-    return (sum(s[0] for s in shapes), *shapes[0][1:])
+    length = sum(s[0] for s in shapes)
+    if out.stack:
+        return (out.stack, length // out.stack, *shapes[0][1:])
+    return (length, *shapes[0][1:])
 
 
 @cache
@@ -139,29 +143,59 @@ def build_layout(plan: Plan, config: ModelConfig, *, format: str) -> Layout:
 def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any]) -> tuple[OutTensor, ...]:
     names = [t.name for t in plan.tensors]
     dtypes = {t.name: t.dtype for t in plan.tensors}
-    fused = _fusions(names, spec.get("fuse", []))
+    fused = _fusions(names, spec.get("fuse", [])) | _stacks(names, spec.get("stack", []))
     renamed = dict(spec.get("tied", {})) if config.raw.get("tie_word_embeddings") else {}
     out: list[OutTensor] = []
     done: set[str] = set()
     for name in names:
         if name in done:
             continue
-        into, pieces = fused.get(name, (renamed.get(name, name), (name,)))
+        into, pieces, stack = fused.get(name, (renamed.get(name, name), (name,), 0))
         if len({dtypes[p] for p in pieces}) > 1:
             raise InputError(f"tensor {pieces[0]}: {into} packs tensors of different dtypes; convert the checkpoint to one dtype")
         if into in names and into not in pieces:
             raise InputError(f"tensor {name}: its layout name {into} is another tensor of the checkpoint; split with the default format")
-        out.append(OutTensor(into, dtypes[name], pieces))
+        out.append(OutTensor(into, dtypes[name], pieces, stack=stack))
         done |= set(pieces)
     for constant in spec.get("constants", []):
         out += _constants(names, constant)
     return tuple(out)
 
 
-def _fusions(names: list[str], rules: list[dict[str, Any]]) -> dict[str, tuple[str, tuple[str, ...]]]:
+Packing = dict[str, tuple[str, tuple[str, ...], int]]  # source tensor -> (output name, its pieces, stacked groups)
+
+
+def _stacks(names: list[str], rules: list[dict[str, Any]]) -> Packing:
+    """Experts stacked along a new leading dim: for each match of `into`'s `*` (the layer), every expert `#` in
+    numeric order, each expert's `from` tensors back to back."""
+    found: Packing = {}
+    for rule in rules:
+        first = rule["from"][0]
+        groups: dict[tuple[str, ...], dict[int, tuple[str, ...]]] = {}
+        pattern = re.compile(re.escape(first).replace(r"\*", "([^.]+)").replace("\\#", "([0-9]+)"))
+        for name in names:
+            match = pattern.fullmatch(name)
+            if match is None:
+                continue
+            *layer, expert = match.groups()
+            group = tuple(_fill(p.replace("#", expert), layer) for p in rule["from"])
+            groups.setdefault(tuple(layer), {})[int(expert)] = group
+        for key, experts in groups.items():
+            stars = list(key)
+            if sorted(experts) != list(range(len(experts))):
+                raise InputError(f"{_fill(rule['into'], stars)}: experts {sorted(experts)} are not numbered 0..{len(experts) - 1}")
+            pieces = tuple(p for e in sorted(experts) for p in experts[e])
+            missing = [p for p in pieces if p not in set(names)]
+            if missing:
+                raise InputError(f"tensor {missing[0]} is missing, and {_fill(rule['into'], stars)} needs it")
+            found |= {p: (_fill(rule["into"], stars), pieces, len(experts)) for p in pieces}
+    return found
+
+
+def _fusions(names: list[str], rules: list[dict[str, Any]]) -> Packing:
     """For every source tensor of a fused group: the output name and the group, in the rule's order."""
     present = set(names)
-    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+    found: Packing = {}
     for rule in rules:
         first = compile_patterns((rule["from"][0],))
         for name in names:
@@ -171,7 +205,7 @@ def _fusions(names: list[str], rules: list[dict[str, Any]]) -> dict[str, tuple[s
             stars = _stars(rule["from"][0], name)
             group = tuple(_fill(p, stars) for p in rule["from"])
             if all(p in present for p in group):
-                found |= {p: (_fill(rule["into"], stars), group) for p in group}
+                found |= {p: (_fill(rule["into"], stars), group, 0) for p in group}
             elif any(p in present for p in group[1:]):
                 missing = next(p for p in group if p not in present)
                 raise InputError(f"tensor {missing} is missing, and {_fill(rule['into'], stars)} needs it")
@@ -220,7 +254,7 @@ def layout_from_dict(data: Any, tensors: Sequence[TensorCut]) -> Layout:
             out.append(OutTensor(name, str(entry["dtype"]), (), tuple(int(d) for d in entry["shape"]), float(entry["value"])))
         else:
             pieces = tuple(str(p) for p in entry.get("from", [name]))
-            out.append(OutTensor(name, dtypes[pieces[0]], pieces))
+            out.append(OutTensor(name, dtypes[pieces[0]], pieces, stack=int(entry.get("stack", 0))))
     held = [p for o in out for p in o.pieces]
     if sorted(held) != sorted(dtypes):
         raise ValueError("the layout must hold every tensor of the manifest exactly once")
