@@ -125,7 +125,7 @@ def test_what_the_vllm_layout_cannot_do_is_refused(model: Path, tmp_path: Path) 
     refused = invoke("split", gpt2, "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
     assert refused.exit_code == 1
     assert refused.stderr == (
-        "Error: --format vllm: the gpt2 family has no vllm 0.32 layout in reshard; families with one: gemma, llama, mixtral "
+        "Error: --format vllm: the gpt2 family has no vllm 0.32 layout in reshard; families with one: gemma, llama, mixtral, qwen2_moe "
         "(split with the default format instead)\n"
     )
     assert not (tmp_path / "out").exists()

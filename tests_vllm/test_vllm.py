@@ -26,8 +26,18 @@ MODELS = {
     "gemma": dict(model_type="gemma", num_attention_heads=8, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True),
     # experts stacked into w13_weight / w2_weight
     "mixtral": dict(model_type="mixtral", num_attention_heads=8, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    # routed experts stacked, a shared expert with its own gate_up_proj and expert_gate
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=256,
+    ),
 }
-CASES = [("llama", 2), ("llama", 4), ("qwen2", 2), ("qwen3", 2), ("gemma", 2), ("mixtral", 2)]
+CASES = [("llama", 2), ("llama", 4), ("qwen2", 2), ("qwen3", 2), ("gemma", 2), ("mixtral", 2), ("qwen2_moe", 2)]
 
 
 def build(kind: str, folder: Path) -> Path:
