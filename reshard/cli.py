@@ -20,13 +20,14 @@ from typer.core import TyperArgument, TyperCommand
 
 from reshard.engine.merge import default_merge_dir, write_merge
 from reshard.engine.planning import make_plan
+from reshard.engine.sources import Source
 from reshard.engine.split import default_split_dir, read_nbytes, write_split
 from reshard.engine.verify import Report, verify
 from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
 from reshard.formats.export import build_layout, engine_data
 from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
-from reshard.model.config import TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
+from reshard.model.config import ModelConfig, TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
 from reshard.plan.cut import Plan
 from reshard.report import forward_table, human_bytes, plan_summary, rank_table, tensor_table
 from reshard.runtime.forward import KindError
@@ -164,6 +165,31 @@ def _tp_settings(
     return count, ids, model_config
 
 
+def _make_plan(
+    model: Path,
+    tp: Optional[int],
+    devices: Optional[str],
+    configs: Optional[list[Path]],
+    *,
+    arch: Optional[str],
+    replicate_unknown: bool,
+    rules: Optional[Path],
+    format: str,
+) -> tuple[Source, ModelConfig, Plan]:
+    """The plan `plan` shows and `split` writes, from the same flags."""
+    count, device_ids, model_config = _tp_settings(tp, devices, configs)
+    return make_plan(
+        model,
+        tp=count,
+        device_ids=device_ids,
+        config=model_config,
+        arch=arch,
+        replicate_unknown=replicate_unknown,
+        rules=rules,
+        format=format,
+    )
+
+
 def _chosen_ranks(rank: Optional[str], ranks: Optional[str], tp: int) -> Optional[list[int]]:
     """--rank N, --rank auto or --ranks 0,2 as rank numbers; None for every rank."""
     if rank is not None and ranks is not None:
@@ -248,18 +274,8 @@ def plan_command(
     """Show how every tensor would be cut and what each rank gets, without writing anything."""
 
     def action() -> tuple[Plan, Optional[int]]:
-        count, device_ids, model_config = _tp_settings(tp, devices, config)
         limit = parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
-        _, _, plan = make_plan(
-            model,
-            tp=count,
-            device_ids=device_ids,
-            config=model_config,
-            arch=arch,
-            replicate_unknown=replicate_unknown,
-            rules=rules,
-            format=format,
-        )
+        _, _, plan = _make_plan(model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format)
         return plan, limit
 
     plan, limit = _run(action, writes=False)
@@ -312,21 +328,13 @@ def split_command(
     folder: <model folder>-tp<N> beside it)."""
 
     def action() -> None:
-        count, device_ids, config_path = _tp_settings(tp, devices, config)
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
-        source, model_config, plan = make_plan(
-            model,
-            tp=count,
-            device_ids=device_ids,
-            config=config_path,
-            arch=arch,
-            replicate_unknown=replicate_unknown,
-            rules=rules,
-            format=format,
+        source, model_config, plan = _make_plan(
+            model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format
         )
         layout = build_layout(plan, model_config, format=format)
-        chosen = _chosen_ranks(rank, ranks, count)
-        target = out if out is not None else default_split_dir(source.root, count)
+        chosen = _chosen_ranks(rank, ranks, plan.tp)
+        target = out if out is not None else default_split_dir(source.root, plan.tp)
         with _progress(read_nbytes(plan, ranks=chosen), "split", quiet) as progress:
             manifest = write_split(
                 source, model_config, plan, target, layout=layout, force=force, progress=progress, max_shard_size=max_bytes, ranks=chosen
