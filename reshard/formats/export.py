@@ -9,6 +9,7 @@ still written by the one split engine, each at its place inside the output tenso
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Sequence
@@ -48,10 +49,7 @@ class OutTensor:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "value": self.value}
 
     def constant_bytes(self) -> bytes:
-        count = 1
-        for d in self.shape:
-            count *= d
-        return struct.pack(_PACK[self.dtype], self.value) * count
+        return struct.pack(_PACK[self.dtype], self.value) * math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -202,7 +200,7 @@ def _fusions(names: list[str], rules: list[dict[str, Any]]) -> Packing:
             match = first.fullmatch(name)
             if match is None:
                 continue
-            stars = _stars(rule["from"][0], name)
+            stars = list(match.groups())
             group = tuple(_fill(p, stars) for p in rule["from"])
             if all(p in present for p in group):
                 found |= {p: (_fill(rule["into"], stars), group, 0) for p in group}
@@ -216,18 +214,12 @@ def _constants(names: list[str], spec: dict[str, Any]) -> list[OutTensor]:
     beside = compile_patterns((spec["beside"],))
     if spec["dtype"] not in _PACK or spec["dtype"] not in DTYPE_SIZES:
         raise InputError(f"engine layout: constant dtype {spec['dtype']} is not supported")
+    matches = (beside.fullmatch(name) for name in names)
     return [
-        OutTensor(_fill(spec["name"], _stars(spec["beside"], name)), spec["dtype"], (), tuple(spec.get("shape", [])), float(spec["value"]))
-        for name in names
-        if beside.fullmatch(name)
+        OutTensor(_fill(spec["name"], list(m.groups())), spec["dtype"], (), tuple(spec.get("shape", [])), float(spec["value"]))
+        for m in matches
+        if m is not None
     ]
-
-
-def _stars(pattern: str, name: str) -> list[str]:
-    """The dotted components `*` stands for in a name that matches the pattern."""
-    regex = re.escape(pattern).replace(r"\*", "([^.]+)")
-    match = re.fullmatch(regex, name)
-    return list(match.groups()) if match else []
 
 
 def _fill(pattern: str, stars: list[str]) -> str:

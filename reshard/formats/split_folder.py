@@ -9,6 +9,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from reshard.errors import InputError, shown
 from reshard.formats.checksums import BackgroundHashes
@@ -97,13 +98,10 @@ class SplitFolder:
     def _cuts(self) -> Iterator[str]:
         """Every tensor is cut as the recorded config and rules say: slices edited, swapped or reversed in the
         manifest would rebuild another model."""
-        where = self.path / MANIFEST_NAME
-        manifest, config = self.manifest, ModelConfig(raw=self.manifest.source_config)
+        where, manifest = self.path / MANIFEST_NAME, self.manifest
+        config = ModelConfig(raw=manifest.source_config)
         try:
-            plan = replan(
-                manifest.tensors, config, manifest.tp_config, family=manifest.family, rules=manifest.rules,
-                where=str(where), vocab_multiple=manifest.packing.vocab_multiple,
-            )  # fmt: skip
+            plan = self.replan(rules=manifest.rules)
         except InputError as e:
             yield str(e)
             return
@@ -116,6 +114,20 @@ class SplitFolder:
             )
         elif not manifest.packing.own:
             yield from self._packing(plan, config)
+
+    def replan(self, *, rules: dict[str, Any] | None) -> Plan:
+        """The plan the family's rules (with `rules`, the JSON of a rules file) give for the recorded tensors,
+        config, tp and layout: what the recorded cuts are checked against."""
+        manifest = self.manifest
+        return replan(
+            manifest.tensors,
+            ModelConfig(raw=manifest.source_config),
+            manifest.tp_config,
+            family=manifest.family,
+            rules=rules,
+            where=str(self.path / MANIFEST_NAME),
+            vocab_multiple=manifest.packing.vocab_multiple,
+        )
 
     def _packing(self, plan: Plan, config: ModelConfig) -> Iterator[str]:
         """An engine layout is the one reshard makes for this plan: names and packing order included."""

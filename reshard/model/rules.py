@@ -100,8 +100,8 @@ class Family:
 
 
 def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern[str]:
-    """`*` stands for one dotted name component (a layer index, an expert number)."""
-    alternatives = ("[^.]+".join(re.escape(part) for part in p.split("*")) for p in patterns)
+    """`*` stands for one dotted name component (a layer index, an expert number), captured in order."""
+    alternatives = ("([^.]+)".join(re.escape(part) for part in p.split("*")) for p in patterns)
     return re.compile("|".join(f"(?:{a})" for a in alternatives))
 
 

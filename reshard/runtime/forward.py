@@ -26,9 +26,8 @@ from reshard.formats.checkpoint import open_checkpoint
 from reshard.formats.layout import MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
 from reshard.jsonfile import read_json
-from reshard.model.config import ModelConfig
 from reshard.model.rules import builtin_families
-from reshard.plan.build import first_difference, replan
+from reshard.plan.build import first_difference
 from reshard.plan.cut import TensorCut, coverage, rank_spans
 from reshard.runtime.load import load_rank, piece
 
@@ -59,15 +58,7 @@ def expected_cuts(folder: SplitFolder, *, rules: Path | None = None) -> tuple[Te
     given = read_json(rules, what="rules file", fix="fix the file") if rules is not None else None
     if given is None and manifest.family not in builtin_families():
         given = manifest.rules  # a family of its own: its recorded rules are all there is to go by
-    plan = replan(
-        manifest.tensors,
-        ModelConfig(raw=manifest.source_config),
-        manifest.tp_config,
-        family=manifest.family,
-        rules=given,
-        where=str(where),
-        vocab_multiple=manifest.packing.vocab_multiple,
-    )
+    plan = folder.replan(rules=given)
     found = first_difference(manifest.tensors, plan.tensors)
     if found is not None:
         recorded, derived = found
