@@ -1,10 +1,12 @@
 """A real tensor-parallel forward pass over reshard's rank files.
 
 tp processes under torch.distributed (gloo, CPU). Each loads only its own rank file into a transformers model
-configured with the rank-local sizes (heads/tp, kv heads/tp or 1 when replicated, FFN/tp, vocabulary/tp
-rounded up), and the ranks combine their partial results as an inference engine does: an all-reduce after
-the vocabulary-parallel embedding (masked lookup), after attention and after the MLP or MoE block, and an
-all-gather of the vocabulary-parallel logits.
+configured with the rank-local sizes (heads/tp, kv heads/tp or 1 when replicated, FFN/tp, experts' FFN/tp,
+vocabulary/tp rounded up), and the ranks combine their partial results as an inference engine does: an
+all-reduce after the vocabulary-parallel embedding (masked lookup), after every block of a layer that holds a
+cut weight (attention, MLP, MoE: their last projection is row-parallel), and an all-gather of the
+vocabulary-parallel logits. Nothing here names a family's modules: the blocks to reduce are found by comparing
+the rank-local model's parameter shapes with the full model's.
 """
 
 from __future__ import annotations
@@ -21,20 +23,20 @@ import torch
 import torch.distributed as dist
 
 from reshard import ModelConfig
-from reshard.model.rules import builtin_families
+from reshard.model.rules import Family, family_for
 
 TOKENS = torch.tensor([[3, 17, 101, 7, 249, 64, 9], [200, 1, 45, 45, 99, 12, 180]])
 
 
-def rank_local_config(config: dict, family_name: str, tp: int) -> dict:
-    """The model config one rank's shard is a complete model of."""
-    family = builtin_families()[family_name]
+def rank_local_config(config: dict, family: Family, tp: int) -> dict:
+    """The model config one rank's shard is a complete model of: every count a rule cuts, divided by tp."""
     local = dict(config)
-    local["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if local.get("head_dim") is None and "num_attention_heads" in config:
+        local["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
     for unit_name, unit in family.units.items():
         key, value = family.count(unit_name, ModelConfig(config))
-        if value is None:
-            continue
+        if value is None or key not in config:
+            continue  # a count made of several keys: its own keys' units divide it
         if value % tp == 0:
             local[key] = value // tp
         elif unit.replicate and tp % value == 0:
@@ -49,29 +51,68 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _make_tensor_parallel(model: torch.nn.Module, rank: int, tp: int, vocab: int) -> None:
+def _reduce_output(module: torch.nn.Module, inputs: tuple, out: object) -> object:
+    if isinstance(out, tuple):
+        return (_all_reduce(out[0]), *out[1:])
+    assert isinstance(out, torch.Tensor), type(out)
+    return _all_reduce(out)
+
+
+def _layer_lists(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and all(len(list(x.children())) for x in m)]
+
+
+def _make_tensor_parallel(model: torch.nn.Module, full: dict[str, torch.Size], rank: int, tp: int, vocab: int) -> None:
+    """Hook the collectives in where the rank-local model's shapes differ from the full model's."""
+    local = {n: p.shape for n, p in model.named_parameters()}
+    cut = {n for n, shape in local.items() if full[n] != shape}
+    names = {id(p): n for n, p in model.named_parameters()}
     embed = model.get_input_embeddings()
     local_vocab = embed.weight.shape[0]
     start = rank * local_vocab
     lookup = embed.forward
 
     def embed_forward(ids: torch.Tensor) -> torch.Tensor:
-        local = ids - start
-        outside = (local < 0) | (local >= local_vocab)
-        out = lookup(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0.0)
+        local_ids = ids - start
+        outside = (local_ids < 0) | (local_ids >= local_vocab)
+        out = lookup(local_ids.masked_fill(outside, 0)).masked_fill(outside[..., None], 0.0)
         return _all_reduce(out)
 
     embed.forward = embed_forward
-    for layer in model.model.layers:
-        layer.self_attn.register_forward_hook(lambda m, i, out: (_all_reduce(out[0]), *out[1:]))
-        layer.mlp.register_forward_hook(lambda m, i, out: _all_reduce(out))
+    for layers in _layer_lists(model):
+        for layer in layers:
+            for block in layer.children():
+                params = {names[id(p)] for p in block.parameters()}
+                if params & cut:
+                    block.register_forward_hook(_reduce_output)
+                    _share_replicated_biases(block, names, cut, tp)
 
     def gather_logits(module: torch.nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(out) for _ in range(tp)]
         dist.all_gather(parts, out.contiguous())
         return torch.cat(parts, dim=-1)[..., :vocab]
 
-    model.lm_head.register_forward_hook(gather_logits)
+    model.get_output_embeddings().register_forward_hook(gather_logits)
+
+
+def _share_replicated_biases(block: torch.nn.Module, names: dict[int, str], cut: set[str], tp: int) -> None:
+    """A whole bias beside a cut weight belongs to a row-parallel product (a column-parallel one's bias is cut
+    with it): every rank adds it before the all-reduce, so each adds 1/tp of it."""
+    for p in block.parameters():
+        name = names[id(p)]
+        weight = name[: -len(".bias")] + ".weight" if name.endswith(".bias") else name.removesuffix("_bias")
+        if name not in cut and weight != name and weight in cut:
+            with torch.no_grad():
+                p.div_(tp)
+
+
+def full_shapes(config: dict) -> dict[str, torch.Size]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("transformers_version", "architectures")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return {n: p.shape for n, p in model.named_parameters()}
 
 
 def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
@@ -80,12 +121,13 @@ def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
 
     manifest = json.loads((split_dir / "reshard.json").read_text())
     config = manifest["source"]["config"]
+    family = family_for(ModelConfig(config), arch=manifest["family"], given=manifest.get("rules"))
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder)
-        (local / "config.json").write_text(json.dumps(rank_local_config(config, manifest["family"], tp)))
+        (local / "config.json").write_text(json.dumps(rank_local_config(config, family, tp)))
         (local / "model.safetensors").symlink_to(split_dir / manifest["ranks"][rank]["files"][0])
         model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager").eval()
-    _make_tensor_parallel(model, rank, tp, config["vocab_size"])
+    _make_tensor_parallel(model, full_shapes(config), rank, tp, config["vocab_size"])
     return model
 
 

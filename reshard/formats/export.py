@@ -128,6 +128,13 @@ def build_layout(plan: Plan, config: ModelConfig, *, format: str) -> Layout:
             f"--format {format}: the {plan.family} family has no {format} {data['version']} layout in reshard; families with one: "
             f"{known} (split with the default format instead)"
         )
+    proven = data["families"][plan.family].get("model_types", [])
+    if config.model_type not in proven:
+        raise InputError(
+            f"--format {format}: model_type {config.model_type or 'none'!r} ({plan.family} family) has no {format} {data['version']} "
+            f"layout in reshard; model types with one: {', '.join(sorted(t for f in data['families'].values() for t in f.get('model_types', [])))} "
+            "(split with the default format instead)"
+        )
     scaled = next((t.name for t in plan.tensors if t.name.endswith(SCALE_SUFFIXES)), None)
     if scaled is not None:
         raise InputError(

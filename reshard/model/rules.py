@@ -15,7 +15,7 @@ from reshard.jsonfile import read_json
 from reshard.model.config import ModelConfig
 
 STYLES = ("colwise", "rowwise", "vocab", "replicate")
-_FAMILY_KEYS = {"family", "extends", "model_types", "architectures", "units", "rules"}
+_FAMILY_KEYS = {"family", "extends", "notes", "model_types", "architectures", "units", "rules"}
 _UNIT_KEYS = {"key", "default_key", "replicate", "pad", "size"}
 _RULE_KEYS = {"name", "match", "style", "dim", "units", "parts"}
 
@@ -31,7 +31,8 @@ class Unit:
     # When tp does not divide the count, zero units are appended to a multiple of tp (vocabulary rows).
     pad: bool = False
     # How many elements of the cut dim one unit is: a number (1 for FFN columns and vocabulary rows), or config
-    # keys tried in order, each a key ("head_dim") or a ratio ("hidden_size/num_attention_heads"). None: unchecked.
+    # keys tried in order, each a key ("head_dim") or an expression of keys and numbers with + * /
+    # ("hidden_size/num_attention_heads", "qk_nope_head_dim+qk_rope_head_dim"). None: unchecked.
     size: int | tuple[str, ...] | None = None
 
 
@@ -57,6 +58,7 @@ class Family:
     units: dict[str, Unit]
     rules: tuple[Rule, ...]
     source: str
+    notes: str = ""  # what is special in this family, one line for `reshard plan --list-archs` and the README
     given: dict[str, Any] | None = None  # the --rules file's JSON that shaped this family, recorded in the manifest
 
     def match(self, tensor_name: str) -> Rule | None:
@@ -66,14 +68,14 @@ class Family:
         return None
 
     def count(self, unit: str, config: ModelConfig) -> tuple[str, int | None]:
-        """The config key a unit reads, and its value (None when absent or not a positive integer)."""
+        """The config key (or expression of keys) a unit reads, and its value (None when absent or not a
+        positive integer)."""
         spec = self.units[unit]
         key = spec.key
-        value = config.raw.get(key)
-        if value is None and spec.default_key is not None:
-            key, value = spec.default_key, config.raw.get(spec.default_key)
-        ok = type(value) is int and value > 0
-        return key, value if ok else None
+        value = evaluate(key, config.raw)
+        if value is None and spec.default_key is not None and evaluate(key, config.raw, missing=True) is None:
+            key, value = spec.default_key, evaluate(spec.default_key, config.raw)
+        return key, value
 
     def size(self, unit: str, config: ModelConfig) -> tuple[str, int | None]:
         """How the config sizes one unit, and the size: None when the config does not say.
@@ -84,19 +86,49 @@ class Family:
         if spec is None or isinstance(spec, int):
             return "", spec
         for choice in spec:
-            names = choice.split("/")
-            values = [config.raw.get(name) for name in names]
-            if values[0] is None:
-                continue
-            if len(values) == 1:
-                if type(values[0]) is not int or values[0] <= 0:
-                    raise InputError(
-                        f"{config.name}: {choice} must be a positive integer, got {json.dumps(values[0])}; fix the model config"
-                    )
-                return choice, values[0]
-            if all(type(v) is int and v > 0 for v in values) and values[0] % values[1] == 0:
-                return choice, values[0] // values[1]
+            value = config.raw.get(choice)
+            if _NAME.fullmatch(choice):
+                if value is None:
+                    continue
+                if type(value) is not int or value <= 0:
+                    raise InputError(f"{config.name}: {choice} must be a positive integer, got {json.dumps(value)}; fix the model config")
+                return choice, value
+            found = evaluate(choice, config.raw)
+            if found is not None:
+                return choice, found
         return "", None
+
+
+_NAME = re.compile(r"[A-Za-z_][\w.]*")
+_EXPRESSION = re.compile(r"[\w.]+(?:[*/+][\w.]+)*")
+
+
+def evaluate(expression: str, raw: dict[str, Any], *, missing: bool = False) -> int | None:
+    """A count or size from config keys and numbers joined by +, * and / (exact division, * and / before +):
+    None when a key is absent or null, not a positive integer, or a division is not exact. With missing=True,
+    0 when every key is present (whatever its value), None when one is absent or null."""
+    total = 0
+    for term in expression.split("+"):
+        value: int | None = None
+        for op, factor in re.findall(r"(^|[*/])([^*/]+)", term):
+            if factor.isdigit():
+                number: Any = int(factor)
+            elif raw.get(factor) is None:
+                return None
+            else:
+                number = raw[factor]
+            if missing:
+                continue
+            if type(number) is not int or number <= 0:
+                return None
+            if op == "/":
+                if value is None or value % number:
+                    return None
+                value //= number
+            else:
+                value = number if value is None else value * number
+        total += value or 0
+    return total if missing or total > 0 else None
 
 
 def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern[str]:
@@ -133,6 +165,7 @@ def parse_family(data: Any, source: str, *, parents: dict[str, Family] | None = 
         units=units,
         rules=rules,
         source=source,
+        notes=_string(data["notes"], f"{where}: notes") if "notes" in data else "",
     )
 
 
@@ -152,8 +185,8 @@ def _parse_unit(spec: Any, at: str) -> Unit:
         raise RulesError(f"{at}: replicate and pad must be true or false")
     default_key = spec.get("default_key")
     return Unit(
-        key=_string(spec["key"], f"{at}.key"),
-        default_key=None if default_key is None else _string(default_key, f"{at}.default_key"),
+        key=_expression(spec["key"], f"{at}.key"),
+        default_key=None if default_key is None else _expression(default_key, f"{at}.default_key"),
         size=_size(spec.get("size"), at),
         replicate=flags["replicate"],
         pad=flags["pad"],
@@ -195,8 +228,10 @@ def _size(value: Any, at: str) -> int | tuple[str, ...] | None:
     if value is None or (type(value) is int and value > 0):
         return value
     choices = _strings(value, f"{at}.size") if isinstance(value, list) else []
-    if not choices or any(not re.fullmatch(r"[\w.]+(/[\w.]+)?", c) for c in choices):
-        raise RulesError(f'{at}.size: must be a positive integer or a list of config keys or ratios like "hidden_size/num_attention_heads"')
+    if not choices or any(not _EXPRESSION.fullmatch(c) for c in choices):
+        raise RulesError(
+            f'{at}.size: must be a positive integer or a list of config keys or expressions like "hidden_size/num_attention_heads"'
+        )
     return tuple(choices)
 
 
@@ -209,6 +244,12 @@ def _require_object(value: Any, at: str, allowed: set[str], required: set[str]) 
     missing = sorted(required - set(value))
     if missing:
         raise RulesError(f"{at}: missing key {missing[0]!r}")
+
+
+def _expression(value: Any, at: str) -> str:
+    if not isinstance(value, str) or not _EXPRESSION.fullmatch(value):
+        raise RulesError(f'{at}: must be a config key or an expression of keys like "n_shared_experts*moe_intermediate_size"')
+    return value
 
 
 def _string(value: Any, at: str) -> str:
