@@ -39,3 +39,37 @@ def build(model_type: str, overrides: dict[str, Any], out: Path) -> Path:
                 p.normal_(0.5, 0.2)
     model.save_pretrained(out)
     return out
+
+
+MLA = dict(num_key_value_heads=8, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8)
+# Per model type: what its tiny checkpoint needs beyond SMALL (a MoE layer beside a dense one, small latent ranks).
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "helium": dict(head_dim=8),
+    # q/k norms over all heads at once: kv heads that tp 4 divides
+    "olmo2": dict(num_key_value_heads=4),
+    "olmo3": dict(num_key_value_heads=4),
+    "olmoe": dict(num_key_value_heads=4),
+    "minimax_m2": dict(num_key_value_heads=4),
+    "flex_olmo": dict(num_key_value_heads=4),
+    "exaone_moe": dict(first_k_dense_replace=1, num_shared_experts=1),
+    "afmoe": dict(num_dense_layers=1, num_shared_experts=1),
+    "hy_v3": dict(num_shared_experts=1, mlp_layer_types=["dense", "sparse"]),
+    "ernie4_5_moe": dict(moe_layer_start_index=1, moe_num_shared_experts=1, moe_num_experts=4, moe_k=2),
+    "kolibri1": dict(shared_expert_intermediate_size=64),
+    "laguna": dict(mlp_layer_types=["dense", "sparse"]),
+    "deepseek_v2": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
+    "deepseek_v3": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
+    "deepseek_v32": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=16, index_topk=4),
+    "glm_moe_dsa": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, index_n_heads=4, index_head_dim=16, index_topk=4),
+    "glm4_moe_lite": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
+    "youtu": dict(MLA),
+    "minicpm3": dict(MLA),
+    "glm4_moe": dict(first_k_dense_replace=1, n_shared_experts=1),
+    "solar_open": dict(n_shared_experts=1),
+    "llama4_text": dict(intermediate_size=64, intermediate_size_mlp=128, interleave_moe_layer_step=2),
+    "granitemoeshared": dict(shared_intermediate_size=64),
+}
+
+# Norms a model class builds at a size no rank-local config divides (olmoe's q_norm over hidden_size): the
+# TP-forward harness runs them on the activation gathered from every rank, as engines do.
+GATHERED_NORMS: dict[str, tuple[str, ...]] = {"olmoe": ("q_norm", "k_norm")}

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from reshard import ModelConfig
 from reshard.model.rules import Family, family_for
 
+from families import GATHERED_NORMS
+
 TOKENS = torch.tensor([[3, 17, 101, 7, 249, 64, 9], [200, 1, 45, 45, 99, 12, 180]])
 
 
@@ -39,6 +41,8 @@ def rank_local_config(config: dict, family: Family, tp: int) -> dict:
             continue  # a count made of several keys: its own keys' units divide it
         if value % tp == 0:
             local[key] = value // tp
+            if isinstance(config.get(f"{key}_per_layer"), list):
+                local[f"{key}_per_layer"] = [n // tp for n in config[f"{key}_per_layer"]]
         elif unit.replicate and tp % value == 0:
             local[key] = 1
         elif unit.pad:
@@ -116,19 +120,53 @@ def full_shapes(config: dict) -> dict[str, torch.Size]:
 
 
 def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
-    """Rank `rank`'s model: its own rank file only, in a model configured with the rank-local sizes."""
+    """Rank `rank`'s model: its own rank file only, in a model configured with the rank-local sizes.
+
+    Where the model class cannot take a rank-local size (an o_proj built hidden x hidden, a norm over all
+    heads' q), the tensor is loaded in the rank file's shape, and a whole norm over a cut activation runs on the
+    activation gathered from every rank, as engines run it."""
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     manifest = json.loads((split_dir / "reshard.json").read_text())
     config = manifest["source"]["config"]
     family = family_for(ModelConfig(config), arch=manifest["family"], given=manifest.get("rules"))
+    rank_file = split_dir / manifest["ranks"][rank]["files"][0]
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder)
         (local / "config.json").write_text(json.dumps(rank_local_config(config, family, tp)))
-        (local / "model.safetensors").symlink_to(split_dir / manifest["ranks"][rank]["files"][0])
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32, attn_implementation="eager").eval()
+        (local / "model.safetensors").symlink_to(rank_file)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            local, dtype=torch.float32, attn_implementation="eager", ignore_mismatched_sizes=True, output_loading_info=True
+        )
+    model.eval()
+    with safe_open(str(rank_file), "pt") as f:
+        for name, _, _ in info["mismatched_keys"]:
+            module_name, _, param = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, param, torch.nn.Parameter(f.get_tensor(name).float(), requires_grad=False))
+            if manifest["tensors"][name]["style"] == "replicate":
+                _gather_input(module, rank, tp)
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in GATHERED_NORMS.get(config["model_type"], ()):
+            _gather_input(module, rank, tp)
     _make_tensor_parallel(model, full_shapes(config), rank, tp, config["vocab_size"])
     return model
+
+
+def _gather_input(module: torch.nn.Module, rank: int, tp: int) -> None:
+    """A whole norm over an activation each rank holds 1/tp of: normalize the gathered whole, keep this rank's part."""
+    if getattr(module, "gathered", False):
+        return
+    module.gathered = True
+    inner = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(tp)]
+        dist.all_gather(parts, x.contiguous())
+        return inner(torch.cat(parts, dim=-1)).chunk(tp, dim=-1)[rank]
+
+    module.forward = forward
 
 
 def full_logits(model_dir: Path) -> torch.Tensor:

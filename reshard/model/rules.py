@@ -24,7 +24,7 @@ _RULE_KEYS = {"name", "match", "style", "dim", "units", "parts"}
 class Unit:
     """A count from config.json that a split dim is made of (heads, kv heads, FFN columns, vocab rows)."""
 
-    key: str
+    key: str | tuple[str, ...]  # a config key or expression, or several tried in order (the first whose keys are all set)
     default_key: str | None = None
     # When tp is a multiple of the count, rank r gets unit r*count//tp (kv heads, as vLLM and TensorRT-LLM do).
     replicate: bool = False
@@ -71,11 +71,10 @@ class Family:
         """The config key (or expression of keys) a unit reads, and its value (None when absent or not a
         positive integer)."""
         spec = self.units[unit]
-        key = spec.key
-        value = evaluate(key, config.raw)
-        if value is None and spec.default_key is not None and evaluate(key, config.raw, missing=True) is None:
-            key, value = spec.default_key, evaluate(spec.default_key, config.raw)
-        return key, value
+        choices = (spec.key,) if isinstance(spec.key, str) else spec.key
+        choices += (spec.default_key,) if spec.default_key is not None else ()
+        key = next((c for c in choices if evaluate(c, config.raw, missing=True) is not None), choices[0])
+        return key, evaluate(key, config.raw)
 
     def size(self, unit: str, config: ModelConfig) -> tuple[str, int | None]:
         """How the config sizes one unit, and the size: None when the config does not say.
@@ -184,8 +183,9 @@ def _parse_unit(spec: Any, at: str) -> Unit:
     if not all(isinstance(v, bool) for v in flags.values()):
         raise RulesError(f"{at}: replicate and pad must be true or false")
     default_key = spec.get("default_key")
+    keys = spec["key"]
     return Unit(
-        key=_expression(spec["key"], f"{at}.key"),
+        key=_expression(keys, f"{at}.key") if not isinstance(keys, list) else tuple(_expression(k, f"{at}.key") for k in keys) or ("",),
         default_key=None if default_key is None else _expression(default_key, f"{at}.default_key"),
         size=_size(spec.get("size"), at),
         replicate=flags["replicate"],
