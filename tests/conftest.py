@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from families import build, model_types
+
 TRANSFORMERS_MODELS = {
     "llama": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=4),
     "mistral": dict(model_type="mistral", num_attention_heads=8, num_key_value_heads=2),
@@ -42,3 +44,11 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths[name] = root / name
         paths[f"{name}-sharded"] = root / f"{name}-sharded"
     return paths
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random checkpoint of every model type a built-in family claims."""
+    root = tmp_path_factory.mktemp("families")
+    gpt2 = dict(n_embd=64, n_head=8, n_layer=2, vocab_size=257)
+    return {name: build(name, root / name, gpt2 if name == "gpt2" else None) for name in model_types()}

@@ -19,6 +19,13 @@ SMALL = dict(
 NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
+def model_types() -> list[str]:
+    """Every model type a built-in family claims: each must be proven by the TP-forward test."""
+    from reshard.model.rules import builtin_families
+
+    return sorted(t for f in builtin_families().values() for t in f.model_types)
+
+
 def tiny_config(model_type: str, overrides: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
@@ -27,12 +34,13 @@ def tiny_config(model_type: str, overrides: dict[str, Any]) -> Any:
     return AutoConfig.for_model(model_type, **{**small, **NO_SPECIAL_TOKENS, **overrides})
 
 
-def build(model_type: str, overrides: dict[str, Any], out: Path) -> Path:
+def build(model_type: str, out: Path, overrides: dict[str, Any] | None = None) -> Path:
     """Save a float32 model with random norms and biases, so that a mis-cut or misplaced one shows in the logits."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, overrides)).float()
+    given = OVERRIDES.get(model_type, {}) if overrides is None else overrides
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, given)).float()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
@@ -44,6 +52,20 @@ def build(model_type: str, overrides: dict[str, Any], out: Path) -> Path:
 MLA = dict(num_key_value_heads=8, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8)
 # Per model type: what its tiny checkpoint needs beyond SMALL (a MoE layer beside a dense one, small latent ranks).
 OVERRIDES: dict[str, dict[str, Any]] = {
+    # kv heads replicated at tp 4; vocabulary padded at tp 4 (250 = 4 x 62 + 2)
+    "llama": dict(num_key_value_heads=2, vocab_size=250, head_dim=None),
+    "mistral": dict(num_key_value_heads=4, vocab_size=256, head_dim=None),
+    # q/k/v biases, kv heads replicated at tp 4
+    "qwen2": dict(num_key_value_heads=2, vocab_size=256),
+    # q_norm, k_norm
+    "qwen3": dict(num_key_value_heads=4, head_dim=16, vocab_size=256),
+    # tied embeddings (no lm_head in the file), one kv head replicated on every rank, padded vocabulary
+    "gemma": dict(num_key_value_heads=1, head_dim=16, vocab_size=255),
+    "gemma2": dict(num_key_value_heads=2, head_dim=16, vocab_size=256),
+    # fused q|k|v with kv heads replicated at tp 4, fused gate|up
+    "phi3": dict(num_key_value_heads=2, vocab_size=256),
+    "mixtral": dict(num_key_value_heads=4, vocab_size=256),
+    "qwen2_moe": dict(num_key_value_heads=4, vocab_size=256, shared_expert_intermediate_size=64),
     "helium": dict(head_dim=8),
     # q/k norms over all heads at once: kv heads that tp 4 divides
     "olmo2": dict(num_key_value_heads=4),
@@ -59,7 +81,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "laguna": dict(mlp_layer_types=["dense", "sparse"]),
     "deepseek_v2": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
     "deepseek_v3": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
-    "deepseek_v32": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=16, index_topk=4),
+    "deepseek_v32": dict(
+        MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=16, index_topk=4
+    ),
     "glm_moe_dsa": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, index_n_heads=4, index_head_dim=16, index_topk=4),
     "glm4_moe_lite": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
     "youtu": dict(MLA),
