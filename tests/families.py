@@ -79,6 +79,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "ernie4_5_moe": dict(moe_layer_start_index=1, moe_num_shared_experts=1, moe_num_experts=4, moe_k=2),
     "kolibri1": dict(shared_expert_intermediate_size=64),
     "laguna": dict(mlp_layer_types=["dense", "sparse"]),
+    "dots1": dict(n_shared_experts=1, first_k_dense_replace=1),
+    "sarvam_mla": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
+    "axk1": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
+    "cwm": dict(bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "aria_text": dict(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
+    "minimax_m3_vl_text": dict(intermediate_size=32, shared_intermediate_size=64, dense_intermediate_size=128),
     "deepseek_v2": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
     "deepseek_v3": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "deepseek_v32": dict(
@@ -97,3 +103,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 # Norms a model class builds at a size no rank-local config divides (olmoe's q_norm over hidden_size): the
 # TP-forward harness runs them on the activation gathered from every rank, as engines do.
 GATHERED_NORMS: dict[str, tuple[str, ...]] = {"olmoe": ("q_norm", "k_norm")}
+# Blocks that end in a norm of their summed output (axk1's MoE block): the ranks' partial sums are reduced
+# before that norm, as an engine runs it, instead of after the block.
+REDUCED_BEFORE: dict[str, str] = {"axk1": "post_mlp_layernorm"}

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from reshard import ModelConfig
 from reshard.model.rules import Family, family_for
 
-from families import GATHERED_NORMS
+from families import GATHERED_NORMS, REDUCED_BEFORE
 
 TOKENS = torch.tensor([[3, 17, 101, 7, 249, 64, 9], [200, 1, 45, 45, 99, 12, 180]])
 
@@ -66,8 +66,18 @@ def _layer_lists(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
     return [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and all(len(list(x.children())) for x in m)]
 
 
-def _make_tensor_parallel(model: torch.nn.Module, full: dict[str, torch.Size], rank: int, tp: int, vocab: int) -> None:
+def _reduce_block(block: torch.nn.Module, before: str | None) -> None:
+    """All-reduce a block's output; or, when the block ends in a norm of the summed result, that norm's input."""
+    inner = getattr(block, before, None) if before else None
+    if inner is None:
+        block.register_forward_hook(_reduce_output)
+    else:
+        inner.register_forward_pre_hook(lambda m, args: (_all_reduce(args[0]), *args[1:]))
+
+
+def _make_tensor_parallel(model: torch.nn.Module, full: dict[str, torch.Size], rank: int, tp: int, config: dict) -> None:
     """Hook the collectives in where the rank-local model's shapes differ from the full model's."""
+    model_type, vocab = config["model_type"], config["vocab_size"]
     local = {n: p.shape for n, p in model.named_parameters()}
     cut = {n for n, shape in local.items() if full[n] != shape}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -88,7 +98,7 @@ def _make_tensor_parallel(model: torch.nn.Module, full: dict[str, torch.Size], r
             for block in layer.children():
                 params = {names[id(p)] for p in block.parameters()}
                 if params & cut:
-                    block.register_forward_hook(_reduce_output)
+                    _reduce_block(block, REDUCED_BEFORE.get(model_type))
                     _share_replicated_biases(block, names, cut, tp)
 
     def gather_logits(module: torch.nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -150,7 +160,7 @@ def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in GATHERED_NORMS.get(config["model_type"], ()):
             _gather_input(module, rank, tp)
-    _make_tensor_parallel(model, full_shapes(config), rank, tp, config["vocab_size"])
+    _make_tensor_parallel(model, full_shapes(config), rank, tp, config)
     return model
 
 
