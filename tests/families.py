@@ -50,6 +50,7 @@ def build(model_type: str, out: Path, overrides: dict[str, Any] | None = None) -
 
 
 MLA = dict(num_key_value_heads=8, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8)
+LINEAR = dict(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)
 # Per model type: what its tiny checkpoint needs beyond SMALL (a MoE layer beside a dense one, small latent ranks).
 OVERRIDES: dict[str, dict[str, Any]] = {
     # kv heads replicated at tp 4; vocabulary padded at tp 4 (250 = 4 x 62 + 2)
@@ -82,6 +83,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "dots1": dict(n_shared_experts=1, first_k_dense_replace=1),
     "sarvam_mla": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "axk1": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
+    "gptj": dict(rotary_dim=4),
+    **{
+        t: dict(LINEAR, layer_types=["linear_attention", "full_attention"], shared_expert_intermediate_size=64)
+        for t in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+    },
     "cwm": dict(bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "aria_text": dict(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
     "minimax_m3_vl_text": dict(intermediate_size=32, shared_intermediate_size=64, dense_intermediate_size=128),

@@ -31,6 +31,14 @@ PER_EXPERT = [
 ]
 
 
+# Where reshard cuts as engines run a layer and transformers does otherwise (documented in the README).
+ACCEPTED = {
+    # transformers gathers every gated-delta-net projection and runs the recurrence whole on each rank; vLLM runs
+    # it by value heads, so out_proj is row-parallel
+    "linear_attn.out_proj.weight": "rowwise",
+}
+
+
 def plan_name(name: str) -> str:
     for pattern, fused in PER_EXPERT:
         if pattern.fullmatch(name):
@@ -74,7 +82,7 @@ def test_cuts_agree_with_transformers_plan(family_models: dict[str, Path], model
         if style is None or (want := expected_dim(style, len(cut.shape))) == "skip":
             continue
         compared += 1
-        if cut.dim != want:
+        if cut.dim != want and ACCEPTED.get(cut.name.split(".", 3)[-1]) != cut.style:
             differ.append(f"{cut.name}: transformers {style} (dim {want}), reshard {cut.style} (dim {cut.dim})")
     assert not differ, "\n".join(differ)
     assert compared or not plan, f"no tensor of {model_type} is named by its transformers plan {sorted(plan)}"

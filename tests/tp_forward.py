@@ -160,8 +160,27 @@ def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in GATHERED_NORMS.get(config["model_type"], ()):
             _gather_input(module, rank, tp)
+    _fix_derived_head_dims(model, config, rank_local_config(config, family, tp))
     _make_tensor_parallel(model, full_shapes(config), rank, tp, config)
     return model
+
+
+def _fix_derived_head_dims(model: torch.nn.Module, config: dict, local: dict) -> None:
+    """Attention classes that derive their head size from hidden_size / heads (GPT-J, GPT-NeoX) would take
+    rank-local heads for wider ones: give them the real head size back, and what they derived from it."""
+    hidden = config.get("hidden_size", config.get("n_embd"))
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    local_heads = local.get("num_attention_heads", local.get("n_head"))
+    if config.get("head_dim") is not None or not (hidden and heads and local_heads) or heads == local_heads:
+        return
+    full, wrong = hidden // heads, hidden // local_heads
+    for module in model.modules():
+        for attr in ("head_dim", "head_size"):
+            if getattr(module, attr, None) == wrong != full:
+                setattr(module, attr, full)
+                module.scaling = full**-0.5
+                if isinstance(getattr(module, "rotary_ndims", None), int):
+                    module.rotary_ndims = module.rotary_ndims * full // wrong
 
 
 def _gather_input(module: torch.nn.Module, rank: int, tp: int) -> None:
