@@ -84,6 +84,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "sarvam_mla": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "axk1": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "gptj": dict(rotary_dim=4),
+    "lfm2": dict(layer_types=["conv", "full_attention"]),
+    "lfm3": dict(layer_types=["conv", "full_attention"]),
     **{
         t: dict(LINEAR, layer_types=["linear_attention", "full_attention"], shared_expert_intermediate_size=64)
         for t in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")

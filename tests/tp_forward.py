@@ -37,8 +37,8 @@ def rank_local_config(config: dict, family: Family, tp: int) -> dict:
         local["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
     for unit_name, unit in family.units.items():
         key, value = family.count(unit_name, ModelConfig(config))
-        if value is None or key not in config:
-            continue  # a count made of several keys: its own keys' units divide it
+        if value is None or key not in config or key == "hidden_size":
+            continue  # a count made of several keys (its own keys' units divide it), or the residual width
         if value % tp == 0:
             local[key] = value // tp
             if isinstance(config.get(f"{key}_per_layer"), list):
@@ -155,6 +155,8 @@ def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
             module_name, _, param = name.rpartition(".")
             module = model.get_submodule(module_name)
             setattr(module, param, torch.nn.Parameter(f.get_tensor(name).float(), requires_grad=False))
+            if isinstance(module, torch.nn.Conv1d) and module.groups > 1:  # a depthwise convolution over cut channels
+                module.groups = module.in_channels = module.out_channels = module.weight.shape[0]
             if manifest["tensors"][name]["style"] == "replicate":
                 _gather_input(module, rank, tp)
     for name, module in model.named_modules():
