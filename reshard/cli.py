@@ -28,8 +28,9 @@ from reshard.formats.export import build_layout, engine_data
 from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import ModelConfig, TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
+from reshard.model.rules import builtin_families
 from reshard.plan.cut import Plan
-from reshard.report import forward_table, human_bytes, plan_summary, rank_table, tensor_table
+from reshard.report import family_markdown, family_table, forward_table, human_bytes, plan_summary, rank_table, tensor_table
 from reshard.runtime.forward import KindError
 from reshard.version import __version__
 
@@ -295,6 +296,20 @@ def plan_command(
     over = [r for r in range(plan.tp) if limit is not None and plan.rank_nbytes(r) > limit]
     if over:
         console.print(f"{len(over)} of {plan.tp} ranks need more than {human_bytes(limit or 0)} for their weights alone; use a larger --tp")
+
+
+@app.command("families", cls=_Command)
+def families_command(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table in Markdown, as the README shows it.")] = False,
+) -> None:
+    """List the built-in families: the model types each is detected from, and what is special in each."""
+    families = list(builtin_families().values())
+    if markdown:
+        typer.echo(family_markdown(families), nl=False)
+        return
+    console = _console()
+    console.print(family_table(families))
+    console.print(f"{sum(len(f.model_types) for f in families)} model types in {len(families)} families")
 
 
 @app.command("split", cls=_Command)

@@ -10,6 +10,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from reshard.formats.manifest import Manifest
+from reshard.model.rules import Family
 from reshard.plan.cut import Plan, TensorCut
 from reshard.runtime.forward import KindError
 
@@ -28,6 +29,30 @@ def plan_summary(plan: Plan, model: Path) -> str:
         f"{model}: {plan.family} family, {len(plan.tensors)} tensors, {human_bytes(plan.nbytes)}, "
         f"tp {plan.tp} on {', '.join(plan.tp_config.device(r) for r in range(plan.tp))}"
     )
+
+
+def _family_rows(families: Sequence[Family]) -> list[tuple[str, str, str]]:
+    return [
+        (f.name + (f" (extends {f.extends})" if f.extends else ""), ", ".join(f.model_types) or "(a base for others)", f.notes)
+        for f in families
+    ]
+
+
+def family_table(families: Sequence[Family]) -> Table:
+    """The built-in families: their model types (detected from config.json) and what is special in each."""
+    table = Table(title="Families", title_justify="left", show_lines=True)
+    for column in ("family", "model types", "what is special"):
+        table.add_column(column)
+    for row in _family_rows(families):
+        table.add_row(*row)
+    return table
+
+
+def family_markdown(families: Sequence[Family]) -> str:
+    """The same, as the README's table."""
+    lines = ["| family | model types | what is special |", "|---|---|---|"]
+    lines += [f"| {name} | {types} | {notes} |" for name, types, notes in _family_rows(families)]
+    return "\n".join(lines) + "\n"
 
 
 def tensor_table(plan: Plan) -> Table:

@@ -84,8 +84,24 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "sarvam_mla": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "axk1": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "gptj": dict(rotary_dim=4),
+    # full-attention layers with their own head size (per_layer_config)
+    "gemma4_unified_text": dict(global_head_dim=32),
+    "gemma4_text": dict(global_head_dim=32, vocab_size_per_layer_input=250, hidden_size_per_layer_input=16),
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     "lfm3": dict(layer_types=["conv", "full_attention"]),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "dots3_note_text": dict(
+        MLA,
+        shared_experts_intermediate_size=64,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=4,
+    ),
+    "sarvam_moe": dict(first_k_dense_replace=1, num_shared_experts=1),
     **{
         t: dict(LINEAR, layer_types=["linear_attention", "full_attention"], shared_expert_intermediate_size=64)
         for t in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")

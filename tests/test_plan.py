@@ -184,5 +184,7 @@ def test_family_detection(raw: dict, family: str) -> None:
 def test_unsupported_model_type() -> None:
     from reshard import InputError
 
-    with pytest.raises(InputError, match=r"model_type 'gpt_neox' is not supported; supported: gemma, gemma2, gemma3_text, gpt2,"):
-        detect_family(ModelConfig({"model_type": "gpt_neox"}))
+    with pytest.raises(
+        InputError, match=r"model_type 'bamba' is not supported \(`reshard families` lists the \d+ that are\); pass --arch NAME"
+    ):
+        detect_family(ModelConfig({"model_type": "bamba"}))

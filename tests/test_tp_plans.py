@@ -25,10 +25,15 @@ WHOLE = {"replicated_with_grad_allreduce", "replicate", "local"}
 
 
 # Checkpoints store experts one tensor each; transformers' plans name them fused, as they are in memory.
-PER_EXPERT = [
-    (re.compile(r"(.*)\.(?:mlp|block_sparse_moe)\.experts\.\d+\.(?:gate_proj|up_proj|w1|w3)\.weight"), r"\1.mlp.experts.gate_up_proj"),
-    (re.compile(r"(.*)\.(?:mlp|block_sparse_moe)\.experts\.\d+\.(?:down_proj|w2)\.weight"), r"\1.mlp.experts.down_proj"),
-]
+PER_EXPERT = re.compile(r"(.*)\.(mlp|block_sparse_moe|feed_forward)\.experts\.\d+\.(gate_proj|up_proj|w1|w3|down_proj|w2)\.weight")
+FUSED = {
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+    "w1": "gate_up_proj",
+    "w3": "gate_up_proj",
+    "down_proj": "down_proj",
+    "w2": "down_proj",
+}
 
 
 # Where reshard cuts as engines run a layer and transformers does otherwise (documented in the README).
@@ -40,10 +45,11 @@ ACCEPTED = {
 
 
 def plan_name(name: str) -> str:
-    for pattern, fused in PER_EXPERT:
-        if pattern.fullmatch(name):
-            return pattern.sub(fused, name)
-    return name
+    found = PER_EXPERT.fullmatch(name)
+    if found is None:
+        return name
+    layer, block, weight = found.groups()
+    return f"{layer}.{'mlp' if block == 'block_sparse_moe' else block}.experts.{FUSED[weight]}"
 
 
 def transformers_plan(model_type: str) -> tuple[str, dict[str, str]]:

@@ -81,18 +81,9 @@ def _make_tensor_parallel(model: torch.nn.Module, full: dict[str, torch.Size], r
     local = {n: p.shape for n, p in model.named_parameters()}
     cut = {n for n, shape in local.items() if full[n] != shape}
     names = {id(p): n for n, p in model.named_parameters()}
-    embed = model.get_input_embeddings()
-    local_vocab = embed.weight.shape[0]
-    start = rank * local_vocab
-    lookup = embed.forward
-
-    def embed_forward(ids: torch.Tensor) -> torch.Tensor:
-        local_ids = ids - start
-        outside = (local_ids < 0) | (local_ids >= local_vocab)
-        out = lookup(local_ids.masked_fill(outside, 0)).masked_fill(outside[..., None], 0.0)
-        return _all_reduce(out)
-
-    embed.forward = embed_forward
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and names[id(module.weight)] in cut:
+            _vocab_parallel(module, rank)
     for layers in _layer_lists(model):
         for layer in layers:
             for block in layer.children():
@@ -107,6 +98,21 @@ def _make_tensor_parallel(model: torch.nn.Module, full: dict[str, torch.Size], r
         return torch.cat(parts, dim=-1)[..., :vocab]
 
     model.get_output_embeddings().register_forward_hook(gather_logits)
+
+
+def _vocab_parallel(embed: torch.nn.Embedding, rank: int) -> None:
+    """A vocabulary-parallel embedding: rank r looks up the ids it holds rows for, zeros for the rest, then all-reduce."""
+    local_vocab = embed.weight.shape[0]
+    start = rank * local_vocab
+    lookup = embed.forward
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        local_ids = ids - start
+        outside = (local_ids < 0) | (local_ids >= local_vocab)
+        out = lookup(local_ids.masked_fill(outside, 0)).masked_fill(outside[..., None], 0.0)
+        return _all_reduce(out)
+
+    embed.forward = forward
 
 
 def _share_replicated_biases(block: torch.nn.Module, names: dict[int, str], cut: set[str], tp: int) -> None:

@@ -59,6 +59,19 @@ class ModelConfig:
         value = self.raw.get("architectures") or ()
         return tuple(a for a in value if isinstance(a, str)) if isinstance(value, list) else ()
 
+    def for_layer(self, layer: int) -> ModelConfig:
+        """The config as layer `layer` sees it: a count given per layer (a list of one integer per layer under the
+        key or under `<key>_per_layer`) taken at this layer, then `per_layer_config["<layer>"]`'s keys."""
+        layers = self.raw.get("num_hidden_layers")
+        raw = dict(self.raw)
+        for key, value in self.raw.items():
+            if isinstance(value, list) and len(value) == layers and layer < len(value) and all(type(v) is int for v in value):
+                raw[key.removesuffix("_per_layer")] = value[layer]
+        overrides = self.raw.get("per_layer_config")
+        if isinstance(overrides, dict) and isinstance(overrides.get(str(layer)), dict):
+            raw |= overrides[str(layer)]
+        return ModelConfig(raw=raw, path=self.path)
+
 
 # More ranks than any cut dim of a real model has rows; a bound that keeps plans small.
 MAX_TP = 65536

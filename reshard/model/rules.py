@@ -58,7 +58,8 @@ class Family:
     units: dict[str, Unit]
     rules: tuple[Rule, ...]
     source: str
-    notes: str = ""  # what is special in this family, one line for `reshard plan --list-archs` and the README
+    notes: str = ""  # what is special in this family, one line for `reshard families` and the README
+    extends: str | None = None
     given: dict[str, Any] | None = None  # the --rules file's JSON that shaped this family, recorded in the manifest
 
     def match(self, tensor_name: str) -> Rule | None:
@@ -165,6 +166,7 @@ def parse_family(data: Any, source: str, *, parents: dict[str, Family] | None = 
         rules=rules,
         source=source,
         notes=_string(data["notes"], f"{where}: notes") if "notes" in data else "",
+        extends=parent.name if parent else None,
     )
 
 
@@ -173,7 +175,7 @@ def _parent(data: dict[str, Any], where: str, parents: dict[str, Family]) -> Fam
         return None
     name = _string(data["extends"], f"{where}: extends")
     if name not in parents:
-        raise RulesError(f"{where}: extends {name!r}, which is not a known family; known: {', '.join(parents) or 'none'}")
+        raise RulesError(f"{where}: extends {name!r}, which is not a known family; `reshard families` lists them")
     return parents[name]
 
 
@@ -296,14 +298,14 @@ def family_for(config: ModelConfig, *, arch: str | None, given: Any, source: str
     if given is not None:
         _check_given(given, source)
     if arch is not None and arch not in families and not (given is not None and given.get("family") == arch):
-        raise InputError(f"--arch {arch}: unknown family; known: {', '.join(families)}")
+        raise InputError(f"--arch {arch}: unknown family; `reshard families` lists the {len(families)} known ones")
     base = families.get(arch) if arch is not None else _detect(config, families.values())
     if given is None:
         if base is None:
-            known = sorted(t for f in families.values() for t in f.model_types)
+            known = sum(len(f.model_types) for f in families.values())
             raise InputError(
-                f"{config.name}: model_type {config.model_type or 'none'!r} is not supported; supported: "
-                f"{', '.join(known)} (or pass --arch NAME, or --rules FILE for a new layout)"
+                f"{config.name}: model_type {config.model_type or 'none'!r} is not supported (`reshard families` lists the {known} "
+                "that are); pass --arch NAME to cut it as one of those families, or --rules FILE for a new layout"
             )
         return base
     if base is None or config.model_type in given.get("model_types", []) or "extends" in given:

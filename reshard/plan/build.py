@@ -4,8 +4,9 @@ what `split` will do."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reshard.errors import InputError, PlanError, shown
@@ -104,16 +105,19 @@ def build_plan(
     tp = tp_config.num_devices
     matched = [(t, family.match(t.name)) for t in tensors]
     counts, bare, problems = _counts(matched, config, family, vocab_multiple)
+    per_layer = _layer_counts(matched, config, family, vocab_multiple, counts)
     draft = _Draft(tp, config.name, problems=problems)
-    failing = [c for c in [*counts.values(), *bare.values()] if not c.allows(tp)]
+    every = [*counts.values(), *bare.values(), *(c for layer in per_layer.values() for c in layer.values())]
+    failing = list(dict.fromkeys(c for c in every if not c.allows(tp)))
     if failing:
-        valid = ", ".join(map(str, valid_tp([*counts.values(), *bare.values()])))
+        valid = ", ".join(map(str, valid_tp(every)))
         draft.problems.extend(f"{c.problem(tp)}; valid --tp: {valid}" for c in failing)
     for info, rule in matched:
         if rule is None:
             _unmatched(draft, info, replicate_unknown)
         else:
-            _matched(draft, info, rule, counts, bare)
+            layer = layer_of(info.name)
+            _matched(draft, info, rule, counts if layer is None else per_layer.get(layer, counts), bare)
     if draft.mismatches:
         # One wrong config key makes every tensor it sizes disagree: the first one says what to fix.
         n = len(draft.mismatches) - 1
@@ -190,6 +194,28 @@ def _counts(
     }
     bare_counts = {k: Count(f"tensor {name}: dim size {k[1]}", k[1]) for k, name in bare.items()}
     return counts, bare_counts, problems
+
+
+_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a tensor belongs to, from its name (`model.layers.<n>.`, `transformer.h.<n>.`)."""
+    found = _LAYER.search(name)
+    return int(found.group(1)) if found else None
+
+
+def _layer_counts(
+    matched: list[tuple[TensorSpec, Rule | None]], config: ModelConfig, family: Family, pad_to: int | None, counts: dict[str, Count]
+) -> dict[int, dict[str, Count]]:
+    """The counts of the layers whose config differs (sizes given per layer, or per_layer_config overrides)."""
+    layers = {layer_of(info.name) for info, rule in matched if rule is not None} - {None}
+    found: dict[int, dict[str, Count]] = {}
+    for layer in sorted(x for x in layers if x is not None):
+        own, _, _ = _counts(matched, config.for_layer(layer), family, pad_to)
+        if own != counts:
+            found[layer] = {u: replace(c, label=c.label if c == counts.get(u) else f"{c.label} in layer {layer}") for u, c in own.items()}
+    return found
 
 
 def _size_problem(info: TensorSpec, dim: int, parts: list[Count], config: str) -> str | None:
