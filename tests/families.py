@@ -84,6 +84,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "sarvam_mla": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "axk1": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "gptj": dict(rotary_dim=4),
+    "cohere_compass_text": dict(
+        rope_parameters={t: dict(rope_type="default", rope_theta=10000.0) for t in ("full_attention", "sliding_attention")}
+    ),
+    # sliding-window layers with twice the kv heads; values wider than keys
+    "mimo_v2_flash": dict(num_key_value_heads=4, v_head_dim=32, layer_types=["full_attention", "sliding_attention"]),
     # full-attention layers with their own head size (per_layer_config)
     "gemma4_unified_text": dict(global_head_dim=32),
     "gemma4_text": dict(global_head_dim=32, vocab_size_per_layer_input=250, hidden_size_per_layer_input=16),

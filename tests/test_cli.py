@@ -122,7 +122,7 @@ BAD = [
     (["split", "{model}", "--tp", "2", "--out", "{model}", "--force"], 1, ["Error: {model}: output would replace the input {model}/model.safetensors; choose another --out"]),
     (["split", "{model}", "--tp", "2", "--out", "{tmp}", "--force"], 1, ["Error: {tmp}: output would replace the input {model}/model.safetensors; choose another --out"]),
     (["merge", "{model}"], 1, ["Error: {model}: no reshard.json here; pass a folder written by `reshard split`"]),
-    (["split", "{model}", "--tp", "2", "--arch", "opt"], 1, ["Error: --arch opt: unknown family; `reshard families` lists the 22 known ones"]),
+    (["split", "{model}", "--tp", "2", "--arch", "opt"], 1, ["Error: --arch opt: unknown family; `reshard families` lists the 23 known ones"]),
     (["split", "{model}", "--tp", "2", "--arch", "gpt2"], 1, ["Error: 15 tensor(s) match no gpt2 rule and are not 1-D: model.embed_tokens.weight, model.layers.0.mlp.down_proj.weight, model.layers.0.mlp.gate_proj.weight and 12 more; give a rule for them with --rules FILE, or pass --replicate-unknown to copy them whole to every rank"]),
 ]  # fmt: skip
 

@@ -29,6 +29,10 @@ def parse_size(text: str, *, flag: str = "--max-shard-size") -> int:
     return int(value)
 
 
+# Where ModelConfig.for_layer puts the layer's entry of `layer_types`; not a key config.json has.
+LAYER_TYPE = "reshard.layer_type"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A model's config.json, kept as read; the family's rules say which keys matter."""
@@ -61,9 +65,13 @@ class ModelConfig:
 
     def for_layer(self, layer: int) -> ModelConfig:
         """The config as layer `layer` sees it: a count given per layer (a list of one integer per layer under the
-        key or under `<key>_per_layer`) taken at this layer, then `per_layer_config["<layer>"]`'s keys."""
+        key or under `<key>_per_layer`) taken at this layer, then `per_layer_config["<layer>"]`'s keys; and the
+        layer's type from `layer_types` under LAYER_TYPE."""
         layers = self.raw.get("num_hidden_layers")
         raw = dict(self.raw)
+        types = self.raw.get("layer_types")
+        if isinstance(types, list) and len(types) == layers and layer < len(types):
+            raw[LAYER_TYPE] = types[layer]
         for key, value in self.raw.items():
             if isinstance(value, list) and len(value) == layers and layer < len(value) and all(type(v) is int for v in value):
                 raw[key.removesuffix("_per_layer")] = value[layer]

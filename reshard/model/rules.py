@@ -12,11 +12,11 @@ from typing import Any
 
 from reshard.errors import InputError, RulesError
 from reshard.jsonfile import read_json
-from reshard.model.config import ModelConfig
+from reshard.model.config import LAYER_TYPE, ModelConfig
 
 STYLES = ("colwise", "rowwise", "vocab", "replicate")
 _FAMILY_KEYS = {"family", "extends", "notes", "model_types", "architectures", "units", "rules"}
-_UNIT_KEYS = {"key", "default_key", "replicate", "pad", "size"}
+_UNIT_KEYS = {"key", "default_key", "replicate", "pad", "size", "layer_types"}
 _RULE_KEYS = {"name", "match", "style", "dim", "units", "parts"}
 
 
@@ -34,6 +34,9 @@ class Unit:
     # keys tried in order, each a key ("head_dim") or an expression of keys and numbers with + * /
     # ("hidden_size/num_attention_heads", "qk_nope_head_dim+qk_rope_head_dim"). None: unchecked.
     size: int | tuple[str, ...] | None = None
+    # The key (or expression) read instead in layers of a given type (config.json's layer_types), for models whose
+    # layers of one type have other counts than the config's key says (MiMo's sliding layers: 2 x kv heads).
+    layer_types: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Family:
         spec = self.units[unit]
         choices = (spec.key,) if isinstance(spec.key, str) else spec.key
         choices += (spec.default_key,) if spec.default_key is not None else ()
+        layer_type = config.raw.get(LAYER_TYPE)
+        choices = tuple(key for kind, key in spec.layer_types if kind == layer_type) or choices
         key = next((c for c in choices if evaluate(c, config.raw, missing=True) is not None), choices[0])
         return key, evaluate(key, config.raw)
 
@@ -186,7 +191,13 @@ def _parse_unit(spec: Any, at: str) -> Unit:
         raise RulesError(f"{at}: replicate and pad must be true or false")
     default_key = spec.get("default_key")
     keys = spec["key"]
+    layer_types = spec.get("layer_types", {})
+    if not isinstance(layer_types, dict):
+        raise RulesError(f'{at}.layer_types: must map a layer type to a key, like {{"sliding_attention": "2*num_key_value_heads"}}')
     return Unit(
+        layer_types=tuple(
+            (_string(kind, f"{at}.layer_types"), _expression(key, f"{at}.layer_types.{kind}")) for kind, key in layer_types.items()
+        ),
         key=_expression(keys, f"{at}.key") if not isinstance(keys, list) else tuple(_expression(k, f"{at}.key") for k in keys) or ("",),
         default_key=None if default_key is None else _expression(default_key, f"{at}.default_key"),
         size=_size(spec.get("size"), at),
