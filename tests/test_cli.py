@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from reshard.cli import app
+from reshard.model.rules import builtin_families
 
 from helpers import snapshot, synthetic_llama
 
@@ -122,7 +124,7 @@ BAD = [
     (["split", "{model}", "--tp", "2", "--out", "{model}", "--force"], 1, ["Error: {model}: output would replace the input {model}/model.safetensors; choose another --out"]),
     (["split", "{model}", "--tp", "2", "--out", "{tmp}", "--force"], 1, ["Error: {tmp}: output would replace the input {model}/model.safetensors; choose another --out"]),
     (["merge", "{model}"], 1, ["Error: {model}: no reshard.json here; pass a folder written by `reshard split`"]),
-    (["split", "{model}", "--tp", "2", "--arch", "opt"], 1, ["Error: --arch opt: unknown family; `reshard families` lists the 23 known ones"]),
+    (["split", "{model}", "--tp", "2", "--arch", "opt"], 1, [f"Error: --arch opt: unknown family; `reshard families` lists the {len(builtin_families())} known ones"]),
     (["split", "{model}", "--tp", "2", "--arch", "gpt2"], 1, ["Error: 15 tensor(s) match no gpt2 rule and are not 1-D: model.embed_tokens.weight, model.layers.0.mlp.down_proj.weight, model.layers.0.mlp.gate_proj.weight and 12 more; give a rule for them with --rules FILE, or pass --replicate-unknown to copy them whole to every rank"]),
 ]  # fmt: skip
 
@@ -259,11 +261,31 @@ def test_rules_file_for_a_new_layout(tmp_path: Path) -> None:
     assert (tmp_path / "toy-tp4-merged" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
 
 
+def test_a_refuse_rule_names_the_tensor_and_the_reason(model: Path, tmp_path: Path) -> None:
+    """A state-space mixer forced into the llama family is refused by name, with why, not replicated on a guess."""
+    from safetensors.torch import load_file, save_file
+
+    forged = tmp_path / "hybrid"
+    shutil.copytree(model, forged)
+    tensors = load_file(str(forged / "model.safetensors"))
+    tensors["model.layers.0.mamba.in_proj.weight"] = torch.zeros(8, 4)
+    save_file(tensors, str(forged / "model.safetensors"))
+    result = run("split", forged, "--tp", "2", "--replicate-unknown")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == (
+        "Error: tensor model.layers.0.mamba.in_proj.weight (state_space): a Mamba/state-space mixer, which reshard does not cut "
+        "yet (engines split its in_proj by heads and groups, which no rule here describes); this model cannot be split"
+    )
+    assert not (tmp_path / "hybrid-tp2").exists()
+
+
 @pytest.mark.parametrize(
     ("rules", "message"),
     [
-        ({"rules": [{"name": "x", "match": "a", "style": "colwise", "dim": 0, "dims": 1}]}, "rules[0]: unknown key 'dims'; allowed keys: dim, match, name, parts, style, units"),
-        ({"rules": [{"name": "x", "match": "a", "style": "sideways", "dim": 0}]}, "rule 'x': unknown style 'sideways'; use one of colwise, rowwise, vocab, replicate"),
+        ({"rules": [{"name": "x", "match": "a", "style": "colwise", "dim": 0, "dims": 1}]}, "rules[0]: unknown key 'dims'; allowed keys: dim, match, name, parts, reason, style, units"),
+        ({"rules": [{"name": "x", "match": "a", "style": "sideways", "dim": 0}]}, "rule 'x': unknown style 'sideways'; use one of colwise, rowwise, vocab, replicate, refuse"),
+        ({"rules": [{"name": "x", "match": "a", "style": "refuse"}]}, "rule 'x': a refuse rule needs a reason, and only a refuse rule takes one"),
+        ({"rules": [{"name": "x", "match": "a", "style": "refuse", "reason": "r", "dim": 0}]}, "rule 'x': a refuse rule takes no dim, units or parts"),
         ({"family": "f", "extends": "bloom", "rules": []}, "extends 'bloom', which is not a known family; `reshard families` lists them"),
         ({"rules": [{"name": "x", "match": "a", "style": "colwise", "dim": 0, "parts": ["heads", "vocab"]}]}, "rule 'x': a packed tensor cannot hold a padded unit"),
     ],

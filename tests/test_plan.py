@@ -181,10 +181,20 @@ def test_family_detection(raw: dict, family: str) -> None:
     assert detect_family(ModelConfig(raw)).name == family
 
 
+def test_a_model_type_no_family_knows_is_refused_naming_it() -> None:
+    from reshard import InputError
+
+    with pytest.raises(
+        InputError, match=r"model_type 'doge' is not supported \(`reshard families` lists the \d+ that are\); pass --arch NAME"
+    ):
+        detect_family(ModelConfig({"model_type": "doge"}))
+
+
 def test_unsupported_model_type() -> None:
     from reshard import InputError
 
     with pytest.raises(
-        InputError, match=r"model_type 'bamba' is not supported \(`reshard families` lists the \d+ that are\); pass --arch NAME"
+        InputError,
+        match=r"model_type 'bamba' is not supported: its Mamba-2 mixers are not cut by reshard yet \(`reshard families` lists the \d+ that are\); pass --arch NAME",
     ):
         detect_family(ModelConfig({"model_type": "bamba"}))

@@ -14,10 +14,10 @@ from reshard.errors import InputError, RulesError
 from reshard.jsonfile import read_json
 from reshard.model.config import LAYER_TYPE, ModelConfig
 
-STYLES = ("colwise", "rowwise", "vocab", "replicate")
+STYLES = ("colwise", "rowwise", "vocab", "replicate", "refuse")
 _FAMILY_KEYS = {"family", "extends", "notes", "model_types", "architectures", "units", "rules"}
 _UNIT_KEYS = {"key", "default_key", "replicate", "pad", "size", "layer_types"}
-_RULE_KEYS = {"name", "match", "style", "dim", "units", "parts"}
+_RULE_KEYS = {"name", "match", "style", "dim", "units", "parts", "reason"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Rule:
     dim: int | None
     parts: tuple[str, ...]  # the units the cut dim is made of, in order: ("heads", "kv_heads", "kv_heads") for q|k|v
     regex: re.Pattern[str]
+    reason: str = ""  # why a `refuse` rule's tensors cannot be cut, and what to do
 
     @property
     def packed(self) -> bool:
@@ -218,6 +219,12 @@ def _parse_rule(index: int, rule: Any, where: str, units: dict[str, Unit]) -> Ru
     style = rule["style"]
     if style not in STYLES:
         raise RulesError(f"{at}: unknown style {style!r}; use one of {', '.join(STYLES)}")
+    if (style == "refuse") != ("reason" in rule):
+        raise RulesError(f"{at}: a refuse rule needs a reason, and only a refuse rule takes one")
+    if style == "refuse":
+        if set(rule) - {"name", "match", "style", "reason"}:
+            raise RulesError(f"{at}: a refuse rule takes no dim, units or parts; remove them")
+        return Rule(name, patterns, style, None, (), compile_patterns(patterns), _string(rule["reason"], f"{at}.reason"))
     dim = rule.get("dim")
     if style == "replicate":
         if dim is not None:
@@ -314,9 +321,11 @@ def family_for(config: ModelConfig, *, arch: str | None, given: Any, source: str
     if given is None:
         if base is None:
             known = sum(len(f.model_types) for f in families.values())
+            why = _refused().get(config.model_type or "")
             raise InputError(
-                f"{config.name}: model_type {config.model_type or 'none'!r} is not supported (`reshard families` lists the {known} "
-                "that are); pass --arch NAME to cut it as one of those families, or --rules FILE for a new layout"
+                f"{config.name}: model_type {config.model_type or 'none'!r} is not supported{': ' + why if why else ''} "
+                f"(`reshard families` lists the {known} that are); pass --arch NAME to cut it as one of those families, or "
+                "--rules FILE for a new layout"
             )
         return base
     if base is None or config.model_type in given.get("model_types", []) or "extends" in given:
@@ -324,6 +333,12 @@ def family_for(config: ModelConfig, *, arch: str | None, given: Any, source: str
     else:
         family = parse_family({"extends": base.name, **given, "family": base.name}, f"{source} + {base.source}", parents=families)
     return replace(family, given=given)
+
+
+def _refused() -> dict[str, str]:
+    """Model types reshard knows and does not split yet, with the reason."""
+    data: dict[str, str] = json.loads((resources.files("reshard.model") / "refused.json").read_text(encoding="utf-8"))
+    return data
 
 
 def _check_given(data: Any, source: str) -> None:

@@ -68,6 +68,7 @@ class _Draft:
     unknown: list[str] = field(default_factory=list)
     quantized: list[str] = field(default_factory=list)
     scales: list[TensorSpec] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)
 
     def report(self, family: str) -> list[str]:
         problems = list(self.problems)
@@ -143,6 +144,11 @@ def _unmatched(draft: _Draft, info: TensorSpec, replicate_unknown: bool) -> None
 
 
 def _matched(draft: _Draft, info: TensorSpec, rule: Rule, counts: dict[str, Count], bare: dict[tuple[str, int], Count]) -> None:
+    if rule.style == "refuse":
+        if rule.name not in draft.refused:  # one line per rule: its tensors all share the reason
+            draft.refused.add(rule.name)
+            draft.problems.append(f"tensor {shown(info.name)} ({rule.name}): {rule.reason}")
+        return
     if rule.style == "replicate" or rule.dim is None:
         draft.cuts[info.name] = replicated(info.name, info.dtype, info.shape, draft.tp, rule.name)
         return
