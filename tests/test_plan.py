@@ -198,3 +198,18 @@ def test_unsupported_model_type() -> None:
         match=r"model_type 'bamba' is not supported: its Mamba-2 mixers are not cut by reshard yet \(`reshard families` lists the \d+ that are\); pass --arch NAME",
     ):
         detect_family(ModelConfig({"model_type": "bamba"}))
+
+
+def test_the_tensor_names_decide_when_architectures_lie() -> None:
+    """An EXAONE config that says LlamaForCausalLM over GPT-2-style tensor names is read as exaone; the same
+    architectures over llama's names stay llama."""
+    config = ModelConfig({"model_type": "exaone_custom", "architectures": ["LlamaForCausalLM"]})
+    exaone = [
+        "transformer.wte.weight",
+        "transformer.h.0.attn.attention.q_proj.weight",
+        "transformer.h.0.mlp.c_fc_0.weight",
+        "lm_head.weight",
+    ]
+    assert detect_family(config, names=exaone).name == "exaone"
+    assert detect_family(config, names=["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]).name == "llama"
+    assert detect_family(config).name == "llama"

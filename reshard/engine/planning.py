@@ -49,7 +49,7 @@ def make_plan(
     tp_config = TPConfig.create(tp, device_ids=device_ids)
     source = open_source(model)
     model_config = source.model_config(config)
-    family = detect_family(model_config, arch=arch, rules=rules)
+    family = detect_family(model_config, arch=arch, rules=rules, names=[t.name for t in source.tensors])
     if format not in FORMATS:
         raise UsageError(f"--format {format}: unknown; use one of {', '.join(FORMATS)}")
     multiple = vocab_multiple(format)

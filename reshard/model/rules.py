@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -299,7 +299,7 @@ def builtin_families() -> dict[str, Family]:
     return dict(sorted(families.items()))
 
 
-def detect_family(config: ModelConfig, *, arch: str | None = None, rules: Path | None = None) -> Family:
+def detect_family(config: ModelConfig, *, arch: str | None = None, rules: Path | None = None, names: Sequence[str] = ()) -> Family:
     """The family named by --arch, else the one whose model_types or architectures list the config's.
 
     A --rules file adds or overrides rules: its rules are tried first, then the family's. A file without
@@ -307,17 +307,17 @@ def detect_family(config: ModelConfig, *, arch: str | None = None, rules: Path |
     no built-in family knows, stands on its own (or on the family it names in `extends`).
     """
     data = _read_rules(rules) if rules is not None else None
-    return family_for(config, arch=arch, given=data, source=str(rules))
+    return family_for(config, arch=arch, given=data, source=str(rules), names=names)
 
 
-def family_for(config: ModelConfig, *, arch: str | None, given: Any, source: str = "the rules") -> Family:
+def family_for(config: ModelConfig, *, arch: str | None, given: Any, source: str = "the rules", names: Sequence[str] = ()) -> Family:
     """detect_family with the rules file's JSON already read (as a manifest records it)."""
     families = builtin_families()
     if given is not None:
         _check_given(given, source)
     if arch is not None and arch not in families and not (given is not None and given.get("family") == arch):
         raise InputError(f"--arch {arch}: unknown family; `reshard families` lists the {len(families)} known ones")
-    base = families.get(arch) if arch is not None else _detect(config, families.values())
+    base = families.get(arch) if arch is not None else _detect(config, families.values(), names)
     if given is None:
         if base is None:
             known = sum(len(f.model_types) for f in families.values())
@@ -350,12 +350,18 @@ def _check_given(data: Any, source: str) -> None:
         _string(data["extends"], f"{source}: extends")
 
 
-def _detect(config: ModelConfig, families: Iterable[Family]) -> Family | None:
+def _detect(config: ModelConfig, families: Iterable[Family], names: Sequence[str]) -> Family | None:
+    """model_type first; then architectures, unless the tensor names say otherwise (a config that says
+    LlamaForCausalLM over `transformer.h.*` tensors): then the family whose rules match every tensor."""
     families = list(families)
     for family in families:
         if config.model_type in family.model_types:
             return family
-    for family in families:
-        if set(config.architectures) & set(family.architectures):
-            return family
-    return None
+    by_architecture = next((f for f in families if set(config.architectures) & set(f.architectures)), None)
+    if by_architecture is None or not names or _covers(by_architecture, names):
+        return by_architecture
+    return next((f for f in families if _covers(f, names)), by_architecture)
+
+
+def _covers(family: Family, names: Sequence[str]) -> bool:
+    return all(family.match(name) is not None for name in names)
