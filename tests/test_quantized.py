@@ -127,3 +127,31 @@ def test_the_vllm_layout_refuses_a_quantized_checkpoint_by_name(tmp_path: Path) 
     ):
         split(model, tp=2, out=tmp_path / "out", format="vllm")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_deepseek_fp8_block_scales_are_cut_with_their_blocks(family_models: dict[str, Path], tmp_path: Path, tp: int) -> None:
+    """DeepSeek-V3 ships FP8 weights with `weight_scale_inv` per block (128 x 128 there, 8 x 8 at this size):
+    MLA's q_b_proj and kv_b_proj, o_proj, the experts and the shared experts are cut by heads or FFN columns,
+    and each rank's scales are exactly the blocks of the rows or columns it holds."""
+    block = 8
+    source = load_file(str(family_models["deepseek_v3"] / "model.safetensors"))
+    tensors = {}
+    for name, tensor in source.items():
+        if name.endswith("proj.weight") and tensor.dim() == 2 and "_a_proj" not in name:
+            tensors[name] = tensor.to(F8)
+            tensors[name.replace(".weight", ".weight_scale_inv")] = torch.rand(tensor.shape[0] // block, tensor.shape[1] // block)
+        else:
+            tensors[name] = tensor
+    config = json.loads((family_models["deepseek_v3"] / "config.json").read_text())
+    model = write_checkpoint(tmp_path / "fp8", tensors, config)
+    out = split(model, tp=tp)
+    cuts = json.loads((out / "reshard.json").read_text())["tensors"]
+    scales = [n for n in cuts if n.endswith("weight_scale_inv")]
+    assert {cuts[n.replace("_scale_inv", "")]["rule"] for n in scales} >= {"mla_q", "mla_kv_b", "mla_o", "expert_gate_up", "shared_down"}
+    for name in scales:
+        weight = cuts[name.replace("_scale_inv", "")]
+        assert cuts[name]["style"] == weight["style"] and cuts[name].get("dim") == weight.get("dim"), name
+        assert cuts[name]["slices"] == [[[a // block, b // block] for a, b in ranges] for ranges in weight["slices"]], name
+    merged = merge(out)
+    assert (merged / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
