@@ -51,6 +51,7 @@ def build(model_type: str, out: Path, overrides: dict[str, Any] | None = None) -
 
 MLA = dict(num_key_value_heads=8, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8)
 LINEAR = dict(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)
+MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=4, mamba_d_state=8, mamba_expand=2)
 # Per model type: what its tiny checkpoint needs beyond SMALL (a MoE layer beside a dense one, small latent ranks).
 OVERRIDES: dict[str, dict[str, Any]] = {
     # kv heads replicated at tp 4; vocabulary padded at tp 4 (250 = 4 x 62 + 2)
@@ -84,6 +85,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "sarvam_mla": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "axk1": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "gptj": dict(rotary_dim=4),
+    # one Mamba-2 layer (8 heads of 16, 4 groups) and one attention layer
+    "granitemoehybrid": dict(MAMBA2, layer_types=["mamba", "attention"], shared_intermediate_size=64),
+    "bamba": dict(MAMBA2, attn_layer_indices=[1]),
     "cohere_compass_text": dict(
         rope_parameters={t: dict(rope_type="default", rope_theta=10000.0) for t in ("full_attention", "sliding_attention")}
     ),

@@ -262,19 +262,19 @@ def test_rules_file_for_a_new_layout(tmp_path: Path) -> None:
 
 
 def test_a_refuse_rule_names_the_tensor_and_the_reason(model: Path, tmp_path: Path) -> None:
-    """A state-space mixer forced into the llama family is refused by name, with why, not replicated on a guess."""
+    """A Mamba-1 mixer forced into the llama family is refused by name, with why, not replicated on a guess."""
     from safetensors.torch import load_file, save_file
 
     forged = tmp_path / "hybrid"
     shutil.copytree(model, forged)
     tensors = load_file(str(forged / "model.safetensors"))
-    tensors["model.layers.0.mamba.in_proj.weight"] = torch.zeros(8, 4)
+    tensors["model.layers.0.mamba.x_proj.weight"] = torch.zeros(8, 4)
     save_file(tensors, str(forged / "model.safetensors"))
     result = run("split", forged, "--tp", "2", "--replicate-unknown")
     assert result.exit_code == 1
     assert result.stderr.splitlines()[0] == (
-        "Error: tensor model.layers.0.mamba.in_proj.weight (state_space): a Mamba/state-space mixer, which reshard does not cut "
-        "yet (engines split its in_proj by heads and groups, which no rule here describes); this model cannot be split"
+        "Error: tensor model.layers.0.mamba.x_proj.weight (state_space): a state-space mixer other than Mamba-2's, which reshard "
+        "does not cut yet (engines split it by heads in ways no rule here describes); this model cannot be split"
     )
     assert not (tmp_path / "hybrid-tp2").exists()
 

@@ -195,9 +195,9 @@ def test_unsupported_model_type() -> None:
 
     with pytest.raises(
         InputError,
-        match=r"model_type 'bamba' is not supported: its Mamba-2 mixers are not cut by reshard yet \(`reshard families` lists the \d+ that are\); pass --arch NAME",
+        match=r"model_type 'jamba' is not supported: its Mamba mixers are not cut by reshard yet \(`reshard families` lists the \d+ that are\); pass --arch NAME",
     ):
-        detect_family(ModelConfig({"model_type": "bamba"}))
+        detect_family(ModelConfig({"model_type": "jamba"}))
 
 
 def test_the_tensor_names_decide_when_architectures_lie() -> None:

@@ -37,8 +37,9 @@ def rank_local_config(config: dict, family: Family, tp: int) -> dict:
         local["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
     for unit_name, unit in family.units.items():
         key, value = family.count(unit_name, ModelConfig(config))
-        if value is None or key not in config or key == "hidden_size":
-            continue  # a count made of several keys (its own keys' units divide it), or the residual width
+        if value is None or key not in config or key == "hidden_size" or key.startswith("mamba_"):
+            continue  # a count made of several keys (its own keys' units divide it), the residual width, or a
+            # Mamba mixer's (its config must stay whole; _narrow_mamba_mixers sizes it from its loaded weights)
         if value % tp == 0:
             local[key] = value // tp
             if isinstance(config.get(f"{key}_per_layer"), list):
@@ -129,7 +130,9 @@ def _share_replicated_biases(block: torch.nn.Module, names: dict[int, str], cut:
 def full_shapes(config: dict) -> dict[str, torch.Size]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("transformers_version", "architectures")})
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(config))
+        cfg = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     return {n: p.shape for n, p in model.named_parameters()}
@@ -169,8 +172,25 @@ def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
         if name.rpartition(".")[2] in GATHERED_NORMS.get(config["model_type"], ()):
             _gather_input(module, rank, tp)
     _fix_derived_head_dims(model, config, rank_local_config(config, family, tp))
+    _narrow_mamba_mixers(model)
     _make_tensor_parallel(model, full_shapes(config), rank, tp, config)
     return model
+
+
+def _narrow_mamba_mixers(model: torch.nn.Module) -> None:
+    """A Mamba-2 mixer sizes itself as mamba_expand x hidden_size, which no rank-local config can divide (its
+    validator insists on heads x head size = expand x hidden): it is built whole and given the heads and groups of
+    the weights it loaded."""
+    for module in model.modules():
+        if all(
+            hasattr(module, a) for a in ("intermediate_size", "conv_dim", "num_heads", "head_dim", "n_groups", "ssm_state_size", "A_log")
+        ):
+            module.num_heads = module.A_log.shape[0]
+            module.intermediate_size = module.num_heads * module.head_dim
+            module.conv_dim = module.conv1d.weight.shape[0]
+            module.n_groups = (module.conv_dim - module.intermediate_size) // (2 * module.ssm_state_size)
+            if hasattr(getattr(module, "norm", None), "group_size"):
+                module.norm.group_size = module.intermediate_size // module.n_groups
 
 
 def _fix_derived_head_dims(model: torch.nn.Module, config: dict, local: dict) -> None:
@@ -182,7 +202,7 @@ def _fix_derived_head_dims(model: torch.nn.Module, config: dict, local: dict) ->
     if config.get("head_dim") is not None or not (hidden and heads and local_heads) or heads == local_heads:
         return
     full, wrong = hidden // heads, hidden // local_heads
-    for module in model.modules():
+    for module in (m for m in model.modules() if not hasattr(m, "ssm_state_size")):  # a Mamba head is not an attention head
         for attr in ("head_dim", "head_size"):
             if getattr(module, attr, None) == wrong != full:
                 setattr(module, attr, full)
@@ -233,6 +253,7 @@ def worker(rank: int, tp: int, store: str, jobs: list[tuple[str, str, str]], res
         dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
         if not loaded.item():
             out.setdefault(name, "another rank failed to load its shard")
+            Path(f"{results}.rank{rank}").write_text(json.dumps(out))
             continue
         try:
             with torch.no_grad():

@@ -245,17 +245,20 @@ def _cut(info: TensorSpec, rule: Rule, dim: int, parts: list[Count], tp: int, co
     if problem is not None:
         return problem
     size, total = info.shape[dim], sum(p.value for p in parts)
-    if size % total:
+    if all(p.size is not None for p in parts):
+        units = [p.size or 0 for p in parts]  # checked: the dim is the sum of count x size
+    elif size % total:
         labels = " + ".join(p.label for p in parts)
         return f"tensor {shown(info.name)}: dim {dim} is {size}, not a multiple of {labels}; {config} does not match the weights"
-    unit = size // total
+    else:
+        units = [size // total] * len(parts)
     slices: list[list[tuple[int, int]]] = [[] for _ in range(tp)]
     offset = 0
-    for part in parts:
+    for part, unit in zip(parts, units, strict=True):
         for rank, (a, b) in enumerate(part.rank_units(tp)):
             slices[rank].append((offset + a * unit, offset + b * unit))
         offset += part.value * unit
-    packed = tuple(p.value * unit for p in parts) if len(parts) > 1 else ()
+    packed = tuple(p.value * u for p, u in zip(parts, units, strict=True)) if len(parts) > 1 else ()
     return TensorCut(info.name, info.dtype, info.shape, rule.style, dim, rule.name, tuple(map(tuple, slices)), packed)
 
 
