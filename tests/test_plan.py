@@ -213,3 +213,25 @@ def test_the_tensor_names_decide_when_architectures_lie() -> None:
     assert detect_family(config, names=exaone).name == "exaone"
     assert detect_family(config, names=["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]).name == "llama"
     assert detect_family(config).name == "llama"
+
+
+def test_sizes_given_per_layer_cut_each_layer_by_its_own() -> None:
+    """An FFN width per layer (a list under intermediate_size) and a layer-1 head size from per_layer_config:
+    each layer is cut and checked by its own sizes, and a tensor that disagrees with its layer's is named."""
+    config = llama_config(heads=8, kv_heads=2, head_dim=16, ffn=64, vocab=64, layers=2)
+    hidden = config["hidden_size"]
+    shapes = {f"model.layers.1.mlp.{p}_proj.weight": (96, hidden) for p in ("gate", "up")} | {
+        "model.layers.1.mlp.down_proj.weight": (hidden, 96)
+    }
+    shapes |= {"model.layers.1.self_attn.q_proj.weight": (256, hidden), "model.layers.1.self_attn.o_proj.weight": (hidden, 256)}
+    shapes |= {f"model.layers.1.self_attn.{p}_proj.weight": (64, hidden) for p in ("k", "v")}
+    layered = config | {"intermediate_size": [64, 96], "per_layer_config": {"1": {"head_dim": 32}}}
+    infos = header(config, shapes)
+    cuts = {t.name: t for t in build_plan(infos, ModelConfig(layered), TPConfig.create(2), LLAMA).tensors}
+    assert cuts["model.layers.0.mlp.up_proj.weight"].slices[1] == ((32, 64),)
+    assert cuts["model.layers.1.mlp.up_proj.weight"].slices[1] == ((48, 96),)
+    assert cuts["model.layers.1.self_attn.q_proj.weight"].slices[1] == ((128, 256),)
+    assert cuts["model.layers.1.self_attn.k_proj.weight"].slices[1] == ((32, 64),)
+    with pytest.raises(PlanError) as e:
+        build_plan(infos, ModelConfig(layered | {"intermediate_size": [64, 80]}), TPConfig.create(2), LLAMA)
+    assert e.value.problems[0].startswith("tensor model.layers.1.mlp.gate_proj.weight: dim 0 is 96, but intermediate_size is 80")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from reshard.errors import InputError, PlanError, shown
@@ -105,10 +105,9 @@ def build_plan(
     engine that pads its vocabulary to 64 rows lays it out) and then divided by tp."""
     tp = tp_config.num_devices
     matched = [(t, family.match(t.name)) for t in tensors]
-    counts, bare, problems = _counts(matched, config, family, vocab_multiple)
-    per_layer = _layer_counts(matched, config, family, vocab_multiple, counts)
+    per_layer, bare, problems = _layer_counts(matched, config, family, vocab_multiple)
     draft = _Draft(tp, config.name, problems=problems)
-    every = [*counts.values(), *bare.values(), *(c for layer in per_layer.values() for c in layer.values())]
+    every = [*bare.values(), *(c for layer in per_layer.values() for c in layer.values())]
     failing = list(dict.fromkeys(c for c in every if not c.allows(tp)))
     if failing:
         valid = ", ".join(map(str, valid_tp(every)))
@@ -117,8 +116,7 @@ def build_plan(
         if rule is None:
             _unmatched(draft, info, replicate_unknown)
         else:
-            layer = layer_of(info.name)
-            _matched(draft, info, rule, counts if layer is None else per_layer.get(layer, counts), bare)
+            _matched(draft, info, rule, per_layer[layer_of(info.name)], bare)
     if draft.mismatches:
         # One wrong config key makes every tensor it sizes disagree: the first one says what to fix.
         n = len(draft.mismatches) - 1
@@ -212,16 +210,21 @@ def layer_of(name: str) -> int | None:
 
 
 def _layer_counts(
-    matched: list[tuple[TensorSpec, Rule | None]], config: ModelConfig, family: Family, pad_to: int | None, counts: dict[str, Count]
-) -> dict[int, dict[str, Count]]:
-    """The counts of the layers whose config differs (sizes given per layer, or per_layer_config overrides)."""
-    layers = {layer_of(info.name) for info, rule in matched if rule is not None} - {None}
-    found: dict[int, dict[str, Count]] = {}
-    for layer in sorted(x for x in layers if x is not None):
-        own, _, _ = _counts(matched, config.for_layer(layer), family, pad_to)
-        if own != counts:
-            found[layer] = {u: replace(c, label=c.label if c == counts.get(u) else f"{c.label} in layer {layer}") for u, c in own.items()}
-    return found
+    matched: list[tuple[TensorSpec, Rule | None]], config: ModelConfig, family: Family, pad_to: int | None
+) -> tuple[dict[int | None, dict[str, Count]], dict[tuple[str, int], Count], list[str]]:
+    """The counts each layer's tensors are cut by (None: tensors outside the layers), as that layer's config gives
+    them (sizes given per layer, per_layer_config overrides, layer types); the bare counts; the problems, once each."""
+    by_layer: dict[int | None, list[tuple[TensorSpec, Rule | None]]] = {}
+    for item in matched:
+        by_layer.setdefault(layer_of(item[0].name), []).append(item)
+    counts: dict[int | None, dict[str, Count]] = {}
+    bare: dict[tuple[str, int], Count] = {}
+    problems: list[str] = []
+    for layer, items in by_layer.items():
+        counts[layer], own_bare, own_problems = _counts(items, config if layer is None else config.for_layer(layer), family, pad_to)
+        bare |= own_bare
+        problems += own_problems
+    return counts, bare, list(dict.fromkeys(problems))
 
 
 def _size_problem(info: TensorSpec, dim: int, parts: list[Count], config: str) -> str | None:
