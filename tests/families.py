@@ -50,6 +50,10 @@ def build(model_type: str, out: Path, overrides: dict[str, Any] | None = None) -
 
 
 MLA = dict(num_key_value_heads=8, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8)
+# DeepSeek's MoE: a dense first layer, one shared expert, one routing group
+DEEPSEEK = dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1)
+# DeepSeek's sparse-attention indexer
+INDEXER = dict(index_n_heads=4, index_head_dim=16, index_topk=4)
 LINEAR = dict(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=4, mamba_d_state=8, mamba_expand=2)
 # Per model type: what its tiny checkpoint needs beyond SMALL (a MoE layer beside a dense one, small latent ranks).
@@ -82,8 +86,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "kolibri1": dict(shared_expert_intermediate_size=64),
     "laguna": dict(mlp_layer_types=["dense", "sparse"]),
     "dots1": dict(n_shared_experts=1, first_k_dense_replace=1),
-    "sarvam_mla": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
-    "axk1": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
+    "sarvam_mla": DEEPSEEK,
+    "axk1": DEEPSEEK,
     "gptj": dict(rotary_dim=4),
     # one Mamba-2 layer (8 heads of 16, 4 groups) and one attention layer
     "granitemoehybrid": dict(MAMBA2, layer_types=["mamba", "attention"], shared_intermediate_size=64),
@@ -99,17 +103,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     "lfm3": dict(layer_types=["conv", "full_attention"]),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
-    "dots3_note_text": dict(
-        MLA,
-        shared_experts_intermediate_size=64,
-        first_k_dense_replace=1,
-        n_shared_experts=1,
-        n_group=1,
-        topk_group=1,
-        index_n_heads=4,
-        index_head_dim=16,
-        index_topk=4,
-    ),
+    "dots3_note_text": dict(DEEPSEEK, **INDEXER, shared_experts_intermediate_size=64),
     "sarvam_moe": dict(first_k_dense_replace=1, num_shared_experts=1),
     **{
         t: dict(LINEAR, layer_types=["linear_attention", "full_attention"], shared_expert_intermediate_size=64)
@@ -118,13 +112,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "cwm": dict(bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "aria_text": dict(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
     "minimax_m3_vl_text": dict(intermediate_size=32, shared_intermediate_size=64, dense_intermediate_size=128),
-    "deepseek_v2": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
-    "deepseek_v3": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
-    "deepseek_v32": dict(
-        MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=16, index_topk=4
-    ),
-    "glm_moe_dsa": dict(MLA, first_k_dense_replace=1, n_shared_experts=1, index_n_heads=4, index_head_dim=16, index_topk=4),
-    "glm4_moe_lite": dict(MLA, first_k_dense_replace=1, n_shared_experts=1),
+    "deepseek_v2": DEEPSEEK,
+    "deepseek_v3": DEEPSEEK,
+    "deepseek_v32": dict(DEEPSEEK, **INDEXER),
+    "glm_moe_dsa": dict(DEEPSEEK, **INDEXER),
+    "glm4_moe_lite": DEEPSEEK,
     "youtu": dict(MLA),
     "minicpm3": dict(MLA),
     "glm4_moe": dict(first_k_dense_replace=1, n_shared_experts=1),
