@@ -99,6 +99,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "mimo_v2_flash": dict(num_key_value_heads=4, v_head_dim=32, layer_types=["full_attention", "sliding_attention"]),
     # full-attention layers with their own head size (per_layer_config)
     "gemma4_unified_text": dict(global_head_dim=32),
+    # an FFN width per layer; no activation sparsity (its top-k statistics span the whole FFN)
+    "gemma3n_text": dict(
+        num_kv_shared_layers=0,
+        layer_types=["sliding_attention", "full_attention"],
+        vocab_size_per_layer_input=250,
+        hidden_size_per_layer_input=16,
+        intermediate_size=[128, 96],
+        activation_sparsity_pattern=[0.0, 0.0],
+        laurel_rank=8,
+    ),
     "gemma4_text": dict(global_head_dim=32, vocab_size_per_layer_input=250, hidden_size_per_layer_input=16),
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     "lfm3": dict(layer_types=["conv", "full_attention"]),
@@ -131,3 +141,6 @@ GATHERED_NORMS: dict[str, tuple[str, ...]] = {"olmoe": ("q_norm", "k_norm")}
 # Blocks that end in a norm of their summed output (axk1's MoE block): the ranks' partial sums are reduced
 # before that norm, as an engine runs it, instead of after the block.
 REDUCED_BEFORE: dict[str, str] = {"axk1": "post_mlp_layernorm"}
+# Counts the rank-local config keeps whole: gemma3n masks token ids with vocab_size_per_layer_input before its
+# per-layer embedding, so the vocabulary-parallel lookup must see every id (its rows load in the rank file's shape).
+WHOLE_KEYS: dict[str, tuple[str, ...]] = {"gemma3n_text": ("vocab_size_per_layer_input",)}

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from reshard import ModelConfig
 from reshard.model.rules import Family, family_for
 
-from families import GATHERED_NORMS, REDUCED_BEFORE
+from families import GATHERED_NORMS, REDUCED_BEFORE, WHOLE_KEYS
 
 TOKENS = torch.tensor([[3, 17, 101, 7, 249, 64, 9], [200, 1, 45, 45, 99, 12, 180]])
 
@@ -37,9 +37,11 @@ def rank_local_config(config: dict, family: Family, tp: int) -> dict:
         local["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
     for unit_name, unit in family.units.items():
         key, value = family.count(unit_name, ModelConfig(config))
-        if value is None or key not in config or key == "hidden_size" or key.startswith("mamba_"):
-            continue  # a count made of several keys (its own keys' units divide it), the residual width, or a
-            # Mamba mixer's (its config must stay whole; _narrow_mamba_mixers sizes it from its loaded weights)
+        whole = key == "hidden_size" or key.startswith("mamba_") or key in WHOLE_KEYS.get(config["model_type"], ())
+        if value is None or key not in config or whole:
+            continue  # a count made of several keys (its own keys' units divide it), the residual width, a Mamba
+            # mixer's (its config must stay whole; _narrow_mamba_mixers sizes it from its loaded weights), or one
+            # the model compares token ids with (its cut tensors load in the rank file's shape)
         if value % tp == 0:
             local[key] = value // tp
             if isinstance(config.get(f"{key}_per_layer"), list):
@@ -168,6 +170,8 @@ def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
                 module.groups = module.in_channels = module.out_channels = module.weight.shape[0]
             if manifest["tensors"][name]["style"] == "replicate":
                 _gather_input(module, rank, tp)
+    if info["mismatched_keys"] and model.config.tie_word_embeddings:
+        model.tie_weights()  # the embedding loaded in the rank file's shape is the output embedding too
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in GATHERED_NORMS.get(config["model_type"], ()):
             _gather_input(module, rank, tp)
