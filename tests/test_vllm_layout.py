@@ -131,6 +131,16 @@ def test_what_the_vllm_layout_cannot_do_is_refused(model: Path, tmp_path: Path) 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_type_vllm_was_not_proven_with_is_refused(family_models: dict[str, Path], tmp_path: Path) -> None:
+    """The llama family's cuts fit OLMo, but its vLLM class was never run on reshard's export: refused by name."""
+    refused = invoke("split", family_models["olmo"], "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith(
+        "Error: --format vllm: model_type 'olmo' (llama family) has no vllm 0.32 layout in reshard; model types with one: gemma, "
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_changed_vllm_layout_is_refused(model: Path, tmp_path: Path) -> None:
     import hashlib
 
