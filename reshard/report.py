@@ -51,7 +51,8 @@ def family_table(families: Sequence[Family]) -> Table:
 def family_markdown(families: Sequence[Family]) -> str:
     """The same, as the README's table."""
     lines = ["| family | model types | what is special |", "|---|---|---|"]
-    lines += [f"| {name} | {types} | {notes} |" for name, types, notes in _family_rows(families)]
+    cells = ([c.replace("|", "\\|") for c in row] for row in _family_rows(families))  # q|k|v is not a column break
+    lines += [f"| {name} | {types} | {notes} |" for name, types, notes in cells]
     return "\n".join(lines) + "\n"
 
 
