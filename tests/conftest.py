@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from families import build, model_types
+from families import build, model_types, tiny_config
 
 TRANSFORMERS_MODELS = {
     "llama": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=4),
@@ -20,23 +20,14 @@ TRANSFORMERS_MODELS = {
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random models saved by transformers: `<family>` as one file, `<family>-sharded` with an index."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("hf")
     paths = {}
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=256, max_position_embeddings=128)
     for name, spec in TRANSFORMERS_MODELS.items():
         spec = dict(spec)
-        model_type = spec.pop("model_type")
-        config = AutoConfig.for_model(
-            model_type,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            vocab_size=256,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-            **spec,
-        )
+        config = tiny_config(spec.pop("model_type"), dict(spec, tie_word_embeddings=False), sizes=sizes)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
         model.save_pretrained(root / name)

@@ -26,11 +26,13 @@ def model_types() -> list[str]:
     return sorted(t for f in builtin_families().values() for t in f.model_types)
 
 
-def tiny_config(model_type: str, overrides: dict[str, Any]) -> Any:
+def tiny_config(model_type: str, overrides: dict[str, Any], *, sizes: dict[str, Any] = SMALL) -> Any:
+    """The model type's config with `sizes` wherever it has the key, no special tokens, and `overrides`."""
     from transformers import AutoConfig
 
-    keys = set(AutoConfig.for_model(model_type).to_dict()) | set(getattr(AutoConfig.for_model(model_type), "attribute_map", {}))
-    small = {k: v for k, v in SMALL.items() if k in keys}
+    default = AutoConfig.for_model(model_type)
+    keys = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    small = {k: v for k, v in sizes.items() if k in keys}
     return AutoConfig.for_model(model_type, **{**small, **NO_SPECIAL_TOKENS, **overrides})
 
 

@@ -153,9 +153,10 @@ def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
     config = manifest["source"]["config"]
     family = family_for(ModelConfig(config), arch=manifest["family"], given=manifest.get("rules"))
     rank_file = split_dir / manifest["ranks"][rank]["files"][0]
+    local_config = rank_local_config(config, family, tp)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder)
-        (local / "config.json").write_text(json.dumps(rank_local_config(config, family, tp)))
+        (local / "config.json").write_text(json.dumps(local_config))
         (local / "model.safetensors").symlink_to(rank_file)
         model, info = AutoModelForCausalLM.from_pretrained(
             local, dtype=torch.float32, attn_implementation="eager", ignore_mismatched_sizes=True, output_loading_info=True
@@ -175,7 +176,7 @@ def load_shard(rank: int, tp: int, split_dir: Path) -> torch.nn.Module:
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in GATHERED_NORMS.get(config["model_type"], ()):
             _gather_input(module, rank, tp)
-    _fix_derived_head_dims(model, config, rank_local_config(config, family, tp))
+    _fix_derived_head_dims(model, config, local_config)
     _narrow_mamba_mixers(model)
     _make_tensor_parallel(model, full_shapes(config), rank, tp, config)
     return model
@@ -248,32 +249,37 @@ def worker(rank: int, tp: int, store: str, jobs: list[tuple[str, str, str]], res
     torch.set_num_threads(1)
     out: dict[str, object] = {}
     for name, model_dir, split_dir in jobs:
-        model = None
-        try:
-            model = load_shard(rank, tp, Path(split_dir))
-        except Exception:
-            out[name] = f"rank {rank}: {traceback.format_exc()}"
-        loaded = torch.tensor([0 if model is None else 1])
-        dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
-        if not loaded.item():
-            out.setdefault(name, "another rank failed to load its shard")
-            Path(f"{results}.rank{rank}").write_text(json.dumps(out))
-            continue
-        try:
-            with torch.no_grad():
-                got = model(TOKENS).logits
-            if rank == 0:
-                want = full_logits(Path(model_dir))
-                out[name] = (
-                    float((got - want).abs().max() / want.abs().max())
-                    if got.shape == want.shape
-                    else (f"logits shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-                )
-        except Exception:
-            out[name] = f"rank {rank}: {traceback.format_exc()}"
+        result = _job(rank, tp, Path(model_dir), Path(split_dir))
+        if result is not None:
+            out[name] = result
         # After every job, so that a rank dying later leaves the jobs before it their own results.
         Path(f"{results}.rank{rank}").write_text(json.dumps(out))
     dist.destroy_process_group()
+
+
+def _job(rank: int, tp: int, model_dir: Path, split_dir: Path) -> object | None:
+    """This rank's part of one job: its traceback, "another rank failed", the relative error (rank 0), or None."""
+    model = None
+    failure = None
+    try:
+        model = load_shard(rank, tp, split_dir)
+    except Exception:
+        failure = f"rank {rank}: {traceback.format_exc()}"
+    loaded = torch.tensor([0 if model is None else 1])
+    dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
+    if not loaded.item():
+        return failure or "another rank failed to load its shard"
+    try:
+        with torch.no_grad():
+            got = model(TOKENS).logits
+        if rank != 0:
+            return None
+        want = full_logits(model_dir)
+        if got.shape != want.shape:
+            return f"logits shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        return float((got - want).abs().max() / want.abs().max())
+    except Exception:
+        return f"rank {rank}: {traceback.format_exc()}"
 
 
 def run_tensor_parallel(tp: int, jobs: list[tuple[str, Path, Path]], workdir: Path) -> dict[str, object]:

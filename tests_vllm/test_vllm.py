@@ -18,6 +18,10 @@ import pytest
 import torch
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny-config builder the main suite uses (torch and transformers only)
+
+from families import tiny_config  # noqa: E402
+
 MODELS = {
     "llama": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=2),  # kv heads replicated at tp 4
     "qwen2": dict(model_type="qwen2", num_attention_heads=8, num_key_value_heads=2),  # q/k/v biases
@@ -42,21 +46,11 @@ CASES = [("llama", 2), ("llama", 4), ("qwen2", 2), ("qwen3", 2), ("gemma", 2), (
 
 def build(kind: str, folder: Path) -> Path:
     """A tiny model vLLM's CPU attention runs (head_dim 32), random weights and norms, vocabulary 1000 (padded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     spec = {"tie_word_embeddings": False, **MODELS[kind]}
-    config = AutoConfig.for_model(
-        spec.pop("model_type"),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        vocab_size=1000,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        **spec,
-    )
+    sizes = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=1000, max_position_embeddings=256)
+    config = tiny_config(spec.pop("model_type"), spec, sizes=sizes)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():

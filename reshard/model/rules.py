@@ -24,8 +24,8 @@ _RULE_KEYS = {"name", "match", "style", "dim", "units", "parts", "reason"}
 class Unit:
     """A count from config.json that a split dim is made of (heads, kv heads, FFN columns, vocab rows)."""
 
-    key: str | tuple[str, ...]  # a config key or expression, or several tried in order (the first whose keys are all set)
-    default_key: str | None = None
+    # Config keys or expressions tried in order, the first whose keys are all set ("key", then "default_key").
+    keys: tuple[str, ...]
     # When tp is a multiple of the count, rank r gets unit r*count//tp (kv heads, as vLLM and TensorRT-LLM do).
     replicate: bool = False
     # When tp does not divide the count, zero units are appended to a multiple of tp (vocabulary rows).
@@ -76,11 +76,9 @@ class Family:
         """The config key (or expression of keys) a unit reads, and its value (None when absent or not a
         positive integer)."""
         spec = self.units[unit]
-        choices = (spec.key,) if isinstance(spec.key, str) else spec.key
-        choices += (spec.default_key,) if spec.default_key is not None else ()
         layer_type = config.raw.get(LAYER_TYPE)
-        choices = tuple(key for kind, key in spec.layer_types if kind == layer_type) or choices
-        key = next((c for c in choices if evaluate(c, config.raw, missing=True) is not None), choices[0])
+        choices = tuple(key for kind, key in spec.layer_types if kind == layer_type) or spec.keys
+        key = next((c for c in choices if _keys_set(c, config.raw)), choices[0])
         return key, evaluate(key, config.raw)
 
     def size(self, unit: str, config: ModelConfig) -> tuple[str, int | None]:
@@ -109,22 +107,19 @@ _NAME = re.compile(r"[A-Za-z_][\w.]*")
 _EXPRESSION = re.compile(r"[\w.]+(?:[*/+][\w.]+)*")
 
 
-def evaluate(expression: str, raw: dict[str, Any], *, missing: bool = False) -> int | None:
+def _keys_set(expression: str, raw: dict[str, Any]) -> bool:
+    """Whether every config key the expression names is set (to anything but null)."""
+    return all(name.isdigit() or raw.get(name) is not None for name in re.split(r"[*/+]", expression))
+
+
+def evaluate(expression: str, raw: dict[str, Any]) -> int | None:
     """A count or size from config keys and numbers joined by +, * and / (exact division, * and / before +):
-    None when a key is absent or null, not a positive integer, or a division is not exact. With missing=True,
-    0 when every key is present (whatever its value), None when one is absent or null."""
+    None when a key is absent or null, not a positive integer, or a division is not exact."""
     total = 0
     for term in expression.split("+"):
         value: int | None = None
         for op, factor in re.findall(r"(^|[*/])([^*/]+)", term):
-            if factor.isdigit():
-                number: Any = int(factor)
-            elif raw.get(factor) is None:
-                return None
-            else:
-                number = raw[factor]
-            if missing:
-                continue
+            number = int(factor) if factor.isdigit() else raw.get(factor)
             if type(number) is not int or number <= 0:
                 return None
             if op == "/":
@@ -134,7 +129,7 @@ def evaluate(expression: str, raw: dict[str, Any], *, missing: bool = False) -> 
             else:
                 value = number if value is None else value * number
         total += value or 0
-    return total if missing or total > 0 else None
+    return total if total > 0 else None
 
 
 def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern[str]:
@@ -143,7 +138,8 @@ def compile_patterns(patterns: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{a})" for a in alternatives))
 
 
-def _read_rules(path: Path) -> Any:
+def read_rules(path: Path) -> Any:
+    """A --rules file's JSON (not yet checked as rules); a file that cannot be read is a RulesError."""
     try:
         return read_json(Path(path), what="rules file", fix="fix the file")
     except InputError as e:
@@ -190,8 +186,10 @@ def _parse_unit(spec: Any, at: str) -> Unit:
     flags = {k: spec.get(k, False) for k in ("replicate", "pad")}
     if not all(isinstance(v, bool) for v in flags.values()):
         raise RulesError(f"{at}: replicate and pad must be true or false")
-    default_key = spec.get("default_key")
-    keys = spec["key"]
+    keys = spec["key"] if isinstance(spec["key"], list) else [spec["key"]]
+    if not keys:
+        raise RulesError(f"{at}.key: must name at least one config key")
+    keys += [spec["default_key"]] if spec.get("default_key") is not None else []
     layer_types = spec.get("layer_types", {})
     if not isinstance(layer_types, dict):
         raise RulesError(f'{at}.layer_types: must map a layer type to a key, like {{"sliding_attention": "2*num_key_value_heads"}}')
@@ -199,8 +197,7 @@ def _parse_unit(spec: Any, at: str) -> Unit:
         layer_types=tuple(
             (_string(kind, f"{at}.layer_types"), _expression(key, f"{at}.layer_types.{kind}")) for kind, key in layer_types.items()
         ),
-        key=_expression(keys, f"{at}.key") if not isinstance(keys, list) else tuple(_expression(k, f"{at}.key") for k in keys) or ("",),
-        default_key=None if default_key is None else _expression(default_key, f"{at}.default_key"),
+        keys=tuple(_expression(k, f"{at}.key") for k in keys),
         size=_size(spec.get("size"), at),
         replicate=flags["replicate"],
         pad=flags["pad"],
@@ -306,7 +303,7 @@ def detect_family(config: ModelConfig, *, arch: str | None = None, rules: Path |
     `extends` builds on the detected family; one that lists the config's model_type, or is given for a model
     no built-in family knows, stands on its own (or on the family it names in `extends`).
     """
-    data = _read_rules(rules) if rules is not None else None
+    data = read_rules(rules) if rules is not None else None
     return family_for(config, arch=arch, given=data, source=str(rules), names=names)
 
 

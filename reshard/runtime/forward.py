@@ -25,8 +25,7 @@ from reshard.errors import CheckFailed, InputError, UsageError, shown
 from reshard.formats.checkpoint import open_checkpoint
 from reshard.formats.layout import MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
-from reshard.jsonfile import read_json
-from reshard.model.rules import builtin_families
+from reshard.model.rules import builtin_families, read_rules
 from reshard.plan.build import first_difference
 from reshard.plan.cut import TensorCut, coverage, rank_spans
 from reshard.runtime.load import load_rank, piece
@@ -55,7 +54,7 @@ def expected_cuts(folder: SplitFolder, *, rules: Path | None = None) -> tuple[Te
     the recorded config, checked against the manifest's: a split made with a rule the model does not run with
     fails here, naming the tensor."""
     manifest, where = folder.manifest, folder.path / MANIFEST_NAME
-    given = read_json(rules, what="rules file", fix="fix the file") if rules is not None else None
+    given = read_rules(rules) if rules is not None else None
     if given is None and manifest.family not in builtin_families():
         given = manifest.rules  # a family of its own: its recorded rules are all there is to go by
     plan = folder.replan(rules=given)

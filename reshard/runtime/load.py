@@ -3,6 +3,7 @@ the split folder's reader has checked them (sha256 included, unless asked not to
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,10 +51,7 @@ def piece(packed: torch.Tensor, offset: int, shape: tuple[int, ...]) -> torch.Te
     """The source tensor's slice that starts `offset` bytes into a tensor of an engine layout (a view)."""
     flat = packed.reshape(-1)
     start = offset // max(1, flat.element_size())
-    count = 1
-    for d in shape:
-        count *= d
-    return flat[start : start + count].reshape(shape)
+    return flat[start : start + math.prod(shape)].reshape(shape)
 
 
 def _place(folder: SplitFolder, rank: int, device: str | None) -> torch.device:
