@@ -90,8 +90,8 @@ class Family:
         if spec is None or isinstance(spec, int):
             return "", spec
         for choice in spec:
-            value = config.raw.get(choice)
             if _NAME.fullmatch(choice):
+                value = config.raw.get(choice)
                 if value is None:
                     continue
                 if type(value) is not int or value <= 0:
