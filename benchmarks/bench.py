@@ -75,7 +75,7 @@ def make_checkpoint(folder: Path, size: int) -> int:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     rng = np.random.default_rng(0)
     entries = [(name, "BF16", shape) for name, shape in shapes.items()]
-    with SafetensorsWriter(folder / "model.safetensors", entries, {"format": "pt"}) as writer:
+    with SafetensorsWriter(folder / "model.safetensors", entries, {"format": "pt"}, checksum="none") as writer:
         for name, _, shape in entries:
             writer.region(name).write(rng.bytes(2 * int(np.prod(shape))))
     return (folder / "model.safetensors").stat().st_size

@@ -24,6 +24,7 @@ from reshard.engine.sources import Source
 from reshard.engine.split import default_split_dir, read_nbytes, write_split
 from reshard.engine.verify import Report, verify
 from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
+from reshard.formats.checksums import CHECKSUMS, DEFAULT_CHECKSUM
 from reshard.formats.export import build_layout, engine_data
 from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
@@ -121,6 +122,15 @@ MaxShardOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ChecksumOpt = Annotated[
+    str,
+    typer.Option(
+        "--checksum",
+        metavar="ALGO",
+        help="What reshard.json records of every file beside its size: sha256 (checked by `sha256sum -c`), xxh128 "
+        "(XXH3-128, checked by `xxh128sum -c`, about ten times faster) or none. merge, verify and load_rank check it.",
+    ),
+]
 FormatOpt = Annotated[
     str,
     typer.Option(
@@ -336,6 +346,7 @@ def split_command(
         Optional[str], typer.Option("--ranks", metavar="R,R", help="Write only these ranks, comma-separated, e.g. 0,2.", show_default=False)
     ] = None,
     format: FormatOpt = "reshard",
+    checksum: ChecksumOpt = DEFAULT_CHECKSUM,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -344,6 +355,8 @@ def split_command(
 
     def action() -> None:
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
+        if checksum not in CHECKSUMS:
+            raise UsageError(f"--checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
         source, model_config, plan = _make_plan(
             model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format
         )
@@ -352,7 +365,16 @@ def split_command(
         target = out if out is not None else default_split_dir(source.root, plan.tp)
         with _progress(read_nbytes(plan, ranks=chosen), "split", quiet) as progress:
             manifest = write_split(
-                source, model_config, plan, target, layout=layout, force=force, progress=progress, max_shard_size=max_bytes, ranks=chosen
+                source,
+                model_config,
+                plan,
+                target,
+                layout=layout,
+                force=force,
+                progress=progress,
+                max_shard_size=max_bytes,
+                ranks=chosen,
+                checksum=checksum,
             )
         which = "" if chosen is None else f", rank{'s' if len(chosen) > 1 else ''} {', '.join(map(str, chosen))} of 0..{plan.tp - 1}"
         console = _console()

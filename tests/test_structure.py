@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "reshard"
 
 # Lower stages first. A module may import modules of its own stage or of a lower one, never of a higher one.
 STAGES = [
-    {"reshard.errors", "reshard.version", "reshard.jsonfile"},
+    {"reshard.errors", "reshard.version", "reshard.jsonfile", "reshard.timing"},
     {"reshard.model"},
     {"reshard.plan"},
     {"reshard.formats"},

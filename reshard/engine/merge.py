@@ -14,7 +14,7 @@ from reshard.engine.sources import Contiguous, Stitched, TensorBytes
 from reshard.engine.split import split_tensor
 from reshard.engine.staging import staged_output
 from reshard.engine.workers import WORKERS, run_all, thread_buffers
-from reshard.formats.checksums import BackgroundHashes
+from reshard.formats.checksums import NONE
 from reshard.formats.io import Buffers, ByteReader, Progress, copy_durably, write_durably
 from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, merged_file_names
 from reshard.formats.safetensors import Entry, TensorInfo, entry_nbytes
@@ -64,31 +64,32 @@ def write_merge(
 ) -> list[str]:
     """Write the merged checkpoint; returns the names of the safetensors files written.
 
-    The rank files' sizes and headers are checked against the manifest before anything is written, their sha256
-    while the merge runs; a mismatch leaves no output.
+    The rank files' sizes and headers are checked against the manifest before anything is written, their
+    checksums from the very reads the merge makes; a mismatch leaves no output.
     """
     folder.require(purpose="merge")
     manifest, ranks = folder.manifest, range(folder.tp)
-    rank_paths = sorted({info.path for r in ranks for info in folder.rank_tensors(r).values()})
     groups = partition([(t.name, t.dtype, t.shape) for t in manifest.tensors], max_shard_size)
     names = merged_file_names(len(groups))
+    rank_paths = sorted({info.path for r in ranks for info in folder.rank_tensors(r).values()})
     with staged_output(out, [folder.path, *rank_paths], force=force) as staging, ExitStack() as stack:
-        hashes = stack.enter_context(BackgroundHashes(folder.paths(ranks)))
-        readers = {path: stack.enter_context(ByteReader(path)) for path in rank_paths}
-        writer = stack.enter_context(PartedWriter([staging / n for n in names], groups, manifest.source_metadata))
+        readers = folder.readers(stack, ranks)
+        writer = stack.enter_context(PartedWriter([staging / n for n in names], groups, manifest.source_metadata, checksum=NONE))
 
         def task(cut: TensorCut) -> Callable[[], None]:
             infos = [folder.tensor(r, cut.name) for r in ranks]
             target, rank_readers = writer.region(cut.name), [readers[i.path] for i in infos]
             return lambda: merge_tensor(cut, rank_readers, infos, target, progress=progress, buffers=thread_buffers())
 
-        # Writers to one file queue on its inode lock, so more threads than files only add contention.
-        run_all((task(cut) for cut in manifest.tensors), workers=min(WORKERS, len(names)))
+        # Writers to one file queue on its inode lock, so more threads than files only add contention; rank files
+        # that are hashed as they are read are read by one thread, front to back.
+        workers = min(WORKERS, len(names)) if manifest.checksum == NONE else 1
+        run_all((task(cut) for cut in folder.in_file_order(manifest.tensors)), workers=workers)
         writer.close()
+        folder.require_read(readers, ranks)
         if len(names) > 1:
             _write_index(staging / INDEX_NAME, names, groups)
         _write_shared(folder, staging)
-        folder.require_digests(hashes.results())
     return names
 
 

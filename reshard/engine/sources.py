@@ -15,9 +15,10 @@ from typing import Protocol
 
 import numpy as np
 
+from reshard.engine.workers import WORKERS
 from reshard.errors import InputError
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
-from reshard.formats.checksums import BackgroundHashes, sampled_sha256
+from reshard.formats.checksums import NONE, sampled_sha256
 from reshard.formats.io import Buffers, ByteReader
 from reshard.formats.layout import CONFIG_NAME, ENGINE_FILES, MANIFEST_NAME
 from reshard.formats.manifest import SourceFile
@@ -25,8 +26,9 @@ from reshard.formats.safetensors import SafetensorsFile, TensorInfo
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import ModelConfig
 from reshard.plan.cut import Piece, TensorCut, coverage
+from reshard.timing import clock, spent
 
-Run = tuple[int, int, int]  # file descriptor, offset, bytes
+Run = tuple[ByteReader, int, int]  # file, offset, bytes
 
 
 class TensorBytes(Protocol):
@@ -47,10 +49,10 @@ class Contiguous:
         self._reader, self._base, self._row, self._inner = reader, base, length * inner, inner
 
     def runs(self, o: int, a: int, b: int) -> Iterator[Run]:
-        yield self._reader.fd, self._base + o * self._row + a * self._inner, (b - a) * self._inner
+        yield self._reader, self._base + o * self._row + a * self._inner, (b - a) * self._inner
 
     def read_rows(self, first: int, out: np.ndarray) -> np.ndarray:
-        return self._reader.read_into(self._base + first * self._row, out)
+        return self._reader.read(self._base + first * self._row, out)
 
 
 class Stitched:
@@ -79,16 +81,18 @@ class Stitched:
             if x0 < x1:
                 info = self._infos[piece.rank]
                 at = info.offset + o * self._rank_rows[piece.rank] + (piece.at + x0 - piece.start) * self._inner
-                yield self._readers[piece.rank].fd, at, (x1 - x0) * self._inner
+                yield self._readers[piece.rank], at, (x1 - x0) * self._inner
 
     def read_rows(self, first: int, out: np.ndarray) -> np.ndarray:
         n, inner = out.shape[0], self._inner
         blocks = {}
         for r in sorted({p.rank for p in self._pieces}):
             buffer = self._buffers.get(f"source{r}", (n, self._rank_rows[r]))
-            blocks[r] = self._readers[r].read_into(self._infos[r].offset + first * self._rank_rows[r], buffer)
+            blocks[r] = self._readers[r].read(self._infos[r].offset + first * self._rank_rows[r], buffer)
+        start = clock()
         for p in self._pieces:
             out[:, p.start * inner : p.stop * inner] = blocks[p.rank][:, p.at * inner : (p.at + p.stop - p.start) * inner]
+        spent("gather", start, out.nbytes)
         return out
 
 
@@ -140,6 +144,11 @@ class CheckpointSource:
     def check_plan(self, cuts: Sequence[TensorCut]) -> None:
         """Any cut of a checkpoint can be read."""
 
+    workers = WORKERS
+
+    def in_read_order(self, cuts: Sequence[TensorCut]) -> list[TensorCut]:
+        return list(cuts)
+
     def finish(self) -> None:
         """Called once every byte has been read: nothing more to check."""
 
@@ -149,7 +158,7 @@ class SplitSource:
     """A split folder, read as the checkpoint it came from (whose identity its manifest records)."""
 
     folder: SplitFolder
-    _hashes: BackgroundHashes | None = field(default=None, init=False)
+    _readers: dict[Path, ByteReader] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.folder.require(purpose="a new split")
@@ -183,8 +192,7 @@ class SplitSource:
     def open(self, stack: ExitStack) -> TensorSource:
         folder = self.folder
         ranks = range(folder.tp)
-        self._hashes = stack.enter_context(BackgroundHashes(folder.paths(ranks)))
-        readers = {info.path: stack.enter_context(ByteReader(info.path)) for r in ranks for info in folder.rank_tensors(r).values()}
+        readers = self._readers = folder.readers(stack, ranks)
         old = {t.name: t for t in folder.manifest.tensors}
 
         def source(cut: TensorCut, buffers: Buffers) -> TensorBytes:
@@ -210,10 +218,17 @@ class SplitSource:
                     f"plan cuts dim {cut.dim}; split the original checkpoint instead"
                 )
 
+    @property
+    def workers(self) -> int:
+        """Rank files hashed as they are read are read by one thread, front to back."""
+        return WORKERS if self.folder.manifest.checksum == NONE else 1
+
+    def in_read_order(self, cuts: Sequence[TensorCut]) -> list[TensorCut]:
+        return self.folder.in_file_order(cuts)
+
     def finish(self) -> None:
         """Every rank file read must have been the one the manifest describes."""
-        if self._hashes is not None:
-            self.folder.require_digests(self._hashes.results())
+        self.folder.require_read(self._readers, range(self.folder.tp))
 
 
 Source = CheckpointSource | SplitSource

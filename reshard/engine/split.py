@@ -19,7 +19,7 @@ from reshard.engine.planning import make_plan
 from reshard.engine.sources import Source, TensorBytes, TensorSource
 from reshard.engine.staging import staged_output, staged_ranks
 from reshard.engine.workers import run_all, thread_buffers
-from reshard.formats.checksums import record
+from reshard.formats.checksums import DEFAULT_CHECKSUM, record
 from reshard.formats.export import Layout, OutTensor, build_layout, own_layout
 from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, copy_durably
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_file_name
@@ -28,6 +28,7 @@ from reshard.formats.safetensors import Entry
 from reshard.formats.writer import PartedWriter, Region, partition
 from reshard.model.config import ModelConfig
 from reshard.plan.cut import Plan, Span, TensorCut, rank_spans
+from reshard.timing import clock, spent
 
 
 def split(
@@ -45,6 +46,7 @@ def split(
     max_shard_size: int | None = None,
     ranks: Sequence[int] | None = None,
     format: str = "reshard",
+    checksum: str = DEFAULT_CHECKSUM,
 ) -> Path:
     """Split a checkpoint into per-rank safetensors files plus reshard.json.
 
@@ -63,6 +65,8 @@ def split(
         ranks: write only these ranks, into `out` beside any ranks already there (one node's share).
         format: "reshard" (each tensor under its own name) or "vllm" (vLLM's sharded_state layout: its fused
             names, vocabulary padding and buffers, loaded with `load_format="sharded_state"`).
+        checksum: what the manifest records of every file beside its size: "sha256", "xxh128" (XXH3-128, about
+            ten times faster to compute) or "none".
 
     Returns:
         The output folder.
@@ -76,7 +80,18 @@ def split(
     )
     out = Path(out) if out is not None else default_split_dir(source.root, tp)
     layout = build_layout(plan, model_config, format=format)
-    write_split(source, model_config, plan, out, layout=layout, force=force, progress=progress, max_shard_size=max_shard_size, ranks=ranks)
+    write_split(
+        source,
+        model_config,
+        plan,
+        out,
+        layout=layout,
+        force=force,
+        progress=progress,
+        max_shard_size=max_shard_size,
+        ranks=ranks,
+        checksum=checksum,
+    )
     return out
 
 
@@ -98,6 +113,7 @@ def write_split(
     progress: Progress | None = None,
     max_shard_size: int | None = None,
     ranks: Sequence[int] | None = None,
+    checksum: str = DEFAULT_CHECKSUM,
 ) -> Manifest:
     """Write the split in `layout` (reshard's own by default); with `ranks`, only those ranks, added to `out`
     beside any others already there."""
@@ -105,7 +121,7 @@ def write_split(
     layout = layout if layout is not None else own_layout(plan.tensors)
     groups = [partition(layout.rank_entries(plan.tensors, r), max_shard_size) for r in range(plan.tp)]
     shared = _shared_files(source, model_config, layout)
-    manifest = _manifest(source, model_config, plan, groups, layout, shared)
+    manifest = _manifest(source, model_config, plan, groups, layout, shared, checksum)
     chosen = sorted(set(range(plan.tp) if ranks is None else ranks))
     inputs = [*source.inputs, *shared.values()]
     staged: AbstractContextManager[Path] = (
@@ -132,7 +148,13 @@ def _shared_files(source: Source, model_config: ModelConfig, layout: Layout) -> 
 
 
 def _manifest(
-    source: Source, model_config: ModelConfig, plan: Plan, groups: list[list[list[Entry]]], layout: Layout, shared: dict[str, Path]
+    source: Source,
+    model_config: ModelConfig,
+    plan: Plan,
+    groups: list[list[list[Entry]]],
+    layout: Layout,
+    shared: dict[str, Path],
+    checksum: str,
 ) -> Manifest:
     manifest = Manifest.for_plan(
         plan,
@@ -141,8 +163,9 @@ def _manifest(
         metadata=source.metadata,
         config=model_config.raw,
         layout=layout,
+        checksum=checksum,
     )
-    return replace(manifest, files={name: record(path) for name, path in shared.items()})
+    return replace(manifest, files={name: record(path, checksum) for name, path in shared.items()})
 
 
 def _write_ranks(
@@ -159,15 +182,16 @@ def _write_ranks(
         writers: list[PartedWriter | None] = [None] * plan.tp
         for r in chosen:
             paths = [staging / f for f in manifest.rank_files[r]]
-            writers[r] = stack.enter_context(PartedWriter(paths, groups[r], rank_metadata(plan, r)))
+            writers[r] = stack.enter_context(PartedWriter(paths, groups[r], rank_metadata(plan, r), checksum=manifest.checksum))
         tensor_bytes = source.open(stack)
         places = [manifest.packing.placements(plan.tensors, r) for r in range(plan.tp)]
         constants = [out for out in manifest.packing.tensors if not out.pieces]
         run_all(
             [
-                *(_task(tensor_bytes, cut, _regions(cut, writers, places), progress) for cut in plan.tensors),
+                *(_task(tensor_bytes, cut, _regions(cut, writers, places), progress) for cut in source.in_read_order(plan.tensors)),
                 *(_constant(out, writers) for out in constants),
-            ]
+            ],
+            workers=source.workers,
         )
         source.finish()
         files = dict(manifest.files)
@@ -276,7 +300,7 @@ def _gather(block: np.ndarray, spans: tuple[Span, ...], length: int, inner: int,
     """A rank's columns of a block of rows, in its order, zeros for padding."""
     if spans == (Span(0, length, 0, False),):  # the whole row (tp 1, a merge): written as read
         return block.data
-    width = sum(s.length for s in spans) * inner
+    width, start = sum(s.length for s in spans) * inner, clock()
     piece = buffers.get("piece", (block.shape[0], width))
     for s in spans:
         target = piece[:, s.at * inner : (s.at + s.length) * inner]
@@ -284,6 +308,7 @@ def _gather(block: np.ndarray, spans: tuple[Span, ...], length: int, inner: int,
             target[...] = 0
         else:
             target[...] = block[:, s.start * inner : s.stop * inner]
+    spent("gather", start, piece.nbytes)
     return piece.data
 
 
@@ -301,8 +326,8 @@ def _split_runs(
                 if s.zeros:
                     target.write_zeros(s.length * inner)
                     continue
-                for fd, offset, n in source.runs(o, s.start, s.stop):
-                    target.copy_from(fd, offset, n)
+                for reader, offset, n in source.runs(o, s.start, s.stop):
+                    target.copy_from(reader, offset, n)
                 if progress and (s.start, s.stop) not in counted:
                     counted.add((s.start, s.stop))
                     progress(s.length * inner)

@@ -54,7 +54,7 @@ def verify(split_dir: Path, *, against: Path | None = None, progress: Progress |
     ranks = None if against is not None else manifest.ranks_present
     if ranks is not None:
         report.problems.extend(folder.unfinished(range(folder.tp)))
-    report.problems.extend(folder.check(ranks=ranks, purpose="verify --against", sha256=True, progress=progress))
+    report.problems.extend(folder.check(ranks=ranks, purpose="verify --against", checksums=True, progress=progress))
     names = folder.file_names(manifest.ranks_present)
     report.files, report.file_bytes = len(names), sum(manifest.files[n].bytes for n in names)
     report.files_ok = report.ok

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 from collections.abc import Callable
@@ -10,12 +11,22 @@ from pathlib import Path
 import numpy as np
 
 from reshard.errors import InputError
+from reshard.timing import clock, spent
 
 # The most bytes an engine reads or gathers in one go: memory stays near a few of these whatever the checkpoint.
 BLOCK_BYTES = 32 << 20
 
 # Called with the number of bytes just processed (from several threads: the callee locks if it must).
 Progress = Callable[[int], object]
+
+
+def scratch(n: int) -> np.ndarray:
+    """n bytes of memory for reads and writes, in ordinary pages: numpy asks for transparent huge pages for large
+    arrays, and the kernel copies out of huge pages into the page cache (a buffered write) ten times slower."""
+    memory = mmap.mmap(-1, max(n, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, dtype=np.uint8)[:n]
 
 
 class Buffers:
@@ -28,7 +39,7 @@ class Buffers:
         size = shape[0] * shape[1]
         array = self._arrays.get(name)
         if array is None or array.size < size:
-            array = self._arrays[name] = np.empty(size, dtype=np.uint8)
+            array = self._arrays[name] = scratch(size)
         return array[:size].reshape(shape)
 
 
@@ -46,7 +57,7 @@ class ByteReader:
     def read_into(self, offset: int, out: np.ndarray) -> np.ndarray:
         """Fill `out` (a uint8 array) from the file at `offset`; reusing `out` spares the page faults of a new buffer."""
         view = out.data.cast("B")
-        got = 0
+        got, start = 0, clock()
         while got < len(view):
             n = os.preadv(self._fd, [view[got:]], offset + got)
             if n == 0:
@@ -54,7 +65,15 @@ class ByteReader:
                     f"{self.path}: file ended at byte {offset + got}, expected {offset + len(view)}; it was truncated while being read"
                 )
             got += n
+        spent("read", start, got)
         return out
+
+    def read(self, offset: int, out: np.ndarray) -> np.ndarray:
+        """The bytes at `offset`, shaped like `out`: here read into `out` itself."""
+        return self.read_into(offset, out)
+
+    def copied(self, offset: int, n: int) -> None:
+        """n bytes at `offset` were copied out of the file inside the kernel (copy_file_range)."""
 
     def close(self) -> None:
         os.close(self._fd)

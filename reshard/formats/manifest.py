@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import InputError, ReshardError
-from reshard.formats.checksums import FileRecord
+from reshard.formats.checksums import CHECKSUMS, DEFAULT_CHECKSUM, NONE, FileRecord, is_digest
 from reshard.formats.export import Layout, layout_from_dict, own_layout
 from reshard.formats.io import write_durably
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_record_name
@@ -52,6 +52,7 @@ class Manifest:
     ranks_present: tuple[int, ...] = ()  # ranks whose record file is in the folder (all, unless extracted with --rank)
     rules: dict[str, Any] | None = None  # the --rules file's JSON, when one shaped the family
     layout: Layout | None = None  # how the rank files name and pack the tensors; None for reshard's own
+    checksum: str = DEFAULT_CHECKSUM  # what the file records hold beside each size: sha256, xxh128 or none
 
     @property
     def packing(self) -> Layout:
@@ -79,6 +80,7 @@ class Manifest:
             "tp": self.tp_config.num_devices,
             "device_ids": list(self.tp_config.device_ids),
             "family": self.family,
+            "checksum": self.checksum,
             **({"rules": self.rules} if self.rules is not None else {}),
             **({"layout": self.layout.to_dict()} if self.layout is not None and not self.layout.own else {}),
             "ranks": [{"rank": r, "device": self.tp_config.device(r), "files": list(files)} for r, files in enumerate(self.rank_files)],
@@ -92,7 +94,7 @@ class Manifest:
         }
 
     def record_file(self, name: str) -> str:
-        """Which manifest file records a file's size and sha256."""
+        """Which manifest file records a file's size and digest."""
         for rank, names in enumerate(self.rank_files):
             if name in names:
                 return rank_record_name(rank)
@@ -112,6 +114,7 @@ class Manifest:
         metadata: dict[str, str],
         config: dict[str, Any],
         layout: Layout | None = None,
+        checksum: str = DEFAULT_CHECKSUM,
     ) -> Manifest:
         return cls(
             tp_config=plan.tp_config,
@@ -123,6 +126,7 @@ class Manifest:
             source_config=config,
             rules=plan.rules,
             layout=layout if layout is not None and not layout.own else None,
+            checksum=checksum,
         )
 
 
@@ -179,17 +183,17 @@ def read_manifest(folder: Path) -> Manifest:
 
 
 def _with_rank_records(folder: Path, manifest: Manifest, digest: str) -> Manifest:
-    """The manifest with the size and sha256 of the files of every rank whose record is in the folder."""
+    """The manifest with the size and digest of the files of every rank whose record is in the folder."""
     files, present = dict(manifest.files), []
     for rank, names in enumerate(manifest.rank_files):
         path = folder / rank_record_name(rank)
         if os.path.lexists(path):
-            files |= _rank_record(path, rank, names, digest)
+            files |= _rank_record(path, rank, names, digest, manifest.checksum)
             present.append(rank)
     return replace(manifest, files=files, ranks_present=tuple(present))
 
 
-def _rank_record(path: Path, rank: int, names: tuple[str, ...], digest: str) -> dict[str, FileRecord]:
+def _rank_record(path: Path, rank: int, names: tuple[str, ...], digest: str, checksum: str) -> dict[str, FileRecord]:
     data = read_json(path, what="rank record", fix="split again")
     try:
         if not isinstance(data, dict):
@@ -200,7 +204,7 @@ def _rank_record(path: Path, rank: int, names: tuple[str, ...], digest: str) -> 
             raise InputError(f"{path}: belongs to another split (its manifest_sha256 is not this {MANIFEST_NAME}'s); split again")
         if list(data["files"]) != list(names):
             raise ValueError(f"lists {list(data['files'])}, {MANIFEST_NAME} lists {list(names)}")
-        return {name: FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
+        return {name: _file_record(r, checksum) for name, r in data["files"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"{path}: malformed rank record ({type(e).__name__}: {e}); split again") from e
 
@@ -224,7 +228,10 @@ def _parse(data: Any) -> Manifest:
         raise ValueError("rules must be the JSON object of a rules file")
     tensors = tuple(_parse_tensor(name, e, tp_config.tp) for name, e in data["tensors"].items())
     source = data["source"]
-    files = {_relative(name, "file"): FileRecord(_count(r["bytes"]), _hex(r["sha256"])) for name, r in data["files"].items()}
+    checksum = data.get("checksum", DEFAULT_CHECKSUM)  # absent from the manifests of earlier versions: sha256
+    if checksum not in CHECKSUMS:
+        raise ValueError(f"checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
+    files = {_relative(name, "file"): _file_record(r, checksum) for name, r in data["files"].items()}
     return Manifest(
         tp_config=tp_config,
         family=str(data["family"]),
@@ -238,6 +245,7 @@ def _parse(data: Any) -> Manifest:
         files=files,
         rules=rules,
         layout=layout_from_dict(data["layout"], tensors) if "layout" in data else None,
+        checksum=checksum,
     )
 
 
@@ -254,10 +262,14 @@ def _count(value: object) -> int:
     return value
 
 
-def _hex(value: object) -> str:
-    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise ValueError(f"{value!r} is not a sha256 in hex")
+def _hex(value: object, checksum: str = "sha256") -> str:
+    if not is_digest(value, checksum):
+        raise ValueError(f"{value!r} is not a {checksum} in hex")
     return value
+
+
+def _file_record(data: dict[str, Any], checksum: str) -> FileRecord:
+    return FileRecord(_count(data["bytes"]), checksum, "" if checksum == NONE else _hex(data[checksum], checksum))
 
 
 def _parse_tensor(name: str, e: dict[str, Any], tp: int) -> TensorCut:

@@ -1,26 +1,27 @@
 """The one reader of a folder written by `reshard split`. Merge, resplit, verify and load_rank all open a split
 folder through `SplitFolder` and nothing else, so every one of them checks the same things: the manifest parses,
 each rank asked for is there and finished, every file has its recorded size, each rank file's tensors have the
-manifest's dtypes and shapes, and, when asked, every file its recorded sha256."""
+manifest's dtypes and shapes, and, when asked, every file its recorded digest."""
 
 from __future__ import annotations
 
 import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from reshard.errors import InputError, shown
-from reshard.formats.checksums import BackgroundHashes
+from reshard.formats.checksums import NONE, BackgroundHashes, HashedReader, file_digest
 from reshard.formats.export import build_layout, engine_data
-from reshard.formats.io import Progress
+from reshard.formats.io import ByteReader, Progress
 from reshard.formats.layout import MANIFEST_NAME, rank_record_name
 from reshard.formats.manifest import Manifest, read_manifest
 from reshard.formats.safetensors import TensorInfo, read_header
 from reshard.model.config import ModelConfig
 from reshard.plan.build import first_difference, replan
-from reshard.plan.cut import Plan
+from reshard.plan.cut import Plan, TensorCut
 
 
 class SplitFolder:
@@ -35,18 +36,18 @@ class SplitFolder:
     def tp(self) -> int:
         return self.manifest.tp_config.tp
 
-    def require(self, *, ranks: Sequence[int] | None = None, purpose: str, sha256: bool = False) -> SplitFolder:
+    def require(self, *, ranks: Sequence[int] | None = None, purpose: str, checksums: bool = False) -> SplitFolder:
         """Check the ranks asked for (every rank by default) and raise InputError at the first problem."""
-        problem = next(self.check(ranks=ranks, purpose=purpose, sha256=sha256), None)
+        problem = next(self.check(ranks=ranks, purpose=purpose, checksums=checksums), None)
         if problem is not None:
             raise InputError(problem)
         return self
 
     def check(
-        self, *, ranks: Sequence[int] | None = None, purpose: str, sha256: bool = False, progress: Progress | None = None
+        self, *, ranks: Sequence[int] | None = None, purpose: str, checksums: bool = False, progress: Progress | None = None
     ) -> Iterator[str]:
         """Every problem with the ranks asked for, in order: unfinished ranks, absent ranks, file sizes, rank-file
-        headers against the manifest, and with `sha256` every file's digest."""
+        headers against the manifest, and with `checksums` every file's digest (unless none are recorded)."""
         chosen = list(range(self.tp)) if ranks is None else list(ranks)
         yield from self._cuts()
         yield from self.unfinished(chosen)
@@ -56,7 +57,7 @@ class SplitFolder:
         yield from self._sizes(self.file_names(present))
         for rank in present:
             yield from self._headers(rank)
-        if sha256:
+        if checksums:
             yield from self.digest_problems(self.hash_all(self.file_names(present), progress=progress))
 
     def file_names(self, ranks: Iterable[int]) -> list[str]:
@@ -74,21 +75,45 @@ class SplitFolder:
     def rank_tensors(self, rank: int) -> dict[str, TensorInfo]:
         return self._tensors[rank]
 
+    def readers(self, stack: ExitStack, ranks: Iterable[int]) -> dict[Path, ByteReader]:
+        """Readers of the checked ranks' files, open until `stack` closes. Unless the manifest records no checksum,
+        each file's digest comes from the very reads made of it, checked by `require_read` once they are done."""
+        paths = sorted({info.path for r in ranks for info in self.rank_tensors(r).values()})
+        checksum = self.manifest.checksum
+        return {p: stack.enter_context(ByteReader(p) if checksum == NONE else HashedReader(p, checksum)) for p in paths}
+
+    def in_file_order(self, cuts: Iterable[TensorCut]) -> list[TensorCut]:
+        """The cuts in the order their pieces lie in the rank files, which a reader that hashes as it reads wants."""
+        files = self.manifest.rank_files[0]
+        return sorted(cuts, key=lambda cut: (files.index(self.tensor(0, cut.name).path.name), self.tensor(0, cut.name).offset))
+
+    def require_read(self, readers: dict[Path, ByteReader], ranks: Iterable[int]) -> None:
+        """After an engine has read the ranks' files through `readers`: each file is the one the manifest
+        describes, by its recorded digest (the files no reader read, config.json among them, are hashed here)."""
+        checksum = self.manifest.checksum
+        if checksum == NONE:
+            return
+        digests = {path: r.hexdigest() for path, r in readers.items() if isinstance(r, HashedReader)}
+        digests |= {p: file_digest(p, checksum) or "" for p in self.paths(ranks) if p not in digests}
+        self.require_digests(digests)
+
     def hash_all(self, names: Sequence[str], *, progress: Progress | None = None) -> dict[Path, str]:
-        """The sha256 of the files named that have their recorded size (the others are told by the size check)."""
+        """The digests of the files named that have their recorded size (the others are told by the size check)."""
         paths = [self.path / n for n in names if self._sized(n)]
-        with BackgroundHashes(paths) as hashes:
+        if self.manifest.checksum == NONE:
+            return {}
+        with BackgroundHashes(paths, self.manifest.checksum) as hashes:
             digests = hashes.results()
         if progress is not None:
             progress(sum(p.stat().st_size for p in paths))
         return digests
 
     def digest_problems(self, digests: dict[Path, str]) -> Iterator[str]:
-        """The files whose sha256 is not the recorded one."""
+        """The files whose digest is not the recorded one."""
         for name, expected in self.manifest.files.items():
             path = self.path / name
-            if path in digests and digests[path] != expected.sha256:
-                yield f"{path}: sha256 differs from {self.manifest.record_file(name)}; the file is corrupt, split again"
+            if path in digests and digests[path] != expected.digest:
+                yield f"{path}: {expected.checksum} differs from {self.manifest.record_file(name)}; the file is corrupt, split again"
 
     def require_digests(self, digests: dict[Path, str]) -> None:
         problem = next(self.digest_problems(digests), None)

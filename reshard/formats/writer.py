@@ -16,10 +16,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from reshard.errors import InputError, OutputError
-from reshard.formats.checksums import FileRecord, FollowingHash
-from reshard.formats.io import BLOCK_BYTES
+import numpy as np
+
+from reshard.errors import OutputError
+from reshard.formats.checksums import NONE, FileRecord, FollowingHash
+from reshard.formats.io import BLOCK_BYTES, ByteReader, scratch
 from reshard.formats.safetensors import Entry, encode_header, entry_nbytes
+from reshard.timing import clock, spent
 
 # Writeback of written data starts every this many bytes, so the fsync at the end has little left to do.
 WRITEBACK_BYTES = 64 << 20
@@ -56,10 +59,10 @@ class SafetensorsWriter(_Output):
     """Writes a safetensors file whose header, and so every tensor's place, is known up front.
 
     Each tensor is written through its own Region, front to back; regions of different tensors may be written
-    at the same time from different threads.
+    at the same time from different threads. Unless `checksum` is none, the file's digest follows the writes.
     """
 
-    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str]) -> None:
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str], *, checksum: str) -> None:
         self.path = path
         header = encode_header(entries, metadata)
         self.expected = len(header) + sum(entry_nbytes(e) for e in entries)
@@ -69,8 +72,9 @@ class SafetensorsWriter(_Output):
             self._starts[entry[0]] = (position, entry_nbytes(entry))
             position += entry_nbytes(entry)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        self._hash = FollowingHash(self._fd)
-        self.record: FileRecord | None = None  # size and sha256, once closed
+        self._checksum = checksum
+        self._hash = FollowingHash(self._fd, checksum) if checksum != NONE else None
+        self.record: FileRecord | None = None  # size and digest, once closed
         self._lock = threading.Lock()
         self.written = 0
         self._unflushed: list[tuple[int, int]] = []  # written stretches whose writeback has not been started
@@ -85,7 +89,8 @@ class SafetensorsWriter(_Output):
         return Region(self, start + offset, whole - offset if size is None else size)
 
     def note_written(self, position: int, n: int) -> None:
-        self._hash.written(position, n)
+        if self._hash is not None:
+            self._hash.written(position, n)
         with self._lock:
             self.written += n
             self._unflushed.append((position, n))
@@ -105,23 +110,29 @@ class SafetensorsWriter(_Output):
             self._drain()
             if self.written != self.expected:
                 raise OutputError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
-            digest = self._hash.hexdigest(self.expected)
+            digest = self._hash.hexdigest(self.expected) if self._hash is not None else ""
+            start = clock()
             try:
                 os.fsync(self._fd)
             except OSError as e:
                 raise OSError(e.errno, e.strerror, str(self.path)) from e
-            self.record = FileRecord(self.expected, digest)
+            spent("fsync", start, 0)
+            self.record = FileRecord(self.expected, self._checksum, digest)
         finally:
-            self._hash.stop()
+            self._stop_hash()
             os.close(self._fd)
             self._fd = -1
 
     def abort(self) -> None:
         if self._fd >= 0:
-            self._hash.stop()
+            self._stop_hash()
             self._drain()
             os.close(self._fd)
             self._fd = -1
+
+    def _stop_hash(self) -> None:
+        if self._hash is not None:
+            self._hash.stop()
 
     def _drain(self) -> None:
         for future in self._pending:
@@ -147,16 +158,28 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 def _start_writeback(fd: int, stretches: list[tuple[int, int]]) -> None:
-    start = _sync_file_range()
+    begin, started = _sync_file_range(), clock()
     for position, n in stretches:
-        if start is not None:
-            start(fd, position, n, SYNC_FILE_RANGE_WRITE)
+        if begin is not None:
+            begin(fd, position, n, SYNC_FILE_RANGE_WRITE)
         elif hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, position, n, os.POSIX_FADV_DONTNEED)
+    spent("writeback", started, sum(n for _, n in stretches))
 
 
 # copy_file_range errors that mean "not here" (across filesystems, unsupported), not a failed write.
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM, errno.ETXTBSY}
+
+
+_local = threading.local()
+
+
+def _fallback_buffer() -> np.ndarray:
+    """This thread's memory for copies without copy_file_range."""
+    if not hasattr(_local, "buffer"):
+        _local.buffer = scratch(BLOCK_BYTES)
+    buffer: np.ndarray = _local.buffer
+    return buffer
 
 
 class Region:
@@ -169,23 +192,27 @@ class Region:
         view = memoryview(data).cast("B")
         self._check(len(view))
         while view:
+            start = clock()
             try:
                 n = os.pwrite(self._writer._fd, view, self._position)
             except OSError as e:
                 raise OSError(e.errno, e.strerror, str(self._writer.path)) from e
+            spent("write", start, n)
             self._writer.note_written(self._position, n)
             self._position += n
             view = view[n:]
 
-    def copy_from(self, src_fd: int, offset: int, n: int) -> None:
+    def copy_from(self, reader: ByteReader, offset: int, n: int) -> None:
         """n bytes of another file, copied inside the kernel where it can (as cp does)."""
         self._check(n)
         writer = self._writer
         while n > 0:
             copied = 0
             if writer._copy_file_range:
+                start = clock()
                 try:
-                    copied = os.copy_file_range(src_fd, writer._fd, min(n, 1 << 30), offset, self._position)
+                    copied = os.copy_file_range(reader.fd, writer._fd, min(n, 1 << 30), offset, self._position)
+                    spent("copy", start, copied)
                 except OSError as e:
                     if e.errno not in _NO_COPY_FILE_RANGE:
                         raise OSError(e.errno, e.strerror, str(writer.path)) from e
@@ -194,11 +221,10 @@ class Region:
                 writer.note_written(self._position, copied)
                 self._position += copied
             else:
-                data = os.pread(src_fd, min(n, BLOCK_BYTES), offset)
-                if not data:
-                    raise InputError(f"file ended {n} bytes early while copying into {writer.path}; it changed while being read")
-                self.write(data)
-                copied = len(data)
+                data = reader.read_into(offset, _fallback_buffer()[: min(n, BLOCK_BYTES)])
+                self.write(data.data)
+                copied = data.size
+            reader.copied(offset, copied)
             offset += copied
             n -= copied
 
@@ -230,11 +256,11 @@ def partition(entries: list[Entry], max_bytes: int | None) -> list[list[Entry]]:
 class PartedWriter(_Output):
     """One output cut into consecutive safetensors files, one group of tensors per file, all open at once."""
 
-    def __init__(self, paths: list[Path], groups: list[list[Entry]], metadata: dict[str, str]) -> None:
+    def __init__(self, paths: list[Path], groups: list[list[Entry]], metadata: dict[str, str], *, checksum: str) -> None:
         self._writers: list[SafetensorsWriter] = []
         try:
             for path, group in zip(paths, groups, strict=True):
-                self._writers.append(SafetensorsWriter(path, group, metadata))
+                self._writers.append(SafetensorsWriter(path, group, metadata, checksum=checksum))
         except BaseException:
             self.abort()
             raise
@@ -249,7 +275,7 @@ class PartedWriter(_Output):
             writer.close()
 
     def records(self) -> dict[str, FileRecord]:
-        """Each file's name, size and sha256, once closed."""
+        """Each file's name, size and digest, once closed."""
         return {w.path.name: w.record for w in self._writers if w.record is not None}
 
     def abort(self) -> None:

@@ -1,5 +1,5 @@
 """Loading one rank's weights for a tensor-parallel runtime: straight from its rank files onto its device, after
-the split folder's reader has checked them (sha256 included, unless asked not to)."""
+the split folder's reader has checked them (their checksums included, unless asked not to)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ if TYPE_CHECKING:
     import torch
 
 
-def load_rank(split_dir: Path, rank: int, *, device: str | None = None, check_sha256: bool = True) -> dict[str, torch.Tensor]:
+def load_rank(split_dir: Path, rank: int, *, device: str | None = None, check_checksums: bool = True) -> dict[str, torch.Tensor]:
     """One rank's tensors, by their source names, on the rank's device from the manifest (`cuda:N`) or on `device`.
 
     Args:
         split_dir: a folder written by `reshard split`.
         rank: which rank, 0 <= rank < tp.
         device: where to put the tensors instead of the manifest's device, e.g. "cpu" or "cuda:1".
-        check_sha256: check the rank's files against the sha256 in the manifest before loading them; False skips
-            it (sizes, dtypes and shapes are checked either way).
+        check_checksums: check the rank's files against the digests in the manifest (sha256 or xxh128, as the
+            split recorded) before loading them; False skips it, as does a split made with `--checksum none`
+            (sizes, dtypes and shapes are checked either way).
 
     Example:
         >>> weights = load_rank(Path("/tmp/tiny-tp2"), 1, device="cpu")
@@ -37,7 +38,7 @@ def load_rank(split_dir: Path, rank: int, *, device: str | None = None, check_sh
     if not 0 <= rank < folder.tp:
         raise UsageError(f"rank {rank} is outside this split's ranks 0..{folder.tp - 1}")
     place = _place(folder, rank, device)
-    folder.require(ranks=[rank], purpose=f"loading rank {rank}", sha256=check_sha256)
+    folder.require(ranks=[rank], purpose=f"loading rank {rank}", checksums=check_checksums)
     tensors: dict[str, torch.Tensor] = {}
     for name in folder.manifest.rank_files[rank]:
         with safe_open(str(folder.path / name), framework="pt", device=str(place)) as f:
