@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 from collections.abc import Callable
@@ -21,12 +20,8 @@ Progress = Callable[[int], object]
 
 
 def scratch(n: int) -> np.ndarray:
-    """n bytes of memory for reads and writes, in ordinary pages: numpy asks for transparent huge pages for large
-    arrays, and the kernel copies out of huge pages into the page cache (a buffered write) ten times slower."""
-    memory = mmap.mmap(-1, max(n, 1))
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        memory.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(memory, dtype=np.uint8)[:n]
+    """n bytes of memory to read into and write from."""
+    return np.empty(n, dtype=np.uint8)
 
 
 class Buffers:
