@@ -3,11 +3,16 @@
 Makes a synthetic Llama-shaped bf16 checkpoint of the given size (random bytes, config.json), then runs, in one
 run and alternating round by round: cp, cp followed by sync (the fair limit: reshard writes durably), reshard
 split --tp 4, reshard merge, the tp-4 split resplit to tp 2, `reshard split --rank 0` (one rank's file, as each
-node of a multi-node job extracts its own), and the usual alternative (safetensors load_file + torch.chunk +
-save_file per rank, see naive_split.py). Every command runs as its own process; its wall time and peak resident
-memory (ru_maxrss, what /usr/bin/time -v reports) are measured, and each is reported as its best round and as a
-ratio to cp + sync. `sync` and a short pause run between commands, untimed, so none pays for another's
-writeback. The source stays in the page cache throughout, as it does for a user who just downloaded it.
+node of a multi-node job extracts its own), split, merge and resplit again with `--checksum none` and split with
+`--checksum xxh128`, and the usual alternative (safetensors load_file + torch.chunk + save_file per rank, see
+naive_split.py). Every command runs as its own process; its wall time and peak resident memory (ru_maxrss, what
+/usr/bin/time -v reports) are measured, and each is reported as its best round and as a ratio to cp + sync.
+`sync` and a short pause run between commands, untimed, so none pays for another's writeback. The source stays in
+the page cache throughout, as it does for a user who just downloaded it.
+
+Then split, merge and resplit run once more with RESHARD_PROFILE set, and their profiles are printed: the seconds
+each kind of work took, summed over the threads that did it (more than the wall time when threads overlap), and
+the bytes it moved. Last, the speed of each checksum on one core of this machine.
 
     python benchmarks/bench.py --size 2GiB
     python benchmarks/bench.py --size 8GiB --rounds 3 --workdir /data/bench
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import hashlib
 import json
 import os
 import platform
@@ -88,7 +94,7 @@ SETTLE_S = 3.0
 TIME = shutil.which("time", path="/usr/bin:/bin")
 
 
-def run(command: list[str], scratch: Path) -> tuple[float, int]:
+def run(command: list[str], scratch: Path, *, env: dict[str, str] | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS in bytes of one command in its own process.
 
     Measured by /usr/bin/time: a child forked straight from this (large) process would report this process's
@@ -98,7 +104,7 @@ def run(command: list[str], scratch: Path) -> tuple[float, int]:
     if TIME:
         command = [TIME, "-f", "%e %M", "-o", str(report), *command]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -107,6 +113,47 @@ def run(command: list[str], scratch: Path) -> tuple[float, int]:
         _, rss_kib = report.read_text().split()[-2:]
         return elapsed, int(rss_kib) * 1024
     return elapsed, usage.ru_maxrss * 1024
+
+
+def hash_speeds() -> str:
+    """GB/s of each checksum on one core, hashing 256 MiB in 8 MiB pieces (blake3 too, when it is installed)."""
+    import xxhash
+
+    data = memoryview(os.urandom(256 << 20))
+    makers = {"sha256": hashlib.sha256, "xxh128": xxhash.xxh3_128}
+    try:
+        import blake3  # type: ignore[import-not-found]
+
+        makers["blake3"] = blake3.blake3
+    except ImportError:
+        pass
+    speeds = []
+    for name, make in makers.items():
+        best = float("inf")
+        for _ in range(3):
+            digest, start = make(), time.perf_counter()
+            for i in range(0, len(data), 8 << 20):
+                digest.update(data[i : i + (8 << 20)])
+            digest.hexdigest()
+            best = min(best, time.perf_counter() - start)
+        speeds.append(f"{name} {len(data) / best / 1e9:.2f} GB/s")
+    return ", ".join(speeds)
+
+
+def profile(name: str, command: list[str], work: Path, output: Path) -> list[str]:
+    """Run a command once with RESHARD_PROFILE and return its profile as table rows."""
+    shutil.rmtree(output, ignore_errors=True)
+    os.sync()
+    time.sleep(SETTLE_S)
+    report = work / "profile.json"
+    seconds, _ = run(command, work, env=os.environ | {"RESHARD_PROFILE": str(report)})
+    data = json.loads(report.read_text())
+    rows = [f"| {name} | wall | {seconds:.2f} | | |"]
+    for kind, value in data["kinds"].items():
+        gb = value["bytes"] / 1e9
+        rate = f"{gb / value['seconds']:.2f}" if value["seconds"] and gb else ""
+        rows.append(f"| | {kind} | {value['seconds']:.2f} | {gb:.2f} | {rate} |")
+    return rows
 
 
 def machine() -> str:
@@ -152,6 +199,14 @@ def main() -> None:
                 "resplit", [*reshard, "split", str(work / "split"), "--tp", str(args.tp // 2), "--out", str(work / "resplit"), "--quiet"]),
             f"reshard split --tp {args.tp} --rank 0": (
                 "rank0", [*reshard, "split", str(src), "--tp", str(args.tp), "--rank", "0", "--out", str(work / "rank0"), "--quiet"]),
+            f"reshard split --tp {args.tp} --checksum none": (
+                "split-none", [*reshard, "split", str(src), "--tp", str(args.tp), "--out", str(work / "split-none"), "--quiet", "--checksum", "none"]),
+            "reshard merge (of --checksum none)": (
+                "merged-none", [*reshard, "merge", str(work / "split-none"), "--out", str(work / "merged-none"), "--quiet"]),
+            f"reshard split (resplit {args.tp} -> {args.tp // 2}) --checksum none": (
+                "resplit-none", [*reshard, "split", str(work / "split-none"), "--tp", str(args.tp // 2), "--out", str(work / "resplit-none"), "--quiet", "--checksum", "none"]),
+            f"reshard split --tp {args.tp} --checksum xxh128": (
+                "split-xxh", [*reshard, "split", str(src), "--tp", str(args.tp), "--out", str(work / "split-xxh"), "--quiet", "--checksum", "xxh128"]),
             f"load_file + torch.chunk + save_file (tp {args.tp})": ("naive", [sys.executable, str(HERE / "naive_split.py"), str(src), str(work / "naive"), str(args.tp)]),
         }  # fmt: skip
         if args.baseline is not None:
@@ -180,7 +235,7 @@ def main() -> None:
                 print(f"round {round_ + 1}: {name}: {seconds:.2f} s, {rss / 2**20:.0f} MiB", file=sys.stderr)
                 if name.startswith(merge_name):
                     same &= filecmp.cmp(work / output / "model.safetensors", src / "model.safetensors", shallow=False)
-                if output not in ("split", "split-base"):  # merge and resplit read a split; the rest is removed at once
+                if output not in ("split", "split-base", "split-none"):  # merge and resplit read a split; the rest is removed at once
                     shutil.rmtree(work / output, ignore_errors=True)
         base = min(times["cp -r && sync"])
         print(f"Checkpoint: {size / 2**30:.2f} GiB bf16 (Llama-2-7B shapes), tp {args.tp}, {args.rounds} rounds, best round")
@@ -194,6 +249,13 @@ def main() -> None:
         for name in commands:
             best, median = min(times[name]), statistics.median(times[name])
             print(f"| {name} | {best:.2f} | {median:.2f} | {best / base:.2f}x | {peaks[name] / 2**20:.0f} MiB |")
+        rank0 = min(times[f"reshard split --tp {args.tp} --rank 0"]) / min(times[split_name])
+        print(f"\n--rank 0 takes {rank0:.2f}x the time of the full split.\n")
+        print("| command | work | seconds | GB | GB/s |")
+        print("|---|---|---:|---:|---:|")
+        for name in (split_name, merge_name, f"reshard split (resplit {args.tp} -> {args.tp // 2})"):
+            print("\n".join(profile(name, commands[name][1], work, work / commands[name][0])))
+        print(f"\nChecksum speed on one core: {hash_speeds()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

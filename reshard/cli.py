@@ -24,7 +24,7 @@ from reshard.engine.sources import Source
 from reshard.engine.split import default_split_dir, read_nbytes, write_split
 from reshard.engine.verify import Report, verify
 from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
-from reshard.formats.checksums import CHECKSUMS, DEFAULT_CHECKSUM
+from reshard.formats.checksums import CHECKSUMS, DEFAULT_CHECKSUM, NONE
 from reshard.formats.export import build_layout, engine_data
 from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
@@ -433,7 +433,8 @@ def verify_command(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check every file against the manifest's sha256 and, with --against, every tensor against the source."""
+    """Check every file against the sizes and checksums in the manifest and, with --against, every tensor against
+    the source."""
     report = _run(lambda: _verify(split_dir, against, quiet), writes=False)
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     console = _console()
@@ -444,9 +445,8 @@ def verify_command(
             if manifest.complete
             else f" (ranks {', '.join(map(str, manifest.ranks_present)) or 'none'} of 0..{manifest.tp_config.tp - 1})"
         )
-        console.print(
-            f"{report.files} files ({human_bytes(report.file_bytes)}) match the sizes and sha256 in {split_dir / MANIFEST_NAME}{held}"
-        )
+        what = "sizes (no checksums: split with --checksum none)" if manifest.checksum == NONE else f"sizes and {manifest.checksum}"
+        console.print(f"{report.files} files ({human_bytes(report.file_bytes)}) match the {what} in {split_dir / MANIFEST_NAME}{held}")
     if lead and against is not None and report.ok:
         console.print(f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}")
     # The products run even when --against found problems (they show where it matters), not on bad checksums.

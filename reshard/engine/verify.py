@@ -1,4 +1,4 @@
-"""`reshard verify`: prove that a split folder holds what its manifest says (sizes and sha256 of every file, each
+"""`reshard verify`: prove that a split folder holds what its manifest says (sizes and checksums of every file, each
 rank file's dtypes and shapes) and, given the source checkpoint, that every rank tensor is its slice of the
 source, bit for bit.
 
@@ -27,12 +27,12 @@ from reshard.plan.cut import TensorCut, rank_spans
 @dataclass
 class Report:
     manifest: Manifest
-    files: int = 0  # files whose size and sha256 were checked
+    files: int = 0  # files whose size and checksum were checked
     file_bytes: int = 0
     tensors: int = 0  # tensors compared with the source
     tensor_bytes: int = 0
     problems: list[str] = field(default_factory=list)
-    files_ok: bool = True  # every file has its recorded size and sha256, every rank file the manifest's tensors
+    files_ok: bool = True  # every file has its recorded size and checksum, every rank file the manifest's tensors
 
     @property
     def ok(self) -> bool:
