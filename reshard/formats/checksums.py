@@ -22,7 +22,10 @@ from reshard.errors import InputError, OutputError
 from reshard.formats.io import ByteReader, scratch
 from reshard.timing import clock, spent
 
+# A hash thread wakes for this many newly written bytes, and reads a file to hash it this many at a time (small,
+# since a split or merge has one such thread per file: 64 of them at tp 64).
 CHUNK_BYTES = 8 << 20
+READ_BYTES = 1 << 20
 
 
 class Digest(Protocol):
@@ -72,7 +75,7 @@ def _update(digest: Digest, view: memoryview) -> None:
 def file_digest(path: Path, checksum: str, *, stop: threading.Event | None = None) -> str | None:
     """The file's digest, read front to back in large chunks; None when `stop` is set before the end."""
     digest = new_digest(checksum)
-    view = scratch(CHUNK_BYTES).data
+    view = scratch(READ_BYTES).data
     fd = os.open(path, os.O_RDONLY)
     try:
         while True:
@@ -179,7 +182,7 @@ class FollowingHash:
         self._thread.join()
 
     def _run(self) -> None:
-        view = scratch(CHUNK_BYTES).data
+        view = scratch(READ_BYTES).data
         try:
             while True:
                 with self._cond:
@@ -277,7 +280,7 @@ class ReadHash:
 
     def _fill(self, upto: int) -> int:
         if self._scratch is None:
-            self._scratch = scratch(CHUNK_BYTES).data
+            self._scratch = scratch(READ_BYTES).data
         return _hash_range(self._fd, self._digest, self._hashed, upto, self._scratch)
 
 
