@@ -127,8 +127,8 @@ ChecksumOpt = Annotated[
     typer.Option(
         "--checksum",
         metavar="ALGO",
-        help="What reshard.json records of every file beside its size: sha256 (checked by `sha256sum -c`), xxh128 "
-        "(XXH3-128, checked by `xxh128sum -c`, about ten times faster) or none. merge, verify and load_rank check it.",
+        help="What reshard.json records of every file beside its size: sha256 (as `sha256sum` prints it), xxh128 "
+        "(XXH3-128, as `xxh128sum` prints it; many times faster) or none. merge, verify and load_rank check it.",
     ),
 ]
 FormatOpt = Annotated[

@@ -65,8 +65,8 @@ def split(
         ranks: write only these ranks, into `out` beside any ranks already there (one node's share).
         format: "reshard" (each tensor under its own name) or "vllm" (vLLM's sharded_state layout: its fused
             names, vocabulary padding and buffers, loaded with `load_format="sharded_state"`).
-        checksum: what the manifest records of every file beside its size: "sha256", "xxh128" (XXH3-128, about
-            ten times faster to compute) or "none".
+        checksum: what the manifest records of every file beside its size: "sha256", "xxh128" (XXH3-128, many
+            times faster to compute) or "none".
 
     Returns:
         The output folder.
