@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from reshard.cli import app
 
 # A Llama layout the reference cuts in these tests are written against, independently of the rules files:
 # (dim each rank's slice is taken along, or None when every rank gets the whole tensor).
@@ -130,3 +133,18 @@ def synthetic_llama(folder: Path, dtype: torch.dtype, seed: int = 0, **config_ov
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under a folder with its bytes, to prove inputs are left untouched."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    """The reshard command, run in this process, with every argument as text."""
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def split(model: Path, out: Path, tp: int, *flags: str) -> Path:
+    """`reshard split MODEL --tp TP --out OUT -q FLAGS`, which must succeed."""
+    result = invoke("split", model, "--tp", tp, "--out", out, "-q", *flags)
+    assert result.exit_code == 0, result.stderr
+    return out

@@ -15,32 +15,19 @@ import torch
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 import reshard
 from reshard import InputError
-from reshard.cli import app
 from reshard.formats.checksums import HashedReader, ReadHash
 
-from helpers import snapshot, synthetic_llama
+from helpers import invoke, snapshot, split, synthetic_llama
 
-runner = CliRunner()
 DIGESTS = {"sha256": lambda data: hashlib.sha256(data).hexdigest(), "xxh128": lambda data: xxhash.xxh3_128(data).hexdigest()}
 
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     return synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2, layers=2)
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def split(model: Path, out: Path, tp: int, *flags: str) -> Path:
-    result = invoke("split", model, "--tp", tp, "--out", out, "-q", *flags)
-    assert result.exit_code == 0, result.stderr
-    return out
 
 
 def records(folder: Path) -> dict[str, dict]:

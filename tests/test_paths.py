@@ -13,33 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
 
 import reshard
 from reshard import InputError, UsageError
-from reshard.cli import _run, app
+from reshard.cli import _run
 from reshard.engine import staging as staging_module
 from reshard.formats import writer
 from reshard.model.config import parse_size
 
-from helpers import snapshot, synthetic_llama
-
-runner = CliRunner()
+from helpers import invoke, snapshot, split, synthetic_llama
 
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     return synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2, layers=2)
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def split(model: Path, out: Path, tp: int, *flags: str) -> Path:
-    result = invoke("split", model, "--tp", tp, "--out", out, "-q", *flags)
-    assert result.exit_code == 0, result.stderr
-    return out
 
 
 def no_copy_file_range(monkeypatch: pytest.MonkeyPatch) -> list[int]:

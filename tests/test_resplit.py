@@ -10,15 +10,9 @@ from typer.testing import CliRunner
 
 from reshard.cli import app
 
-from helpers import snapshot, synthetic_llama
+from helpers import snapshot, split, synthetic_llama
 
 runner = CliRunner()
-
-
-def split(source: Path, out: Path, tp: int, *flags: str) -> Path:
-    result = runner.invoke(app, ["split", str(source), "--tp", str(tp), "--out", str(out), "-q", *flags])
-    assert result.exit_code == 0, result.stderr
-    return out
 
 
 @pytest.mark.parametrize(
