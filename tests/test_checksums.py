@@ -203,3 +203,14 @@ def test_a_hashed_reader_keeps_each_read_until_it_is_hashed(tmp_path: Path) -> N
         assert all(block.shape == (2, 1 << 19) for block in blocks)
         assert b"".join(bytes(block) for block in blocks) == data  # the three reads did not overwrite each other
         assert reader.hexdigest() == xxhash.xxh3_128(data).hexdigest()
+
+
+def test_a_rank_file_cut_short_while_it_is_hashed_is_named(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    path = tmp_path / "model-rank-0-part-0.safetensors"
+    path.write_bytes(data)
+    with HashedReader(path, "sha256") as reader:
+        reader.read(0, np.empty(1 << 20, dtype=np.uint8))
+        os.truncate(path, 2 << 20)  # the rest, hashed at the end, is no longer there
+        with pytest.raises(InputError, match=f"^{path}: file ended at byte {2 << 20} while hashing it; the file changed while being read"):
+            reader.hexdigest()

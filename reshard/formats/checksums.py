@@ -316,7 +316,10 @@ class HashedReader(ByteReader):
 
     def hexdigest(self) -> str:
         """The digest of the whole file, once the engine is done reading it."""
-        return self._hash.hexdigest(self._size)
+        try:
+            return self._hash.hexdigest(self._size)
+        except OSError as e:
+            raise InputError(f"{self.path}: {e.strerror or e}; the file changed while being read, split again") from e
 
     def close(self) -> None:
         self._hash.stop()
