@@ -214,3 +214,21 @@ def test_a_rank_file_cut_short_while_it_is_hashed_is_named(tmp_path: Path) -> No
         os.truncate(path, 2 << 20)  # the rest, hashed at the end, is no longer there
         with pytest.raises(InputError, match=f"^{path}: file ended at byte {2 << 20} while hashing it; the file changed while being read"):
             reader.hexdigest()
+
+
+def test_a_manifest_without_a_checksum_field_means_sha256(model: Path, tmp_path: Path) -> None:
+    """Manifests written before --checksum existed have no "checksum": their records are sha256, and are checked."""
+    out = split(model, tmp_path / "out", 2)
+    manifest = json.loads((out / "reshard.json").read_text())
+    del manifest["checksum"]
+    text = json.dumps(manifest, indent=1)
+    (out / "reshard.json").write_text(text)
+    for record_path in out.glob("reshard-rank-*.json"):
+        record = json.loads(record_path.read_text())
+        record["manifest_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        record_path.write_text(json.dumps(record))
+    result = invoke("verify", out)
+    assert result.exit_code == 0 and "match the sizes and sha256 in " in result.stdout
+    corrupt(out / "model-rank-0-part-0.safetensors")
+    result = invoke("merge", out, "--out", tmp_path / "merged", "-q")
+    assert result.exit_code == 1 and "sha256 differs from reshard-rank-0.json" in result.stderr
