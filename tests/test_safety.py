@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from reshard.cli import app
 
-from helpers import snapshot, synthetic_llama
+from helpers import forge, snapshot, synthetic_llama
 
 runner = CliRunner()
 FAULTS = Path(__file__).parent / "faults"
@@ -196,21 +196,6 @@ def test_outputs_are_no_more_readable_than_the_inputs(model: Path, tmp_path: Pat
         merged = invoke("merge", out, "--out", tmp_path / "merged", "-q")
         assert merged.exit_code == 0
         assert modes(tmp_path / "merged") == {"merged": 0o700, "model.safetensors": 0o600, "config.json": 0o600}
-
-
-def forge(folder: Path, change) -> None:
-    """Edit a split folder's manifest and re-bind every rank record to it, as a careful forger would: only the
-    checks of content, not of bookkeeping, can then refuse it."""
-    import hashlib
-
-    manifest = json.loads((folder / "reshard.json").read_text())
-    change(manifest)
-    text = json.dumps(manifest, indent=1)
-    (folder / "reshard.json").write_text(text)
-    for record_path in folder.glob("reshard-rank-*.json"):
-        record = json.loads(record_path.read_text())
-        record["manifest_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-        record_path.write_text(json.dumps(record))
 
 
 Q = "model.layers.0.self_attn.q_proj.weight"
