@@ -13,9 +13,9 @@ from pathlib import Path
 from reshard.engine.sources import Contiguous, Stitched, TensorBytes
 from reshard.engine.split import split_tensor
 from reshard.engine.staging import staged_output
-from reshard.engine.workers import WORKERS, run_all, thread_buffers
+from reshard.engine.workers import WORKERS, run_all
 from reshard.formats.checksums import NONE
-from reshard.formats.io import Buffers, ByteReader, Progress, copy_durably, write_durably
+from reshard.formats.io import Buffers, ByteReader, Progress, copy_durably, thread_buffers, write_durably
 from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, merged_file_names
 from reshard.formats.safetensors import Entry, TensorInfo, entry_nbytes
 from reshard.formats.split_folder import SplitFolder
@@ -71,8 +71,7 @@ def write_merge(
     manifest, ranks = folder.manifest, range(folder.tp)
     groups = partition([(t.name, t.dtype, t.shape) for t in manifest.tensors], max_shard_size)
     names = merged_file_names(len(groups))
-    rank_paths = sorted({info.path for r in ranks for info in folder.rank_tensors(r).values()})
-    with staged_output(out, [folder.path, *rank_paths], force=force) as staging, ExitStack() as stack:
+    with staged_output(out, [folder.path, *folder.paths(ranks)], force=force) as staging, ExitStack() as stack:
         readers = folder.readers(stack, ranks)
         writer = stack.enter_context(PartedWriter([staging / n for n in names], groups, manifest.source_metadata, checksum=NONE))
 
@@ -81,9 +80,8 @@ def write_merge(
             target, rank_readers = writer.region(cut.name), [readers[i.path] for i in infos]
             return lambda: merge_tensor(cut, rank_readers, infos, target, progress=progress, buffers=thread_buffers())
 
-        # Writers to one file queue on its inode lock, so more threads than files only add contention; rank files
-        # that are hashed as they are read are read by one thread, front to back.
-        workers = min(WORKERS, len(names)) if manifest.checksum == NONE else 1
+        # Writers to one file queue on its inode lock, so more threads than files only add contention.
+        workers = folder.reader_threads(min(WORKERS, len(names)))
         run_all((task(cut) for cut in folder.in_file_order(manifest.tensors)), workers=workers)
         writer.close()
         folder.require_read(readers, ranks)

@@ -18,7 +18,7 @@ import numpy as np
 from reshard.engine.workers import WORKERS
 from reshard.errors import InputError
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
-from reshard.formats.checksums import NONE, sampled_sha256
+from reshard.formats.checksums import sampled_sha256
 from reshard.formats.io import Buffers, ByteReader
 from reshard.formats.layout import CONFIG_NAME, ENGINE_FILES, MANIFEST_NAME
 from reshard.formats.manifest import SourceFile
@@ -220,8 +220,7 @@ class SplitSource:
 
     @property
     def workers(self) -> int:
-        """Rank files hashed as they are read are read by one thread, front to back."""
-        return WORKERS if self.folder.manifest.checksum == NONE else 1
+        return self.folder.reader_threads(WORKERS)
 
     def in_read_order(self, cuts: Sequence[TensorCut]) -> list[TensorCut]:
         return self.folder.in_file_order(cuts)

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from reshard.formats.io import Buffers
-
 WORKERS = max(1, min(4, os.cpu_count() or 1))
-
-_local = threading.local()
-
-
-def thread_buffers() -> Buffers:
-    """This thread's scratch buffers: each worker reuses its own."""
-    if not hasattr(_local, "buffers"):
-        _local.buffers = Buffers()
-    buffers: Buffers = _local.buffers
-    return buffers
 
 
 def run_all(tasks: Iterable[Callable[[], None]], *, workers: int = WORKERS) -> None:

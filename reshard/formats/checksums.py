@@ -19,7 +19,7 @@ import numpy as np
 import xxhash
 
 from reshard.errors import InputError, OutputError
-from reshard.formats.io import ByteReader, scratch
+from reshard.formats.io import ByteReader
 from reshard.timing import clock, spent
 
 # A hash thread wakes for this many newly written bytes, and reads a file to hash it this many at a time (small,
@@ -75,7 +75,7 @@ def _update(digest: Digest, view: memoryview) -> None:
 def file_digest(path: Path, checksum: str, *, stop: threading.Event | None = None) -> str | None:
     """The file's digest, read front to back in large chunks; None when `stop` is set before the end."""
     digest = new_digest(checksum)
-    view = scratch(READ_BYTES).data
+    view = memoryview(bytearray(READ_BYTES))
     fd = os.open(path, os.O_RDONLY)
     try:
         while True:
@@ -109,8 +109,8 @@ def sampled_sha256(path: Path, *, start: int = 0) -> str:
 
 def record(path: Path, checksum: str) -> FileRecord:
     """The size and digest of a whole file."""
-    size = path.stat().st_size
-    return FileRecord(size, checksum, file_digest(path, checksum) or "" if checksum != NONE else "")
+    digest = "" if checksum == NONE else file_digest(path, checksum) or ""
+    return FileRecord(path.stat().st_size, checksum, digest)
 
 
 class BackgroundHashes:
@@ -182,7 +182,7 @@ class FollowingHash:
         self._thread.join()
 
     def _run(self) -> None:
-        view = scratch(READ_BYTES).data
+        view = memoryview(bytearray(READ_BYTES))
         try:
             while True:
                 with self._cond:
@@ -197,7 +197,8 @@ class FollowingHash:
 
 
 def _hash_range(fd: int, digest: Digest, start: int, end: int, view: memoryview) -> int:
-    """Read [start, end) of the file into `view` chunk by chunk and hash it; returns `end`."""
+    """Read [start, end) of the file into `view` chunk by chunk and hash it; returns where hashing stopped: `end`,
+    or `start` when `end` is not past it."""
     while start < end:
         began = clock()
         n = os.preadv(fd, [view[: min(len(view), end - start)]], start)
@@ -269,7 +270,7 @@ class ReadHash:
 
     def _take(self, offset: int, n: int, view: memoryview | None) -> None:
         if view is None:
-            self._hashed = max(self._hashed, self._fill(offset + n))
+            self._hashed = self._fill(offset + n)
             return
         if offset > self._hashed:
             self._hashed = self._fill(offset)
@@ -280,7 +281,7 @@ class ReadHash:
 
     def _fill(self, upto: int) -> int:
         if self._scratch is None:
-            self._scratch = scratch(READ_BYTES).data
+            self._scratch = memoryview(bytearray(READ_BYTES))
         return _hash_range(self._fd, self._digest, self._hashed, upto, self._scratch)
 
 
@@ -296,7 +297,7 @@ class HashedReader(ByteReader):
         super().__init__(path)
         self._size = os.fstat(self.fd).st_size
         self._hash = ReadHash(self.fd, checksum)
-        self._slots = [scratch(0) for _ in range(self.SLOTS)]
+        self._slots = [np.empty(0, dtype=np.uint8) for _ in range(self.SLOTS)]
         self._pending: list[threading.Event | None] = [None] * self.SLOTS
         self._next = 0
 
@@ -306,7 +307,7 @@ class HashedReader(ByteReader):
         if pending is not None:
             pending.wait()
         if self._slots[i].size < out.size:
-            self._slots[i] = scratch(out.size)
+            self._slots[i] = np.empty(out.size, dtype=np.uint8)
         view = self.read_into(offset, self._slots[i][: out.size])
         self._pending[i] = self._hash.submit(offset, view.data)
         return view.reshape(out.shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,11 +20,6 @@ BLOCK_BYTES = 32 << 20
 Progress = Callable[[int], object]
 
 
-def scratch(n: int) -> np.ndarray:
-    """n bytes of memory to read into and write from."""
-    return np.empty(n, dtype=np.uint8)
-
-
 class Buffers:
     """Scratch uint8 arrays kept between blocks, so the engines allocate (and fault in) their memory once."""
 
@@ -34,8 +30,19 @@ class Buffers:
         size = shape[0] * shape[1]
         array = self._arrays.get(name)
         if array is None or array.size < size:
-            array = self._arrays[name] = scratch(size)
+            array = self._arrays[name] = np.empty(size, dtype=np.uint8)
         return array[:size].reshape(shape)
+
+
+_local = threading.local()
+
+
+def thread_buffers() -> Buffers:
+    """This thread's scratch buffers: each worker reuses its own."""
+    if not hasattr(_local, "buffers"):
+        _local.buffers = Buffers()
+    buffers: Buffers = _local.buffers
+    return buffers
 
 
 class ByteReader:

@@ -78,9 +78,14 @@ class SplitFolder:
     def readers(self, stack: ExitStack, ranks: Iterable[int]) -> dict[Path, ByteReader]:
         """Readers of the checked ranks' files, open until `stack` closes. Unless the manifest records no checksum,
         each file's digest comes from the very reads made of it, checked by `require_read` once they are done."""
-        paths = sorted({info.path for r in ranks for info in self.rank_tensors(r).values()})
         checksum = self.manifest.checksum
+        paths = [self.path / name for r in ranks for name in self.manifest.rank_files[r]]
         return {p: stack.enter_context(ByteReader(p) if checksum == NONE else HashedReader(p, checksum)) for p in paths}
+
+    def reader_threads(self, most: int) -> int:
+        """How many threads may read through `readers`: one when they hash what they read (a file's digest
+        follows its reads in order), else `most`."""
+        return most if self.manifest.checksum == NONE else 1
 
     def in_file_order(self, cuts: Iterable[TensorCut]) -> list[TensorCut]:
         """The cuts in the order their pieces lie in the rank files, which a reader that hashes as it reads wants."""
@@ -100,10 +105,10 @@ class SplitFolder:
     def hash_all(self, names: Sequence[str], *, progress: Progress | None = None) -> dict[Path, str]:
         """The digests of the files named that have their recorded size (the others are told by the size check)."""
         paths = [self.path / n for n in names if self._sized(n)]
-        if self.manifest.checksum == NONE:
-            return {}
-        with BackgroundHashes(paths, self.manifest.checksum) as hashes:
-            digests = hashes.results()
+        digests: dict[Path, str] = {}
+        if self.manifest.checksum != NONE:
+            with BackgroundHashes(paths, self.manifest.checksum) as hashes:
+                digests = hashes.results()
         if progress is not None:
             progress(sum(p.stat().st_size for p in paths))
         return digests

@@ -16,11 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-import numpy as np
-
 from reshard.errors import OutputError
 from reshard.formats.checksums import NONE, FileRecord, FollowingHash
-from reshard.formats.io import BLOCK_BYTES, ByteReader, scratch
+from reshard.formats.io import BLOCK_BYTES, ByteReader, thread_buffers
 from reshard.formats.safetensors import Entry, encode_header, entry_nbytes
 from reshard.timing import clock, spent
 
@@ -176,17 +174,6 @@ WRITE_BYTES = 256 << 10
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM, errno.ETXTBSY}
 
 
-_local = threading.local()
-
-
-def _fallback_buffer() -> np.ndarray:
-    """This thread's memory for copies without copy_file_range."""
-    if not hasattr(_local, "buffer"):
-        _local.buffer = scratch(BLOCK_BYTES)
-    buffer: np.ndarray = _local.buffer
-    return buffer
-
-
 class Region:
     """One tensor's bytes in an output file, written front to back by one thread."""
 
@@ -226,7 +213,7 @@ class Region:
                 writer.note_written(self._position, copied)
                 self._position += copied
             else:
-                data = reader.read_into(offset, _fallback_buffer()[: min(n, BLOCK_BYTES)])
+                data = reader.read_into(offset, thread_buffers().get("copy", (1, min(n, BLOCK_BYTES))))
                 self.write(data.data)
                 copied = data.size
             reader.copied(offset, copied)
