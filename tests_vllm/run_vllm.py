@@ -1,6 +1,8 @@
 """Start a real vLLM (CPU build) on a model folder and write its greedy tokens and prompt logprobs as JSON.
 
-    python tests_vllm/run_vllm.py MODEL TP LOAD_FORMAT OUT.json
+    python tests_vllm/run_vllm.py MODEL TP LOAD_FORMAT OUT.json [--load-only]
+
+With --load-only it stops once the weights are loaded (for models vLLM's CPU build loads but cannot run).
 
 Run in its own process: vLLM starts worker processes and keeps global state.
 """
@@ -18,17 +20,26 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     model, tp, load_format, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    llm = LLM(
-        model=model,
-        tensor_parallel_size=tp,
-        load_format=load_format,
-        dtype="float32",
-        enforce_eager=True,
-        skip_tokenizer_init=True,
-        max_model_len=64,
-        seed=0,
-        distributed_executor_backend="mp" if tp > 1 else None,
-    )
+    load_only = "--load-only" in sys.argv[5:]
+    try:
+        llm = LLM(
+            model=model,
+            tensor_parallel_size=tp,
+            load_format=load_format,
+            dtype="float32",
+            enforce_eager=True,
+            skip_tokenizer_init=True,
+            max_model_len=64,
+            seed=0,
+            distributed_executor_backend="mp" if tp > 1 else None,
+        )
+    except Exception as e:
+        if not load_only:
+            raise
+        print(f"vLLM stopped after loading the weights: {e!r}")  # the capture plugin has written them
+        return
+    if load_only:
+        return
     params = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0, detokenize=False)
     results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params)
     found = []

@@ -40,12 +40,18 @@ class OutTensor:
     shape: tuple[int, ...] = ()  # a constant's shape
     value: float = 0.0  # a constant's value
     stack: int = 0  # when above 0: the pieces are this many equal groups stacked along a new leading dim (experts)
+    flat: bool = False  # scalar pieces held as one vector of them (a fused layer's per-tensor scales)
 
     def to_dict(self) -> dict[str, Any]:
-        if self.pieces == (self.name,):
+        if self.pieces == (self.name,) and not self.flat:
             return {"name": self.name}
         if self.pieces:
-            return {"name": self.name, "from": list(self.pieces), **({"stack": self.stack} if self.stack else {})}
+            return {
+                "name": self.name,
+                "from": list(self.pieces),
+                **({"stack": self.stack} if self.stack else {}),
+                **({"flat": True} if self.flat else {}),
+            }
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "value": self.value}
 
     def constant_bytes(self) -> bytes:
@@ -92,6 +98,8 @@ def rank_shape(out: OutTensor, cuts: dict[str, TensorCut], rank: int) -> tuple[i
     if not out.pieces:
         return out.shape
     shapes = [cuts[p].rank_shape(rank) for p in out.pieces]
+    if out.flat:
+        return (len(shapes),)
     if len(shapes) == 1 and not out.stack:
         return shapes[0]
     length = sum(s[0] for s in shapes)
@@ -114,42 +122,79 @@ def vocab_multiple(format: str) -> int | None:
     return multiple
 
 
+def engine_layouts(format: str) -> dict[str, dict[str, Any]]:
+    """The engine's layouts, each with its parts folded in: `fuse`, `stack` and `constants` lists and a `tied` map."""
+    data = engine_data(format)
+    found: dict[str, dict[str, Any]] = {}
+    for name, spec in data["layouts"].items():
+        parts = [data["parts"][p] for p in spec.get("use", [])] + [spec]
+        found[name] = {
+            "family": spec["family"],
+            "model_types": list(spec["model_types"]),
+            "fuse": [rule for part in parts for rule in part.get("fuse", [])],
+            "stack": [rule for part in parts for rule in part.get("stack", [])],
+            "constants": [c for part in parts for c in part.get("constants", [])],
+            "tied": {k: v for part in parts for k, v in part.get("tied", {}).items()},
+        }
+    return found
+
+
+def model_types_with_layout(format: str) -> list[str]:
+    return sorted(t for spec in engine_layouts(format).values() for t in spec["model_types"])
+
+
 def build_layout(plan: Plan, config: ModelConfig, *, format: str) -> Layout:
-    """The layout of `format` for this plan; an engine layout refuses a family it does not describe."""
+    """The layout of `format` for this plan; an engine layout refuses a model type it was not proven with and a
+    quantization it does not describe."""
     if format == "reshard":
         return own_layout(plan.tensors)
     data = engine_data(format)
-    spec = data["families"].get(plan.family)
-    if spec is not None and "same_as" in spec:
-        spec = data["families"][spec["same_as"]]
+    layouts = engine_layouts(format)
+    spec = next((s for s in layouts.values() if s["family"] == plan.family and config.model_type in s["model_types"]), None)
     if spec is None:
-        known = ", ".join(sorted(data["families"]))
+        what = f"model_type {config.model_type or 'none'!r} ({plan.family} family)"
         raise InputError(
-            f"--format {format}: the {plan.family} family has no {format} {data['version']} layout in reshard; families with one: "
-            f"{known} (split with the default format instead)"
+            f"--format {format}: {what} has no {format} {data['version']} layout in reshard; model types with one: "
+            f"{', '.join(model_types_with_layout(format))} (split with the default format instead)"
         )
-    proven = data["families"][plan.family].get("model_types", [])
-    if config.model_type not in proven:
-        raise InputError(
-            f"--format {format}: model_type {config.model_type or 'none'!r} ({plan.family} family) has no {format} {data['version']} "
-            f"layout in reshard; model types with one: {', '.join(sorted(t for f in data['families'].values() for t in f.get('model_types', [])))} "
-            "(split with the default format instead)"
-        )
-    scaled = next((t.name for t in plan.tensors if t.name.endswith(SCALE_SUFFIXES)), None)
-    if scaled is not None:
-        raise InputError(
-            f"--format {format}: tensor {shown(scaled)} is a quantization scale, and reshard has no {format} layout for "
-            "quantized checkpoints; split with the default format instead"
-        )
-    tensors = _engine_tensors(plan, config, spec)
+    _check_quantization(plan, config, format)
+    tensors = _engine_tensors(plan, config, spec, tuple(data["linear_parameters"]))
     return Layout(format, str(data["version"]), tensors, data["vocab_multiple"])
 
 
-def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any]) -> tuple[OutTensor, ...]:
+def _check_quantization(plan: Plan, config: ModelConfig, format: str) -> None:
+    """A quantized checkpoint is written only in the quantization formats the engine layout describes."""
+    data = engine_data(format)
+    quant = config.raw.get("quantization_config")
+    scaled = next((t.name for t in plan.tensors if t.name.endswith(SCALE_SUFFIXES)), None)
+    if not isinstance(quant, dict):
+        if scaled is not None:
+            raise InputError(
+                f"--format {format}: tensor {shown(scaled)} is a quantization scale, but config.json has no quantization_config; "
+                "add the one the checkpoint was made with, or split with the default format"
+            )
+        return
+    method = str(quant.get("quant_method", "unknown"))
+    known = data["quantization"].get(method)
+    if known is None:
+        raise InputError(
+            f"--format {format}: quantization {method!r} (config.json quantization_config) has no {format} {data['version']} layout "
+            f"in reshard; quantizations with one: {', '.join(sorted(data['quantization']))} (split with the default format instead)"
+        )
+    given = quant.get("format")
+    if "formats" in known and given not in known["formats"]:
+        raise InputError(
+            f"--format {format}: {method} format {given!r} has no {format} {data['version']} layout in reshard; formats with one: "
+            f"{', '.join(known['formats'])} (split with the default format instead)"
+        )
+
+
+def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linear: tuple[str, ...]) -> tuple[OutTensor, ...]:
     names = [t.name for t in plan.tensors]
     dtypes = {t.name: t.dtype for t in plan.tensors}
-    fused = _fusions(names, spec.get("fuse", [])) | _stacks(names, spec.get("stack", []))
-    renamed = dict(spec.get("tied", {})) if config.raw.get("tie_word_embeddings") else {}
+    shapes = {t.name: t.shape for t in plan.tensors}
+    fused = _fusions(names, _with_linear_parameters(spec["fuse"], linear)) | _stacks(names, _with_linear_parameters(spec["stack"], linear))
+    renamed = dict(spec["tied"]) if config.raw.get("tie_word_embeddings") else {}
     out: list[OutTensor] = []
     done: set[str] = set()
     for name in names:
@@ -160,11 +205,24 @@ def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any]) -> tu
             raise InputError(f"tensor {pieces[0]}: {into} packs tensors of different dtypes; convert the checkpoint to one dtype")
         if into in names and into not in pieces:
             raise InputError(f"tensor {name}: its layout name {into} is another tensor of the checkpoint; split with the default format")
-        out.append(OutTensor(into, dtypes[name], pieces, stack=stack))
+        # A linear layer's per-tensor scales (one value each) are held as a vector of one value per fused part.
+        flat = into.endswith(tuple(f".{p}" for p in linear)) and all(len(shapes[p]) == 0 for p in pieces) and not stack
+        out.append(OutTensor(into, dtypes[name], pieces, stack=stack, flat=flat))
         done |= set(pieces)
-    for constant in spec.get("constants", []):
+    for constant in spec["constants"]:
         out += _constants(names, constant)
     return tuple(out)
+
+
+def _with_linear_parameters(rules: list[dict[str, Any]], linear: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each rule packing `.weight` tensors, and the same rule for each quantization parameter of those layers."""
+    found = list(rules)
+    for rule in rules:
+        if rule["into"].endswith(".weight") and all(p.endswith(".weight") for p in rule["from"]):
+            for suffix in linear:
+                swap = lambda n: n[: -len("weight")] + suffix  # noqa: E731
+                found.append({"into": swap(rule["into"]), "from": [swap(p) for p in rule["from"]]})
+    return found
 
 
 Packing = dict[str, tuple[str, tuple[str, ...], int]]  # source tensor -> (output name, its pieces, stacked groups)
@@ -253,7 +311,7 @@ def layout_from_dict(data: Any, tensors: Sequence[TensorCut]) -> Layout:
             out.append(OutTensor(name, str(entry["dtype"]), (), tuple(int(d) for d in entry["shape"]), float(entry["value"])))
         else:
             pieces = tuple(str(p) for p in entry.get("from", [name]))
-            out.append(OutTensor(name, dtypes[pieces[0]], pieces, stack=int(entry.get("stack", 0))))
+            out.append(OutTensor(name, dtypes[pieces[0]], pieces, stack=int(entry.get("stack", 0)), flat=bool(entry.get("flat", False))))
     held = [p for o in out for p in o.pieces]
     if sorted(held) != sorted(dtypes):
         raise ValueError("the layout must hold every tensor of the manifest exactly once")

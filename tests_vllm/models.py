@@ -1,0 +1,106 @@
+"""Tiny models of every model type with a vLLM layout, at sizes vLLM's CPU build runs (head_dim 32), and the
+vLLM runs the proof makes on them: one start per model and load format, each capturing every rank's
+parameters and buffers before `process_weights_after_loading` (the plugin in plugin/) and, where vLLM's CPU build
+runs the model, its greedy tokens and prompt logprobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny-config builder the main suite uses (torch and transformers only)
+
+from families import tiny_config  # noqa: E402
+
+SIZES = dict(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+    vocab_size=1000, max_position_embeddings=256, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+)  # fmt: skip
+MLA = dict(num_key_value_heads=8, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, head_dim=16)
+DEEPSEEK = dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1)
+# What each model type's tiny checkpoint needs beyond SIZES.
+MODELS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama"),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3"),
+    "gemma": dict(model_type="gemma", num_key_value_heads=1, tie_word_embeddings=True),
+    "mixtral": dict(model_type="mixtral"),
+    "qwen2_moe": dict(model_type="qwen2_moe"),
+    "qwen3_moe": dict(model_type="qwen3_moe"),
+    "olmoe": dict(model_type="olmoe", num_key_value_heads=8),
+    "glm4_moe": dict(model_type="glm4_moe", head_dim=32, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
+    "deepseek_v2": dict(DEEPSEEK, model_type="deepseek_v2"),
+    "deepseek_v3": dict(DEEPSEEK, model_type="deepseek_v3"),
+    "gpt_oss": dict(model_type="gpt_oss", intermediate_size=128, layer_types=["sliding_attention", "full_attention"]),
+    "llama4_text": dict(model_type="llama4_text", intermediate_size=128, intermediate_size_mlp=512, interleave_moe_layer_step=2),
+    "phi3": dict(model_type="phi3"),
+    "olmo2": dict(model_type="olmo2", num_key_value_heads=8),
+    "granite": dict(model_type="granite"),
+    "gemma2": dict(model_type="gemma2", tie_word_embeddings=True),  # vLLM's Gemma 2 has no lm_head of its own
+    "gemma3_text": dict(model_type="gemma3_text"),
+    "starcoder2": dict(model_type="starcoder2"),
+    "qwen3_next": dict(
+        model_type="qwen3_next", linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
+        linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"],
+    ),  # fmt: skip
+}
+
+
+def build(kind: str, folder: Path) -> Path:
+    """The tiny model, float32, random weights and norms (so a misplaced one shows), vocabulary 1000 (padded)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = {"tie_word_embeddings": False, **MODELS[kind]}
+    config = tiny_config(spec.pop("model_type"), spec, sizes=SIZES)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.2)
+            else:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def run_vllm(model: Path, tp: int, load_format: str, out: Path, *, generate: bool = True) -> tuple[list[dict] | None, str]:
+    """Start vLLM on `model`; `out` gets the capture (rank-<r>.safetensors), the log and the tokens (when generating)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "RESHARD_CAPTURE": str(out),
+        "PYTHONPATH": os.pathsep.join([str(HERE / "plugin"), os.environ.get("PYTHONPATH", "")]),
+    }
+    if tp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(["0", "1"] * (tp // 2))
+    log = out / "vllm.log"
+    args = [sys.executable, str(HERE / "run_vllm.py"), str(model), str(tp), load_format, str(out / "tokens.json")]
+    with open(log, "w") as f:
+        done = subprocess.run([*args, *([] if generate else ["--load-only"])], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=900)
+    text = log.read_text()
+    assert done.returncode == 0, text[-4000:]
+    return (json.loads((out / "tokens.json").read_text()) if generate else None), text
+
+
+if __name__ == "__main__":
+    # python tests_vllm/models.py ROOT TP KIND...: build each model and capture vLLM's load of it (for development).
+    root, tp = Path(sys.argv[1]), int(sys.argv[2])
+    for kind in sys.argv[3:]:
+        import time
+
+        t = time.time()
+        try:
+            run_vllm(build(kind, root / kind), tp, "auto", root / f"{kind}-capture-tp{tp}", generate="--load-only" not in os.environ.get("ARGS", ""))
+            print(kind, "ok", round(time.time() - t), flush=True)
+        except BaseException as e:  # noqa: BLE001
+            print(kind, "FAILED", round(time.time() - t), str(e)[-600:].replace("\n", " | "), flush=True)

@@ -1,0 +1,39 @@
+"""A vLLM general plugin (loaded in every vLLM process) that, when RESHARD_CAPTURE names a folder, writes each
+tensor-parallel rank's parameters and buffers as vLLM holds them after loading the weights and before
+`process_weights_after_loading` turns them into kernel formats: `rank-<r>.safetensors`, one per rank.
+
+That is the state both of vLLM's loaders fill: the default one from the original checkpoint, and
+`sharded_state` from an export. Two captures that are bit-identical show the export is exactly what vLLM makes of
+the original. The plugin is found through the dist-info folder beside it when this folder is on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def register() -> None:
+    folder = os.environ.get("RESHARD_CAPTURE")
+    if not folder:
+        return
+    from vllm.model_executor.model_loader import base_loader
+
+    if getattr(base_loader.process_weights_after_loading, "reshard_capture", False):
+        return  # plugins are loaded once per process, sometimes more
+    original = base_loader.process_weights_after_loading
+
+    def capture(model: Any, model_config: Any, target_device: Any) -> Any:
+        from safetensors.torch import save_file
+        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+
+        state = ShardedStateLoader._filter_subtensors(model.state_dict())
+        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
+        rank = get_tensor_model_parallel_rank()
+        save_file(tensors, os.path.join(folder, f"rank-{rank}.safetensors.tmp"))
+        os.replace(os.path.join(folder, f"rank-{rank}.safetensors.tmp"), os.path.join(folder, f"rank-{rank}.safetensors"))
+        return original(model, model_config, target_device)
+
+    capture.reshard_capture = True  # type: ignore[attr-defined]
+    base_loader.process_weights_after_loading = capture
