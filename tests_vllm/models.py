@@ -38,9 +38,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "olmoe": dict(model_type="olmoe", num_key_value_heads=8),
     "glm4_moe": dict(model_type="glm4_moe", head_dim=32, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "deepseek_v2": dict(DEEPSEEK, model_type="deepseek_v2"),
-    "deepseek_v3": dict(DEEPSEEK, model_type="deepseek_v3"),
+    "deepseek_v3": dict(DEEPSEEK, model_type="deepseek_v3", topk_method="noaux_tc"),
     "gpt_oss": dict(model_type="gpt_oss", intermediate_size=128, layer_types=["sliding_attention", "full_attention"]),
-    "llama4_text": dict(model_type="llama4_text", intermediate_size=128, intermediate_size_mlp=512, interleave_moe_layer_step=2),
+    "llama4_text": dict(model_type="llama4_text", num_experts_per_tok=1, intermediate_size=128, intermediate_size_mlp=512, interleave_moe_layer_step=2),
     "phi3": dict(model_type="phi3"),
     "olmo2": dict(model_type="olmo2", num_key_value_heads=8),
     "granite": dict(model_type="granite"),
@@ -72,6 +72,54 @@ def build(kind: str, folder: Path) -> Path:
     return folder
 
 
+def _scheme(kind: str) -> dict[str, Any]:
+    """A compressed-tensors W8A8 scheme as llm-compressor writes it: per-channel weight scales, dynamic per-token
+    activation scales, symmetric."""
+    args = dict(num_bits=8, type=kind, symmetric=True, group_size=None, block_structure=None, actorder=None, observer_kwargs={})
+    return dict(
+        targets=["Linear"],
+        weights=dict(args, strategy="channel", dynamic=False, observer="minmax"),
+        input_activations=dict(args, strategy="token", dynamic=True, observer=None),
+        output_activations=None,
+    )
+
+
+QUANTIZED = {"llama-fp8": ("llama", "float"), "llama-int8": ("llama", "int")}
+
+
+def build_quantized(kind: str, folder: Path) -> Path:
+    """The tiny model with every linear layer of its decoder layers in compressed-tensors W8A8 (FP8 or INT8):
+    `weight` in 8 bits, `weight_scale` [out, 1] in float32; embeddings, norms and lm_head unquantized."""
+    from safetensors.torch import load_file, save_file
+
+    base, number = QUANTIZED[kind]
+    build(base, folder)
+    tensors = load_file(folder / "model.safetensors")
+    linear = [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]
+    for name in linear:
+        w = tensors[name]
+        if number == "float":
+            scale = w.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
+            tensors[name] = (w / scale).to(torch.float8_e4m3fn)
+        else:
+            scale = w.abs().amax(dim=1, keepdim=True) / 127
+            tensors[name] = torch.round(w / scale).clamp(-128, 127).to(torch.int8)
+        tensors[name[: -len("weight")] + "weight_scale"] = scale.float()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = dict(
+        quant_method="compressed-tensors",
+        format=f"{number}-quantized",
+        quantization_status="compressed",
+        config_groups={"group_0": _scheme(number)},
+        ignore=["lm_head"],
+        kv_cache_scheme=None,
+        global_compression_ratio=None,
+    )
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def run_vllm(model: Path, tp: int, load_format: str, out: Path, *, generate: bool = True) -> tuple[list[dict] | None, str]:
     """Start vLLM on `model`; `out` gets the capture (rank-<r>.safetensors), the log and the tokens (when generating)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +148,8 @@ if __name__ == "__main__":
 
         t = time.time()
         try:
-            run_vllm(build(kind, root / kind), tp, "auto", root / f"{kind}-capture-tp{tp}", generate="--load-only" not in os.environ.get("ARGS", ""))
+            made = build_quantized(kind, root / kind) if kind in QUANTIZED else build(kind, root / kind)
+            run_vllm(made, tp, "auto", root / f"{kind}-capture-tp{tp}", generate="--load-only" not in os.environ.get("ARGS", ""))
             print(kind, "ok", round(time.time() - t), flush=True)
         except BaseException as e:  # noqa: BLE001
             print(kind, "FAILED", round(time.time() - t), str(e)[-600:].replace("\n", " | "), flush=True)

