@@ -25,13 +25,23 @@ from reshard.engine.split import default_split_dir, read_nbytes, write_split
 from reshard.engine.verify import Report, verify
 from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
 from reshard.formats.checksums import CHECKSUMS, DEFAULT_CHECKSUM, NONE
-from reshard.formats.export import build_layout, engine_data
+from reshard.formats.export import Layout, build_layout, engine_data
 from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import ModelConfig, TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
 from reshard.model.rules import builtin_families
 from reshard.plan.cut import Plan
-from reshard.report import family_markdown, family_table, forward_table, human_bytes, plan_summary, rank_table, tensor_table
+from reshard.report import (
+    family_markdown,
+    family_table,
+    forward_table,
+    human_bytes,
+    layout_entries,
+    layout_table,
+    plan_summary,
+    rank_table,
+    tensor_table,
+)
 from reshard.runtime.forward import KindError
 from reshard.version import __version__
 
@@ -284,14 +294,16 @@ def plan_command(
 ) -> None:
     """Show how every tensor would be cut and what each rank gets, without writing anything."""
 
-    def action() -> tuple[Plan, Optional[int]]:
+    def action() -> tuple[Plan, Optional[Layout], Optional[int]]:
         limit = parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
-        _, _, plan = _make_plan(model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format)
-        return plan, limit
+        _, model_config, plan = _make_plan(
+            model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format
+        )
+        return plan, (build_layout(plan, model_config, format=format) if format != "reshard" else None), limit
 
-    plan, limit = _run(action, writes=False)
+    plan, layout, limit = _run(action, writes=False)
     if as_json:
-        data = plan.to_dict() | ({"format": format} if format != "reshard" else {})
+        data = plan.to_dict() | ({"format": format, "layout": layout_entries(layout, plan)} if layout is not None else {})
         for entry in data["ranks"] if limit is not None else []:
             entry["fits"] = entry["bytes"] <= limit
         typer.echo(json.dumps(data, indent=2))
@@ -302,6 +314,8 @@ def plan_command(
         data = engine_data(format)
         console.print(f"Layout: {format} {data['version']}, loaded with {data['loader']}")
     console.print(tensor_table(plan))
+    if layout is not None:
+        console.print(layout_table(layout, plan))
     console.print(rank_table(plan, gpu_memory=limit))
     over = [r for r in range(plan.tp) if limit is not None and plan.rank_nbytes(r) > limit]
     if over:
@@ -351,7 +365,7 @@ def split_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Write safetensors files for each rank, config.json and the manifest reshard.json (default output
-    folder: <model folder>-tp<N> beside it)."""
+    folder: <model folder>-tp<N> beside it, <model folder>-vllm-tp<N> with --format vllm)."""
 
     def action() -> None:
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
@@ -362,7 +376,7 @@ def split_command(
         )
         layout = build_layout(plan, model_config, format=format)
         chosen = _chosen_ranks(rank, ranks, plan.tp)
-        target = out if out is not None else default_split_dir(source.root, plan.tp)
+        target = out if out is not None else default_split_dir(source.root, plan.tp, format)
         with _progress(read_nbytes(plan, ranks=chosen), "split", quiet) as progress:
             manifest = write_split(
                 source,

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 from tqdm import tqdm
 
+from reshard.formats.export import Layout
 from reshard.formats.manifest import Manifest
 from reshard.model.rules import Family
 from reshard.plan.cut import Plan, TensorCut
@@ -92,6 +94,45 @@ def cut_notes(t: TensorCut) -> str:
     if t.padding:
         notes.append(f"+{t.padding} zero rows" if t.dim == 0 else f"+{t.padding} zero columns")
     return ", ".join(notes)
+
+
+def layout_table(layout: Layout, plan: Plan) -> Table:
+    """An engine layout: every tensor of the rank files, what it packs and its shape on each rank."""
+    table = Table(title=f"Rank files ({layout.format} {layout.version} names)", title_justify="left")
+    table.add_column("tensor", no_wrap=True)
+    table.add_column("holds")
+    table.add_column("dtype")
+    table.add_column("per rank")
+    for entry in layout_entries(layout, plan):
+        shapes = list(dict.fromkeys(_shape(tuple(s)) for s in entry["rank_shapes"]))
+        table.add_row(entry["name"], entry["holds"], entry["dtype"], " / ".join(shapes))
+    return table
+
+
+def layout_entries(layout: Layout, plan: Plan) -> list[dict[str, Any]]:
+    """The same as data: name, what it holds, dtype and each rank's shape."""
+    shapes = [layout.rank_entries(plan.tensors, r) for r in range(plan.tp)]
+    found = []
+    for i, out in enumerate(layout.tensors):
+        if not out.pieces:
+            holds = f"constant {out.value:g}"
+        elif out.pieces == (out.name,):
+            holds = "itself"
+        else:
+            short = _relative(out.pieces)
+            holds = " | ".join(short[:3]) + (f" | … ({len(out.pieces)} tensors)" if len(out.pieces) > 3 else "")
+            holds += f", {out.stack} experts stacked" if out.stack else ""
+        found.append({"name": out.name, "holds": holds, "dtype": out.dtype, "rank_shapes": [list(s[i][2]) for s in shapes]})
+    return found
+
+
+def _relative(names: Sequence[str]) -> list[str]:
+    """Names without the dotted prefix they share (`model.layers.0.self_attn.`), or whole when there is one."""
+    parts = [n.split(".") for n in names]
+    shared = 0
+    while len(names) > 1 and all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return [".".join(p[shared:]) for p in parts]
 
 
 def rank_table(plan: Plan, *, files: Manifest | None = None, gpu_memory: int | None = None, only: Sequence[int] | None = None) -> Table:

@@ -118,12 +118,12 @@ def test_packed_quantized_formats_are_refused(tmp_path: Path, suffixes: tuple[st
     )
 
 
-def test_the_vllm_layout_refuses_a_quantized_checkpoint_by_name(tmp_path: Path) -> None:
+def test_the_vllm_layout_refuses_scales_without_a_quantization_config(tmp_path: Path) -> None:
     from reshard import InputError
 
     model = fp8_llama(tmp_path / "fp8")
     with pytest.raises(
-        InputError, match=r"--format vllm: tensor model.layers.0.\S+ is a quantization scale, and reshard has no vllm layout"
+        InputError, match=r"--format vllm: tensor model.layers.0.\S+ is a quantization scale, but config.json has no quantization_config"
     ):
         split(model, tp=2, out=tmp_path / "out", format="vllm")
     assert not (tmp_path / "out").exists()

@@ -124,8 +124,10 @@ def test_what_the_vllm_layout_cannot_do_is_refused(model: Path, tmp_path: Path) 
     AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=32, n_head=4, n_layer=1, vocab_size=64)).save_pretrained(gpt2)
     refused = invoke("split", gpt2, "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
     assert refused.exit_code == 1
-    assert refused.stderr.startswith("Error: --format vllm: model_type 'gpt2' (gpt2 family) has no vllm 0.32 layout in reshard; model types with one: ")
-    assert refused.stderr.endswith(", qwen3, qwen3_moe (split with the default format instead)\n") and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith(
+        "Error: --format vllm: model_type 'gpt2' (gpt2 family) has no vllm 0.32 layout in reshard; model types with one: "
+    )
+    assert refused.stderr.endswith(", starcoder2 (split with the default format instead)\n") and refused.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -134,7 +136,7 @@ def test_a_model_type_vllm_was_not_proven_with_is_refused(family_models: dict[st
     refused = invoke("split", family_models["olmo"], "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
     assert refused.exit_code == 1
     assert refused.stderr.startswith(
-        "Error: --format vllm: model_type 'olmo' (llama family) has no vllm 0.32 layout in reshard; model types with one: gemma, "
+        "Error: --format vllm: model_type 'olmo' (llama family) has no vllm 0.32 layout in reshard; model types with one: deepseek_v2, "
     )
     assert not (tmp_path / "out").exists()
 
@@ -161,9 +163,13 @@ def test_plan_shows_the_vllm_cut(model: Path) -> None:
     shown = invoke("plan", model, "--tp", 4, "--format", "vllm")
     assert shown.exit_code == 0, shown.stderr
     assert 'Layout: vllm 0.32, loaded with load_format="sharded_state"' in shown.stdout
+    assert "Rank files (vllm 0.32 names)" in shown.stdout and "model.layers.1.self_attn.qkv_proj.weight" in shown.stdout
     plan = json.loads(invoke("plan", model, "--tp", 4, "--format", "vllm", "--json").stdout)
     lm_head = next(t for t in plan["tensors"] if t["name"] == "lm_head.weight")
     assert (plan["format"], lm_head["rank_shape"], lm_head["padding"]) == ("vllm", [32, 32], 28)
+    qkv = next(t for t in plan["layout"] if t["name"] == "model.layers.1.self_attn.qkv_proj.weight")
+    # 8 heads of 4 rows: 8 q rows per rank, and the rank's copy of one of the 2 kv heads for k and for v
+    assert qkv == {"name": qkv["name"], "holds": "q_proj.weight | k_proj.weight | v_proj.weight", "dtype": "F32", "rank_shapes": [[16, 32]] * 4}
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -189,3 +195,141 @@ def test_mixtral_experts_are_stacked_as_vllm_holds_them(tmp_path: Path, tp: int)
     assert invoke("verify", out, "--against", tmp_path / "moe").exit_code == 0
     assert invoke("merge", out, "--out", tmp_path / "merged", "-q").exit_code == 0
     assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (tmp_path / "moe" / "model.safetensors").read_bytes()
+
+
+F8 = torch.float8_e4m3fn
+COMPRESSED_TENSORS = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True},
+        }
+    },
+    "ignore": ["lm_head"],
+    "kv_cache_scheme": None,
+}
+
+
+def quantized_llama(folder: Path, scales: str) -> Path:
+    """A Llama whose decoder linear layers are FP8 with `scales`: "channel" (compressed-tensors, [out, 1]), "tensor"
+    (quant_method fp8, one scalar) or "block" (quant_method fp8, weight_scale_inv per 4 x 4 block); the rest bf16."""
+    config = llama_config(kv_heads=2, vocab=100)
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for name, shape in llama_shapes(config).items():
+        if ".layers." not in name or not name.endswith("proj.weight"):
+            tensors[name] = torch.randn(shape, generator=gen).to(torch.bfloat16)
+            continue
+        tensors[name] = torch.randn(shape, generator=gen).to(F8)
+        prefix = name[: -len(".weight")]
+        if scales == "channel":
+            tensors[f"{prefix}.weight_scale"] = torch.rand(shape[0], 1, generator=gen)
+        elif scales == "tensor":
+            tensors[f"{prefix}.weight_scale"] = torch.rand((), generator=gen)
+        else:
+            tensors[f"{prefix}.weight_scale_inv"] = torch.rand(shape[0] // 4, shape[1] // 4, generator=gen)
+    if scales == "channel":
+        config["quantization_config"] = COMPRESSED_TENSORS
+    else:
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        if scales == "block":
+            config["quantization_config"]["weight_block_size"] = [4, 4]
+    return write_checkpoint(folder, tensors, config)
+
+
+def qkv(source: dict[str, torch.Tensor], suffix: str, rank: int, tp: int, kv: int = 2) -> torch.Tensor:
+    """q, k and v's `suffix` tensors' rows of the rank, back to back (kv heads replicated past tp = kv)."""
+    p = "model.layers.1.self_attn"
+    q = source[f"{p}.q_proj.{suffix}"].chunk(tp)[rank]
+    k, v = (source[f"{p}.{n}_proj.{suffix}"] for n in "kv")
+    k, v = (t.chunk(kv)[rank * kv // tp] if tp > kv else t.chunk(tp)[rank] for t in (k, v))
+    return torch.cat([q, k, v])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("scales", ["channel", "tensor", "block"])
+def test_quantized_layers_hold_their_scales_as_vllm_does(tmp_path: Path, scales: str, tp: int) -> None:
+    """A fused layer's scales follow its rows: per-channel and per-block scales packed like the weight, per-tensor
+    scales held as one per fused part; the attention's quantization buffers added as vLLM registers them."""
+    model = quantized_llama(tmp_path / "model", scales)
+    source = load_file(model / "model.safetensors")
+    out = split(model, tmp_path / "out", tp)
+    p = "model.layers.1"
+    for rank in range(tp):
+        got = load_file(out / f"model-rank-{rank}-part-0.safetensors")
+        assert torch.equal(got[f"{p}.self_attn.qkv_proj.weight"].view(torch.uint8), qkv(source, "weight", rank, tp).view(torch.uint8))
+        if scales == "channel":
+            assert torch.equal(got[f"{p}.self_attn.qkv_proj.weight_scale"], qkv(source, "weight_scale", rank, tp))
+            gate_up = torch.cat([source[f"{p}.mlp.{n}_proj.weight_scale"].chunk(tp)[rank] for n in ("gate", "up")])
+            assert torch.equal(got[f"{p}.mlp.gate_up_proj.weight_scale"], gate_up)
+            assert torch.equal(got[f"{p}.self_attn.o_proj.weight_scale"], source[f"{p}.self_attn.o_proj.weight_scale"])
+            for name in ("q_scale", "k_scale", "v_scale", "q_zero_point", "k_zero_point", "v_zero_point"):
+                want = torch.zeros(1) if "zero" in name else torch.ones(1)
+                assert torch.equal(got[f"{p}.self_attn.attn.{name}"], want)
+        elif scales == "tensor":
+            want = torch.stack([source[f"{p}.self_attn.{n}_proj.weight_scale"] for n in "qkv"])
+            assert torch.equal(got[f"{p}.self_attn.qkv_proj.weight_scale"], want)
+            assert torch.equal(got[f"{p}.self_attn.o_proj.weight_scale"], source[f"{p}.self_attn.o_proj.weight_scale"].reshape(1))
+            for name in ("q_scale", "k_scale", "v_scale", "prob_scale"):
+                scale = got[f"{p}.self_attn.attn.{name}"]
+                assert (scale.dtype, scale.shape, scale.item()) == (torch.bfloat16, (), -1.0)
+        else:
+            blocks = qkv({n: t.repeat_interleave(4, 0) for n, t in source.items() if n.endswith("scale_inv")}, "weight_scale_inv", rank, tp)
+            assert torch.equal(got[f"{p}.self_attn.qkv_proj.weight_scale_inv"], blocks[::4])
+    assert invoke("verify", out, "--against", model).exit_code == 0
+    assert invoke("merge", out, "--out", tmp_path / "merged", "-q").exit_code == 0
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("quantization", "says"),
+    [
+        ({"quant_method": "mxfp4"}, "quantization 'mxfp4' (config.json quantization_config) has no vllm 0.32 layout in reshard; quantizations with one: compressed-tensors, fp8"),
+        ({"quant_method": "gptq", "bits": 4}, "quantization 'gptq' (config.json quantization_config) has no vllm 0.32 layout"),
+        (dict(COMPRESSED_TENSORS, format="pack-quantized"), "compressed-tensors format 'pack-quantized' has no vllm 0.32 layout in reshard"),
+        (dict(COMPRESSED_TENSORS, kv_cache_scheme={"num_bits": 8, "type": "float"}), "quantization_config has a kv_cache_scheme"),
+    ],
+)  # fmt: skip
+def test_other_quantizations_are_refused_by_name(tmp_path: Path, quantization: dict, says: str) -> None:
+    model = quantized_llama(tmp_path / "model", "channel")
+    config = json.loads((model / "config.json").read_text()) | {"quantization_config": quantization}
+    (model / "config.json").write_text(json.dumps(config))
+    result = invoke("split", model, "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and says in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_moe_and_mla_layouts(family_models: dict[str, Path], tmp_path: Path) -> None:
+    """DeepSeek-V3: q_a_proj and kv_a_proj_with_mqa fused whole on every rank, MLA's projections under mla_attn,
+    the router and its bias under experts.gate, shared experts fused; Qwen3-MoE's router under experts.gate."""
+    model = family_models["deepseek_v3"]
+    source = load_file(model / "model.safetensors")
+    out = split(model, tmp_path / "deepseek", 2)
+    p = "model.layers.1"
+    for rank in range(2):
+        got = load_file(out / f"model-rank-{rank}-part-0.safetensors")
+        a = torch.cat([source[f"{p}.self_attn.q_a_proj.weight"], source[f"{p}.self_attn.kv_a_proj_with_mqa.weight"]])
+        assert torch.equal(got[f"{p}.self_attn.fused_qkv_a_proj.weight"], a)
+        assert torch.equal(got[f"{p}.self_attn.mla_attn.q_b_proj.weight"], source[f"{p}.self_attn.q_b_proj.weight"].chunk(2)[rank])
+        assert torch.equal(got[f"{p}.self_attn.kv_b_proj.weight"], source[f"{p}.self_attn.kv_b_proj.weight"].chunk(2)[rank])
+        assert torch.equal(got[f"{p}.mlp.experts.gate.e_score_correction_bias"], source[f"{p}.mlp.gate.e_score_correction_bias"])
+        shared = torch.cat([source[f"{p}.mlp.shared_experts.{n}_proj.weight"].chunk(2)[rank] for n in ("gate", "up")])
+        assert torch.equal(got[f"{p}.mlp.experts._shared_experts._layer.gate_up_proj.weight"], shared)
+        assert got[f"{p}.self_attn.mla_attn.mla_attn._k_scale"].item() == 1.0
+    assert invoke("merge", out, "--out", tmp_path / "merged", "-q").exit_code == 0
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    qwen = split(family_models["qwen3_moe"], tmp_path / "qwen3_moe", 2)
+    got = load_file(qwen / "model-rank-0-part-0.safetensors")
+    assert "model.layers.0.mlp.experts.gate.weight" in got and "model.layers.0.mlp.gate.weight" not in got
+
+
+def test_the_default_folder_names_the_layout(model: Path, tmp_path: Path) -> None:
+    assert invoke("split", model, "--tp", 2, "--format", "vllm", "-q").exit_code == 0
+    assert (tmp_path / "model-vllm-tp2" / "reshard.json").is_file() and not (tmp_path / "model-tp2").exists()
+    # A resplit of it into reshard's own layout drops the engine's name.
+    assert invoke("split", tmp_path / "model-vllm-tp2", "--tp", 4, "-q").exit_code == 0
+    assert (tmp_path / "model-tp4" / "reshard.json").is_file()

@@ -40,7 +40,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "deepseek_v2": dict(DEEPSEEK, model_type="deepseek_v2"),
     "deepseek_v3": dict(DEEPSEEK, model_type="deepseek_v3", topk_method="noaux_tc"),
     "gpt_oss": dict(model_type="gpt_oss", intermediate_size=128, layer_types=["sliding_attention", "full_attention"]),
-    "llama4_text": dict(model_type="llama4_text", num_experts_per_tok=1, intermediate_size=128, intermediate_size_mlp=512, interleave_moe_layer_step=2),
+    "llama4_text": dict(
+        model_type="llama4_text", num_experts_per_tok=1, intermediate_size=128, intermediate_size_mlp=512, interleave_moe_layer_step=2
+    ),
     "phi3": dict(model_type="phi3"),
     "olmo2": dict(model_type="olmo2", num_key_value_heads=8),
     "granite": dict(model_type="granite"),
@@ -48,9 +50,14 @@ MODELS: dict[str, dict[str, Any]] = {
     "gemma3_text": dict(model_type="gemma3_text"),
     "starcoder2": dict(model_type="starcoder2"),
     "qwen3_next": dict(
-        model_type="qwen3_next", linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
-        linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"],
-    ),  # fmt: skip
+        model_type="qwen3_next",
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention"],
+    ),
 }
 
 
@@ -84,7 +91,14 @@ def _scheme(kind: str) -> dict[str, Any]:
     )
 
 
-QUANTIZED = {"llama-fp8": ("llama", "float"), "llama-int8": ("llama", "int")}
+QUANTIZED = {
+    "llama-fp8": ("llama", "float"),  # compressed-tensors
+    "llama-int8": ("llama", "int"),  # compressed-tensors
+    "llama-fp8-tensor": ("llama", "fp8-tensor"),  # quant_method fp8, one scale per tensor
+    "llama-fp8-block": ("llama", "fp8-block"),  # quant_method fp8, a scale per 32 x 128 block (weight_scale_inv)
+}
+BLOCK = (32, 128)  # rows (out) x columns (in): vLLM's CPU kernel takes column blocks of 128 only
+FP8_MAX = 448.0
 
 
 def build_quantized(kind: str, folder: Path) -> Path:
@@ -95,9 +109,23 @@ def build_quantized(kind: str, folder: Path) -> Path:
     base, number = QUANTIZED[kind]
     build(base, folder)
     tensors = load_file(folder / "model.safetensors")
+    if number.startswith("fp8"):  # vLLM runs quant_method fp8 in bfloat16 only
+        tensors = {n: t.to(torch.bfloat16) for n, t in tensors.items()}
     linear = [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]
     for name in linear:
         w = tensors[name]
+        if number == "fp8-tensor":
+            scale = w.abs().amax() / FP8_MAX
+            tensors[name] = (w.float() / scale).to(torch.float8_e4m3fn)
+            tensors[name[: -len("weight")] + "weight_scale"] = scale.float()
+            continue
+        if number == "fp8-block":
+            rows, cols = w.shape
+            blocks = w.float().reshape(rows // BLOCK[0], BLOCK[0], cols // BLOCK[1], BLOCK[1])
+            scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
+            tensors[name] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+            tensors[name[: -len("weight")] + "weight_scale_inv"] = scale.float()
+            continue
         if number == "float":
             scale = w.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
             tensors[name] = (w / scale).to(torch.float8_e4m3fn)
@@ -107,6 +135,13 @@ def build_quantized(kind: str, folder: Path) -> Path:
         tensors[name[: -len("weight")] + "weight_scale"] = scale.float()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
+    if number.startswith("fp8"):
+        config["quantization_config"] = dict(quant_method="fp8", activation_scheme="dynamic", fmt="e4m3")
+        if number == "fp8-block":
+            config["quantization_config"]["weight_block_size"] = list(BLOCK)
+        config["dtype"] = "bfloat16"
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        return folder
     config["quantization_config"] = dict(
         quant_method="compressed-tensors",
         format=f"{number}-quantized",
@@ -120,19 +155,37 @@ def build_quantized(kind: str, folder: Path) -> Path:
     return folder
 
 
+def dtype_of(model: Path) -> str:
+    """The dtype vLLM runs the model in: its unquantized tensors' (quant_method fp8 takes bfloat16 only)."""
+    config = json.loads((model / "config.json").read_text())
+    return "bfloat16" if config.get("quantization_config", {}).get("quant_method") == "fp8" else "float32"
+
+
+def block_scaled(model: Path) -> bool:
+    """FP8 with block scales, whose layers vLLM's CPU build constructs only on processors with AMX tiles."""
+    config = json.loads((model / "config.json").read_text())
+    return "weight_block_size" in config.get("quantization_config", {})
+
+
 def run_vllm(model: Path, tp: int, load_format: str, out: Path, *, generate: bool = True) -> tuple[list[dict] | None, str]:
-    """Start vLLM on `model`; `out` gets the capture (rank-<r>.safetensors), the log and the tokens (when generating)."""
+    """Start vLLM on `model`; `out` gets the capture (rank-<r>.safetensors), the log and the tokens (when generating).
+    For FP8 block scales without AMX, the capture plugin pretends AMX tiles are there and stops the run once the
+    weights are loaded (nothing is computed)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in the main process: a start 9 s shorter here
         "RESHARD_CAPTURE": str(out),
         "PYTHONPATH": os.pathsep.join([str(HERE / "plugin"), os.environ.get("PYTHONPATH", "")]),
     }
+    if block_scaled(model):
+        env["RESHARD_CAPTURE_PRETEND_AMX"] = "1"
+        generate = False
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(["0", "1"] * (tp // 2))
     log = out / "vllm.log"
-    args = [sys.executable, str(HERE / "run_vllm.py"), str(model), str(tp), load_format, str(out / "tokens.json")]
+    args = [sys.executable, str(HERE / "run_vllm.py"), str(model), str(tp), load_format, dtype_of(model), str(out / "tokens.json")]
     with open(log, "w") as f:
         done = subprocess.run([*args, *([] if generate else ["--load-only"])], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=900)
     text = log.read_text()
@@ -151,5 +204,5 @@ if __name__ == "__main__":
             made = build_quantized(kind, root / kind) if kind in QUANTIZED else build(kind, root / kind)
             run_vllm(made, tp, "auto", root / f"{kind}-capture-tp{tp}", generate="--load-only" not in os.environ.get("ARGS", ""))
             print(kind, "ok", round(time.time() - t), flush=True)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             print(kind, "FAILED", round(time.time() - t), str(e)[-600:].replace("\n", " | "), flush=True)

@@ -1,6 +1,6 @@
 """Start a real vLLM (CPU build) on a model folder and write its greedy tokens and prompt logprobs as JSON.
 
-    python tests_vllm/run_vllm.py MODEL TP LOAD_FORMAT OUT.json [--load-only]
+    python tests_vllm/run_vllm.py MODEL TP LOAD_FORMAT DTYPE OUT.json [--load-only]
 
 With --load-only it stops once the weights are loaded (for models vLLM's CPU build loads but cannot run).
 
@@ -19,14 +19,14 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    model, tp, load_format, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    load_only = "--load-only" in sys.argv[5:]
+    model, tp, load_format, dtype, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    load_only = "--load-only" in sys.argv[6:]
     try:
         llm = LLM(
             model=model,
             tensor_parallel_size=tp,
             load_format=load_format,
-            dtype="float32",
+            dtype=dtype,
             enforce_eager=True,
             skip_tokenizer_init=True,
             max_model_len=64,

@@ -78,7 +78,7 @@ def split(
     source, model_config, plan = make_plan(
         model, tp=tp, device_ids=device_ids, config=config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format
     )
-    out = Path(out) if out is not None else default_split_dir(source.root, tp)
+    out = Path(out) if out is not None else default_split_dir(source.root, tp, format)
     layout = build_layout(plan, model_config, format=format)
     write_split(
         source,
@@ -95,11 +95,12 @@ def split(
     return out
 
 
-def default_split_dir(model_root: Path, tp: int) -> Path:
-    """`<model>-tp<N>` beside the model folder; a split folder `<model>-tp8` gives `<model>-tp4`."""
+def default_split_dir(model_root: Path, tp: int, format: str = "reshard") -> Path:
+    """`<model>-tp<N>` beside the model folder (`<model>-vllm-tp<N>` for vLLM's layout); a split folder
+    `<model>-tp8` or `<model>-vllm-tp8` gives `<model>-tp4`."""
     root = model_root if model_root.name else model_root.absolute()
-    name = re.sub(r"-tp\d+$", "", root.name) if (root / MANIFEST_NAME).is_file() else root.name
-    return root.with_name(f"{name}-tp{tp}")
+    name = re.sub(r"(-vllm)?-tp\d+$", "", root.name) if (root / MANIFEST_NAME).is_file() else root.name
+    return root.with_name(f"{name}-{format}-tp{tp}" if format != "reshard" else f"{name}-tp{tp}")
 
 
 def write_split(

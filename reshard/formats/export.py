@@ -26,7 +26,12 @@ from reshard.plan.cut import Plan, TensorCut
 from reshard.plan.tensor import DTYPE_SIZES
 
 FORMATS = ("reshard", "vllm")
-_PACK = {"F32": "<f", "F64": "<d"}
+_PACK = {"F32": "<f", "F64": "<d", "F16": "<e", "BF16": "<f"}  # bfloat16: the high half of the float32
+
+
+def _packed(dtype: str, value: float) -> bytes:
+    data = struct.pack(_PACK[dtype], value)
+    return data[2:] if dtype == "BF16" else data
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class OutTensor:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "value": self.value}
 
     def constant_bytes(self) -> bytes:
-        return struct.pack(_PACK[self.dtype], self.value) * math.prod(self.shape)
+        return _packed(self.dtype, self.value) * math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -157,13 +162,16 @@ def build_layout(plan: Plan, config: ModelConfig, *, format: str) -> Layout:
             f"--format {format}: {what} has no {format} {data['version']} layout in reshard; model types with one: "
             f"{', '.join(model_types_with_layout(format))} (split with the default format instead)"
         )
-    _check_quantization(plan, config, format)
-    tensors = _engine_tensors(plan, config, spec, tuple(data["linear_parameters"]))
+    quantization = _quantization(plan, config, format)
+    tensors = _engine_tensors(
+        plan, config, spec | {"constants": spec["constants"] + quantization.get("constants", [])}, tuple(data["linear_parameters"])
+    )
     return Layout(format, str(data["version"]), tensors, data["vocab_multiple"])
 
 
-def _check_quantization(plan: Plan, config: ModelConfig, format: str) -> None:
-    """A quantized checkpoint is written only in the quantization formats the engine layout describes."""
+def _quantization(plan: Plan, config: ModelConfig, format: str) -> dict[str, Any]:
+    """What the engine layout adds for the checkpoint's quantization ({} for none); a quantization it does not
+    describe is refused by name."""
     data = engine_data(format)
     quant = config.raw.get("quantization_config")
     scaled = next((t.name for t in plan.tensors if t.name.endswith(SCALE_SUFFIXES)), None)
@@ -173,7 +181,7 @@ def _check_quantization(plan: Plan, config: ModelConfig, format: str) -> None:
                 f"--format {format}: tensor {shown(scaled)} is a quantization scale, but config.json has no quantization_config; "
                 "add the one the checkpoint was made with, or split with the default format"
             )
-        return
+        return {}
     method = str(quant.get("quant_method", "unknown"))
     known = data["quantization"].get(method)
     if known is None:
@@ -187,6 +195,13 @@ def _check_quantization(plan: Plan, config: ModelConfig, format: str) -> None:
             f"--format {format}: {method} format {given!r} has no {format} {data['version']} layout in reshard; formats with one: "
             f"{', '.join(known['formats'])} (split with the default format instead)"
         )
+    if quant.get("kv_cache_scheme"):
+        raise InputError(
+            f"--format {format}: config.json quantization_config has a kv_cache_scheme, and reshard has no {format} "
+            f"{data['version']} layout for quantized kv-cache scales (split with the default format instead)"
+        )
+    found: dict[str, Any] = known
+    return found
 
 
 def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linear: tuple[str, ...]) -> tuple[OutTensor, ...]:
@@ -210,8 +225,12 @@ def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linea
         out.append(OutTensor(into, dtypes[name], pieces, stack=stack, flat=flat))
         done |= set(pieces)
     for constant in spec["constants"]:
-        out += _constants(names, constant)
+        out += _constants(names, dtypes, constant)
     return tuple(out)
+
+
+def _swap(name: str, suffix: str) -> str:
+    return name[: -len("weight")] + suffix
 
 
 def _with_linear_parameters(rules: list[dict[str, Any]], linear: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -220,8 +239,7 @@ def _with_linear_parameters(rules: list[dict[str, Any]], linear: tuple[str, ...]
     for rule in rules:
         if rule["into"].endswith(".weight") and all(p.endswith(".weight") for p in rule["from"]):
             for suffix in linear:
-                swap = lambda n: n[: -len("weight")] + suffix  # noqa: E731
-                found.append({"into": swap(rule["into"]), "from": [swap(p) for p in rule["from"]]})
+                found.append({"into": _swap(rule["into"], suffix), "from": [_swap(p, suffix) for p in rule["from"]]})
     return found
 
 
@@ -275,16 +293,22 @@ def _fusions(names: list[str], rules: list[dict[str, Any]]) -> Packing:
     return found
 
 
-def _constants(names: list[str], spec: dict[str, Any]) -> list[OutTensor]:
+def _constants(names: list[str], dtypes: dict[str, str], spec: dict[str, Any]) -> list[OutTensor]:
+    """A constant beside each match of `beside`: of `dtype`, or of the dtype of the tensor `like` names in the same
+    layer (a buffer vLLM registers in the model's dtype)."""
     beside = compile_patterns((spec["beside"],))
-    if spec["dtype"] not in _PACK or spec["dtype"] not in DTYPE_SIZES:
-        raise InputError(f"engine layout: constant dtype {spec['dtype']} is not supported")
-    matches = (beside.fullmatch(name) for name in names)
-    return [
-        OutTensor(_fill(spec["name"], list(m.groups())), spec["dtype"], (), tuple(spec.get("shape", [])), float(spec["value"]))
-        for m in matches
-        if m is not None
-    ]
+    found = []
+    for match in (beside.fullmatch(name) for name in names):
+        if match is None:
+            continue
+        stars = list(match.groups())
+        dtype = spec["dtype"] if "dtype" in spec else dtypes.get(_fill(spec["like"], stars), "")
+        if dtype not in _PACK or dtype not in DTYPE_SIZES:
+            raise InputError(
+                f"engine layout: constant {_fill(spec['name'], stars)} would be {dtype or 'of no dtype'}, which is not supported"
+            )
+        found.append(OutTensor(_fill(spec["name"], stars), dtype, (), tuple(spec.get("shape", [])), float(spec["value"])))
+    return found
 
 
 def _fill(pattern: str, stars: list[str]) -> str:

@@ -17,6 +17,12 @@ def register() -> None:
     folder = os.environ.get("RESHARD_CAPTURE")
     if not folder:
         return
+    if os.environ.get("RESHARD_CAPTURE_PRETEND_AMX"):
+        # FP8 block-scaled layers are built on CPU only where AMX tiles are; pretending they are lets vLLM build
+        # them and load the weights with its own loaders. Nothing is computed: the run stops after the capture.
+        import torch
+
+        torch.cpu._is_amx_tile_supported = lambda: True
     from vllm.model_executor.model_loader import base_loader
 
     if getattr(base_loader.process_weights_after_loading, "reshard_capture", False):
@@ -33,6 +39,8 @@ def register() -> None:
         rank = get_tensor_model_parallel_rank()
         save_file(tensors, os.path.join(folder, f"rank-{rank}.safetensors.tmp"))
         os.replace(os.path.join(folder, f"rank-{rank}.safetensors.tmp"), os.path.join(folder, f"rank-{rank}.safetensors"))
+        if os.environ.get("RESHARD_CAPTURE_PRETEND_AMX"):
+            raise SystemExit("reshard capture: written; stopping before process_weights_after_loading (no AMX here)")
         return original(model, model_config, target_device)
 
     capture.reshard_capture = True  # type: ignore[attr-defined]
