@@ -333,3 +333,59 @@ def test_the_default_folder_names_the_layout(model: Path, tmp_path: Path) -> Non
     # A resplit of it into reshard's own layout drops the engine's name.
     assert invoke("split", tmp_path / "model-vllm-tp2", "--tp", 4, "-q").exit_code == 0
     assert (tmp_path / "model-tp4" / "reshard.json").is_file()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_experts_vllm_stores_transposed(family_models: dict[str, Path], tmp_path: Path, tp: int) -> None:
+    """gpt-oss and Llama 4 keep their experts fused as [experts, hidden, 2 x FFN] and [experts, FFN, hidden]; vLLM
+    holds each rank's part transposed (w13_weight [experts, 2 x FFN/tp, hidden]). gpt-oss's down-projection bias
+    is on rank 0 alone (zeros elsewhere); Llama 4's q and k rows are held per head as rotary halves. All of it
+    merges back bit for bit, verifies, resplits and loads by source names."""
+    for kind, p in (("gpt_oss", "model.layers.1.mlp.experts"), ("llama4_text", "model.layers.1.feed_forward.experts")):
+        model = family_models[kind]
+        source = load_file(model / "model.safetensors")
+        out = split(model, tmp_path / f"{kind}-{tp}", tp)
+        gate_up, down = source[f"{p}.gate_up_proj"], source[f"{p}.down_proj"]
+        for rank in range(tp):
+            got = load_file(out / f"model-rank-{rank}-part-0.safetensors")
+            if kind == "gpt_oss":  # gate and up interleaved column by column: each rank takes whole pairs
+                w13 = gate_up.chunk(tp, dim=2)[rank]
+            else:  # gate half, then up half: each rank takes its share of each
+                w13 = torch.cat([half.chunk(tp, dim=2)[rank] for half in gate_up.chunk(2, dim=2)], dim=2)
+            assert torch.equal(got[f"{p}.routed_experts.w13_weight"], w13.transpose(1, 2))
+            assert torch.equal(got[f"{p}.routed_experts.w2_weight"], down.chunk(tp, dim=1)[rank].transpose(1, 2))
+            if kind == "gpt_oss":
+                bias = source[f"{p}.down_proj_bias"]
+                assert torch.equal(got[f"{p}.routed_experts.w2_bias"], bias if rank == 0 else torch.zeros_like(bias))
+                assert "model.embedding.weight" in got and "model.embed_tokens.weight" not in got
+            else:
+                q = source["model.layers.1.self_attn.q_proj.weight"].chunk(tp)[rank]
+                head = q.shape[0] // (8 // tp)  # rows of one head
+                halves = q.reshape(-1, head // 2, 2, q.shape[1]).transpose(1, 2).reshape(q.shape)
+                assert torch.equal(got["model.layers.1.self_attn.qkv_proj.weight"][: q.shape[0]], halves)
+        assert invoke("verify", out, "--against", model).exit_code == 0
+        forward = invoke("verify", out, "--forward", "--device", "cpu")
+        assert forward.exit_code == 0, forward.stderr
+        assert invoke("merge", out, "--out", tmp_path / f"{kind}-{tp}-merged", "-q").exit_code == 0
+        assert (tmp_path / f"{kind}-{tp}-merged" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+        own = tmp_path / f"{kind}-{tp}-own"
+        assert invoke("split", out, "--tp", 2, "--out", own, "-q").exit_code == 0
+        again = snapshot(split(own, tmp_path / f"{kind}-{tp}-again", tp))
+        assert {n: b for n, b in again.items() if n.startswith("model-rank-")} == {n: b for n, b in snapshot(out).items() if n.startswith("model-rank-")}
+        weights = reshard.load_rank(out, tp - 1, device="cpu")
+        assert torch.equal(weights[f"{p}.down_proj"], down.chunk(tp, dim=1)[tp - 1])
+
+
+def test_a_changed_transposed_expert_fails_verify(family_models: dict[str, Path], tmp_path: Path) -> None:
+    """verify --against reads a transposed tensor in its own order: one changed element is found."""
+    model = family_models["gpt_oss"]
+    out = split(model, tmp_path / "out", 2, "--checksum", "none")
+    path = out / "model-rank-1-part-0.safetensors"
+    data = bytearray(path.read_bytes())
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    at = 8 + int.from_bytes(data[:8], "little") + header["model.layers.0.mlp.experts.routed_experts.w13_weight"]["data_offsets"][0] + 101
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    result = invoke("verify", out, "--against", model)
+    assert result.exit_code == 1
+    assert "tensor model.layers.0.mlp.experts.gate_up_proj differs from rank 1's slice" in result.stdout + result.stderr

@@ -77,7 +77,7 @@ def write_merge(
 
         def task(cut: TensorCut) -> Callable[[], None]:
             infos = [folder.tensor(r, cut.name) for r in ranks]
-            target, rank_readers = writer.region(cut.name), [readers[i.path] for i in infos]
+            target, rank_readers = writer.region(cut.name), [folder.piece_reader(readers, i) for i in infos]
             return lambda: merge_tensor(cut, rank_readers, infos, target, progress=progress, buffers=thread_buffers())
 
         # Writers to one file queue on its inode lock, so more threads than files only add contention.

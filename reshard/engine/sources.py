@@ -197,9 +197,10 @@ class SplitSource:
 
         def source(cut: TensorCut, buffers: Buffers) -> TensorBytes:
             before, infos = old[cut.name], [folder.tensor(r, cut.name) for r in ranks]
+            pieces = [folder.piece_reader(readers, i) for i in infos]
             if before.dim is None:
-                return Contiguous(readers[infos[0].path], infos[0].offset, cut)
-            return Stitched(before, [readers[i.path] for i in infos], infos, buffers, whole=cut.dim is None)
+                return Contiguous(pieces[0], infos[0].offset, cut)
+            return Stitched(before, pieces, infos, buffers, whole=cut.dim is None)
 
         return source
 

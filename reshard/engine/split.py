@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,11 +22,11 @@ from reshard.engine.staging import staged_output, staged_ranks
 from reshard.engine.workers import run_all
 from reshard.formats.checksums import DEFAULT_CHECKSUM, record
 from reshard.formats.export import Layout, OutTensor, build_layout, own_layout
-from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, copy_durably, thread_buffers
+from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, Reorder, copy_durably, thread_buffers
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_file_name
 from reshard.formats.manifest import Manifest, write_manifest
 from reshard.formats.safetensors import Entry
-from reshard.formats.writer import PartedWriter, Region, partition
+from reshard.formats.writer import PartedWriter, Reordered, Target, Zeroed, partition
 from reshard.model.config import ModelConfig
 from reshard.plan.cut import Plan, Span, TensorCut, rank_spans
 from reshard.timing import clock, spent
@@ -185,11 +186,14 @@ def _write_ranks(
             paths = [staging / f for f in manifest.rank_files[r]]
             writers[r] = stack.enter_context(PartedWriter(paths, groups[r], rank_metadata(plan, r), checksum=manifest.checksum))
         tensor_bytes = source.open(stack)
-        places = [manifest.packing.placements(plan.tensors, r) for r in range(plan.tp)]
-        constants = [out for out in manifest.packing.tensors if not out.pieces]
+        packing = manifest.packing
+        stored = [
+            _Stored(packing.placements(plan.tensors, r), packing.reorders(plan.tensors, r), packing.zeroed(r)) for r in range(plan.tp)
+        ]
+        constants = [out for out in packing.tensors if not out.pieces]
         run_all(
             [
-                *(_task(tensor_bytes, cut, _regions(cut, writers, places), progress) for cut in source.in_read_order(plan.tensors)),
+                *(_task(tensor_bytes, cut, _regions(cut, writers, stored), progress) for cut in source.in_read_order(plan.tensors)),
                 *(_constant(out, writers) for out in constants),
             ],
             workers=source.workers,
@@ -203,15 +207,31 @@ def _write_ranks(
     return replace(manifest, files=files)
 
 
-def _regions(cut: TensorCut, writers: Sequence[PartedWriter | None], places: list[dict[str, tuple[str, int]]]) -> list[Region | None]:
-    """Where each rank's slice of the tensor goes: its place inside the output tensor that holds it."""
-    regions: list[Region | None] = []
+class _Stored(NamedTuple):
+    """How a rank stores the source tensors' slices: where (output tensor, offset), in what order, and which as zeros."""
+
+    places: dict[str, tuple[str, int]]
+    reorders: dict[str, Reorder]
+    zeroed: set[str]
+
+
+def _regions(cut: TensorCut, writers: Sequence[PartedWriter | None], stored: list[_Stored]) -> list[Target | None]:
+    """Where each rank's slice of the tensor goes: its place inside the output tensor that holds it (transposed,
+    or zeros on the ranks that do not hold it, when the layout says so)."""
+    regions: list[Target | None] = []
     for rank, writer in enumerate(writers):
         if writer is None:
             regions.append(None)
             continue
-        name, offset = places[rank][cut.name]
-        regions.append(writer.region(name, offset=offset, size=cut.rank_nbytes(rank)))
+        name, offset = stored[rank].places[cut.name]
+        region = writer.region(name, offset=offset, size=cut.rank_nbytes(rank))
+        reorder = stored[rank].reorders.get(cut.name)
+        if cut.name in stored[rank].zeroed:
+            regions.append(Zeroed(region, cut.rank_nbytes(rank)))
+        elif reorder is not None:
+            regions.append(Reordered(region, reorder))
+        else:
+            regions.append(region)
     return regions
 
 
@@ -224,7 +244,7 @@ def _constant(out: OutTensor, writers: Sequence[PartedWriter | None]) -> Callabl
     return run
 
 
-def _task(tensor_bytes: TensorSource, cut: TensorCut, regions: list[Region | None], progress: Progress | None) -> Callable[[], None]:
+def _task(tensor_bytes: TensorSource, cut: TensorCut, regions: list[Target | None], progress: Progress | None) -> Callable[[], None]:
     def run() -> None:
         buffers = thread_buffers()
         split_tensor(tensor_bytes(cut, buffers), cut, regions, progress=progress, buffers=buffers)
@@ -260,7 +280,7 @@ def _by_runs(cut: TensorCut) -> bool:
 def split_tensor(
     source: TensorBytes,
     cut: TensorCut,
-    targets: Sequence[Region | None],
+    targets: Sequence[Target | None],
     *,
     progress: Progress | None = None,
     buffers: Buffers | None = None,
@@ -281,7 +301,7 @@ def split_tensor(
 
 
 def _split_rows(
-    source: TensorBytes, cut: TensorCut, targets: list[tuple[Region | None, tuple[Span, ...]]], progress: Progress | None, buffers: Buffers
+    source: TensorBytes, cut: TensorCut, targets: list[tuple[Target | None, tuple[Span, ...]]], progress: Progress | None, buffers: Buffers
 ) -> None:
     """Blocks of whole rows, each rank's columns gathered from them."""
     outer, length, inner = cut.layout
@@ -314,7 +334,7 @@ def _gather(block: np.ndarray, spans: tuple[Span, ...], length: int, inner: int,
 
 
 def _split_runs(
-    source: TensorBytes, cut: TensorCut, targets: list[tuple[Region | None, tuple[Span, ...]]], progress: Progress | None
+    source: TensorBytes, cut: TensorCut, targets: list[tuple[Target | None, tuple[Span, ...]]], progress: Progress | None
 ) -> None:
     """Each span of each row is a run (or a few) of the source: copied in the kernel, row by row."""
     outer, _, inner = cut.layout

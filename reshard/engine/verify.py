@@ -88,7 +88,9 @@ def _check_against(folder: SplitFolder, model: Path, report: Report, progress: P
         buffers = Buffers()
         for cut in folder.manifest.tensors:
             source, infos = by_name[cut.name], [folder.tensor(r, cut.name) for r in ranks]
-            rank = _first_difference(cut, readers[source.path], source, [readers[i.path] for i in infos], infos, buffers)
+            pieces = [folder.piece_reader(readers, i) for i in infos]
+            zeroed = {r for r in ranks if cut.name in folder.zeroed(r)}
+            rank = _first_difference(cut, readers[source.path], source, pieces, infos, buffers, zeroed)
             if rank is not None:
                 report.problems.append(
                     f"{infos[rank].path}: tensor {cut.name} differs from rank {rank}'s slice of {source.path}; split again"
@@ -100,16 +102,33 @@ def _check_against(folder: SplitFolder, model: Path, report: Report, progress: P
 
 
 def _first_difference(
-    cut: TensorCut, source: ByteReader, info: TensorInfo, ranks: list[ByteReader], infos: list[TensorInfo], buffers: Buffers
+    cut: TensorCut,
+    source: ByteReader,
+    info: TensorInfo,
+    ranks: list[ByteReader],
+    infos: list[TensorInfo],
+    buffers: Buffers,
+    zeroed: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> int | None:
-    """The first rank whose bytes are not what the range walk over the source says, or None."""
+    """The first rank whose bytes are not what the range walk over the source says (zeros on the ranks an engine
+    layout leaves without this replicated tensor), or None."""
     outer, length, inner = cut.layout
-    if outer > 1 and 0 < length * inner <= BLOCK_BYTES:
+    if outer > 1 and 0 < length * inner <= BLOCK_BYTES and not zeroed:
         return _compare_rows(cut, source, info, ranks, infos, buffers)
     for rank, (reader, rank_info) in enumerate(zip(ranks, infos, strict=True)):
-        if not _same_runs(cut, rank, source, info, reader, rank_info, buffers):
+        if rank in zeroed:
+            if not _all_zeros(reader, rank_info, buffers):
+                return rank
+        elif not _same_runs(cut, rank, source, info, reader, rank_info, buffers):
             return rank
     return None
+
+
+def _all_zeros(reader: ByteReader, info: TensorInfo, buffers: Buffers) -> bool:
+    for at in range(0, info.nbytes, BLOCK_BYTES):
+        if reader.read_into(info.offset + at, buffers.get("rank", (1, min(BLOCK_BYTES, info.nbytes - at)))).any():
+            return False
+    return True
 
 
 def _compare_rows(

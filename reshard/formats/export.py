@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Any
 
 from reshard.errors import InputError, shown
+from reshard.formats.io import Reorder
 from reshard.model.config import ModelConfig
 from reshard.model.rules import compile_patterns
 from reshard.plan.build import SCALE_SUFFIXES
@@ -46,9 +47,13 @@ class OutTensor:
     value: float = 0.0  # a constant's value
     stack: int = 0  # when above 0: the pieces are this many equal groups stacked along a new leading dim (experts)
     flat: bool = False  # scalar pieces held as one vector of them (a fused layer's per-tensor scales)
+    transpose: bool = False  # the one piece held with its last two dims swapped (experts stored [out, in])
+    halves: tuple[str, ...] = ()  # pieces whose rows are held per head as rotary halves (even rows, then odd)
+    head_rows: int = 0  # the rows of one head, for `halves`
+    first_rank_only: bool = False  # the one (replicated) piece held by rank 0, zeros on every other rank
 
     def to_dict(self) -> dict[str, Any]:
-        if self.pieces == (self.name,) and not self.flat:
+        if self.pieces == (self.name,) and not (self.flat or self.transpose or self.first_rank_only):
             return {"name": self.name}
         if self.pieces:
             return {
@@ -56,6 +61,9 @@ class OutTensor:
                 "from": list(self.pieces),
                 **({"stack": self.stack} if self.stack else {}),
                 **({"flat": True} if self.flat else {}),
+                **({"transpose": True} if self.transpose else {}),
+                **({"halves": list(self.halves), "head_rows": self.head_rows} if self.halves else {}),
+                **({"first_rank_only": True} if self.first_rank_only else {}),
             }
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "value": self.value}
 
@@ -90,6 +98,23 @@ class Layout:
                 at += cuts[piece].rank_nbytes(rank)
         return found
 
+    def reorders(self, tensors: Sequence[TensorCut], rank: int) -> dict[str, Reorder]:
+        """The source tensors whose rank slices are stored in another order than theirs, and how."""
+        cuts = {t.name: t for t in tensors}
+        found: dict[str, Reorder] = {}
+        for out in self.tensors:
+            if out.transpose:
+                shape = cuts[out.pieces[0]].rank_shape(rank)
+                found[out.pieces[0]] = Reorder("transpose", shape[-2], shape[-1], DTYPE_SIZES[out.dtype])
+            for piece in out.halves:
+                shape = cuts[piece].rank_shape(rank)
+                found[piece] = Reorder("halves", out.head_rows, math.prod(shape[1:]), DTYPE_SIZES[out.dtype])
+        return found
+
+    def zeroed(self, rank: int) -> set[str]:
+        """The source tensors the rank holds as zeros (held by rank 0 alone)."""
+        return {out.pieces[0] for out in self.tensors if out.first_rank_only} if rank else set()
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
@@ -105,6 +130,8 @@ def rank_shape(out: OutTensor, cuts: dict[str, TensorCut], rank: int) -> tuple[i
     shapes = [cuts[p].rank_shape(rank) for p in out.pieces]
     if out.flat:
         return (len(shapes),)
+    if out.transpose:
+        return (*shapes[0][:-2], shapes[0][-1], shapes[0][-2])
     if len(shapes) == 1 and not out.stack:
         return shapes[0]
     length = sum(s[0] for s in shapes)
@@ -140,6 +167,9 @@ def engine_layouts(format: str) -> dict[str, dict[str, Any]]:
             "stack": [rule for part in parts for rule in part.get("stack", [])],
             "constants": [c for part in parts for c in part.get("constants", [])],
             "tied": {k: v for part in parts for k, v in part.get("tied", {}).items()},
+            "transpose": [rule for part in parts for rule in part.get("transpose", [])],
+            "rotary_halves": [p for part in parts for p in part.get("rotary_halves", [])],
+            "first_rank_only": [rule for part in parts for rule in part.get("first_rank_only", [])],
         }
     return found
 
@@ -209,6 +239,10 @@ def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linea
     dtypes = {t.name: t.dtype for t in plan.tensors}
     shapes = {t.name: t.shape for t in plan.tensors}
     fused = _fusions(names, _with_linear_parameters(spec["fuse"], linear)) | _stacks(names, _with_linear_parameters(spec["stack"], linear))
+    transposed = set(_fusions(names, spec["transpose"]))
+    rotary = compile_patterns(tuple(spec["rotary_halves"])) if spec["rotary_halves"] else None
+    first_rank = set(_fusions(names, spec["first_rank_only"]))
+    fused |= _fusions(names, spec["transpose"]) | _fusions(names, spec["first_rank_only"])
     renamed = dict(spec["tied"]) if config.raw.get("tie_word_embeddings") else {}
     out: list[OutTensor] = []
     done: set[str] = set()
@@ -222,11 +256,35 @@ def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linea
             raise InputError(f"tensor {name}: its layout name {into} is another tensor of the checkpoint; split with the default format")
         # A linear layer's per-tensor scales (one value each) are held as a vector of one value per fused part.
         flat = into.endswith(tuple(f".{p}" for p in linear)) and all(len(shapes[p]) == 0 for p in pieces) and not stack
-        out.append(OutTensor(into, dtypes[name], pieces, stack=stack, flat=flat))
+        if name in transposed and len(shapes[name]) < 2:
+            raise InputError(f"tensor {name}: {into} holds it transposed, and it has fewer than 2 dims; split with the default format")
+        halves = tuple(p for p in pieces if rotary.fullmatch(p) and len(shapes[p]) >= 1 and shapes[p][0] > 1) if rotary is not None else ()
+        out.append(
+            OutTensor(
+                into,
+                dtypes[name],
+                pieces,
+                stack=stack,
+                flat=flat,
+                transpose=name in transposed,
+                first_rank_only=name in first_rank,
+                halves=halves,
+                head_rows=_head_rows(config) if halves else 0,
+            )
+        )
         done |= set(pieces)
     for constant in spec["constants"]:
         out += _constants(names, dtypes, constant)
     return tuple(out)
+
+
+def _head_rows(config: ModelConfig) -> int:
+    """The rows of one attention head (head_dim, or hidden_size / num_attention_heads)."""
+    raw = config.raw
+    rows = raw.get("head_dim") or raw.get("hidden_size", 0) // max(1, raw.get("num_attention_heads", 1))
+    if not isinstance(rows, int) or rows < 2 or rows % 2:
+        raise InputError(f"{config.name}: head_dim ({rows}) must be an even number of rows for rotary halves; check config.json")
+    return rows
 
 
 def _swap(name: str, suffix: str) -> str:
@@ -335,7 +393,19 @@ def layout_from_dict(data: Any, tensors: Sequence[TensorCut]) -> Layout:
             out.append(OutTensor(name, str(entry["dtype"]), (), tuple(int(d) for d in entry["shape"]), float(entry["value"])))
         else:
             pieces = tuple(str(p) for p in entry.get("from", [name]))
-            out.append(OutTensor(name, dtypes[pieces[0]], pieces, stack=int(entry.get("stack", 0)), flat=bool(entry.get("flat", False))))
+            out.append(
+                OutTensor(
+                    name,
+                    dtypes[pieces[0]],
+                    pieces,
+                    stack=int(entry.get("stack", 0)),
+                    flat=bool(entry.get("flat", False)),
+                    transpose=bool(entry.get("transpose", False)),
+                    first_rank_only=bool(entry.get("first_rank_only", False)),
+                    halves=tuple(str(p) for p in entry.get("halves", [])),
+                    head_rows=int(entry.get("head_rows", 0)),
+                )
+            )
     held = [p for o in out for p in o.pieces]
     if sorted(held) != sorted(dtypes):
         raise ValueError("the layout must hold every tensor of the manifest exactly once")

@@ -6,6 +6,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,41 @@ def thread_buffers() -> Buffers:
     return buffers
 
 
+@dataclass(frozen=True)
+class Reorder:
+    """How an engine stores a tensor's bytes in another order, chunk by chunk: each chunk a [rows, cols] matrix of
+    `itemsize`-byte items, stored transposed ("transpose"), or with its rows by parity, even rows first ("halves":
+    a head's rows of q or k as a rotary embedding that rotates halves wants them)."""
+
+    kind: str
+    rows: int
+    cols: int
+    itemsize: int
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.rows * self.cols * self.itemsize
+
+    def store(self, chunk: np.ndarray) -> np.ndarray:
+        """The stored order of one chunk given in its logical order (flat uint8 arrays)."""
+        if self.kind == "transpose":
+            return np.ascontiguousarray(chunk.reshape(self.rows, self.cols, self.itemsize).transpose(1, 0, 2)).reshape(-1)
+        return np.ascontiguousarray(chunk.reshape(self.rows // 2, 2, -1).transpose(1, 0, 2)).reshape(-1)
+
+    def load(self, chunk: np.ndarray) -> np.ndarray:
+        """The logical order of one chunk given in its stored order."""
+        if self.kind == "transpose":
+            return np.ascontiguousarray(chunk.reshape(self.cols, self.rows, self.itemsize).transpose(1, 0, 2)).reshape(-1)
+        return np.ascontiguousarray(chunk.reshape(2, self.rows // 2, -1).transpose(1, 0, 2)).reshape(-1)
+
+    def load_all(self, data: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.load(c) for c in data.reshape(-1, self.chunk_bytes)]) if data.size else data
+
+
 class ByteReader:
     """Positioned reads from one read-only file."""
+
+    copyable = True  # its bytes may be copied inside the kernel as they lie
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -85,6 +119,50 @@ class ByteReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReorderedReader(ByteReader):
+    """A tensor an engine stores reordered, read in its logical order at the same offsets: each stored chunk is read
+    once, whole (in order, through the file's own reader, which may hash what it reads), and put back in order."""
+
+    copyable = False
+
+    def __init__(self, reader: ByteReader, base: int, reorder: Reorder) -> None:  # the file stays the reader's
+        self._reader, self._base, self._reorder = reader, base, reorder
+        self.path = reader.path
+        self._index, self._chunk = -1, np.empty(0, dtype=np.uint8)
+
+    def close(self) -> None:
+        """The file is the underlying reader's to close."""
+
+    @property
+    def fd(self) -> int:
+        return self._reader.fd
+
+    def read_into(self, offset: int, out: np.ndarray) -> np.ndarray:
+        flat, size = out.reshape(-1), self._reorder.chunk_bytes
+        at = offset - self._base
+        done = 0
+        while done < flat.size:
+            index, within = divmod(at + done, size)
+            chunk = self._load(index)
+            n = min(size - within, flat.size - done)
+            flat[done : done + n] = chunk[within : within + n]
+            done += n
+        return out
+
+    def read(self, offset: int, out: np.ndarray) -> np.ndarray:
+        return self.read_into(offset, out)
+
+    def copied(self, offset: int, n: int) -> None:
+        """Never copied inside the kernel."""
+
+    def _load(self, index: int) -> np.ndarray:
+        if index != self._index:
+            size = self._reorder.chunk_bytes
+            stored = self._reader.read(self._base + index * size, np.empty((1, size), dtype=np.uint8))
+            self._chunk, self._index = self._reorder.load(stored.reshape(-1)), index
+        return self._chunk
 
 
 def write_durably(path: Path, data: bytes) -> None:

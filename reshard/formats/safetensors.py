@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reshard.errors import InputError, shown
+from reshard.formats.io import Reorder
 from reshard.jsonfile import DuplicateKey, strict_object
 from reshard.plan.tensor import DTYPE_SIZES, SUB_BYTE_DTYPES, tensor_nbytes
 
@@ -31,6 +32,7 @@ class TensorInfo:
     path: Path
     offset: int  # absolute position of the first byte in the file
     nbytes: int
+    reorder: Reorder | None = None  # stored in another order than its own (an engine layout's), or None
 
 
 @dataclass(frozen=True)

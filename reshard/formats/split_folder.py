@@ -15,7 +15,7 @@ from typing import Any
 from reshard.errors import InputError, shown
 from reshard.formats.checksums import NONE, BackgroundHashes, HashedReader, file_digest
 from reshard.formats.export import build_layout, engine_data
-from reshard.formats.io import ByteReader, Progress
+from reshard.formats.io import ByteReader, Progress, ReorderedReader
 from reshard.formats.layout import MANIFEST_NAME, rank_record_name
 from reshard.formats.manifest import Manifest, read_manifest
 from reshard.formats.safetensors import TensorInfo, read_header
@@ -270,8 +270,19 @@ class SplitFolder:
         """Where each source tensor's slice lies in the rank's files: inside the output tensor that holds it."""
         found = {}
         places = self.manifest.packing.placements(self.manifest.tensors, rank)
+        reorders = self.manifest.packing.reorders(self.manifest.tensors, rank)
         for cut in self.manifest.tensors:
             name, offset = places[cut.name]
             out = tensors[name]
-            found[cut.name] = TensorInfo(cut.name, cut.dtype, cut.rank_shape(rank), out.path, out.offset + offset, cut.rank_nbytes(rank))
+            at, size = out.offset + offset, cut.rank_nbytes(rank)
+            found[cut.name] = TensorInfo(cut.name, cut.dtype, cut.rank_shape(rank), out.path, at, size, reorders.get(cut.name))
         return found
+
+    def piece_reader(self, readers: dict[Path, ByteReader], info: TensorInfo) -> ByteReader:
+        """What reads a rank's slice of a source tensor in its own order from `readers` (see `readers`)."""
+        reader = readers[info.path]
+        return reader if info.reorder is None else ReorderedReader(reader, info.offset, info.reorder)
+
+    def zeroed(self, rank: int) -> set[str]:
+        """The source tensors the rank holds as zeros (an engine that keeps them on rank 0 alone)."""
+        return self.manifest.packing.zeroed(rank)

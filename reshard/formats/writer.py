@@ -16,9 +16,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+import numpy as np
+
 from reshard.errors import OutputError
 from reshard.formats.checksums import NONE, FileRecord, FollowingHash
-from reshard.formats.io import BLOCK_BYTES, ByteReader, thread_buffers
+from reshard.formats.io import BLOCK_BYTES, ByteReader, Reorder, thread_buffers
 from reshard.formats.safetensors import Entry, encode_header, entry_nbytes
 from reshard.timing import clock, spent
 
@@ -200,7 +202,7 @@ class Region:
         writer = self._writer
         while n > 0:
             copied = 0
-            if writer._copy_file_range:
+            if writer._copy_file_range and reader.copyable:
                 start = clock()
                 try:
                     copied = os.copy_file_range(reader.fd, writer._fd, min(n, 1 << 30), offset, self._position)
@@ -229,6 +231,61 @@ class Region:
     def _check(self, n: int) -> None:
         if self._position + n > self._end:
             raise OutputError(f"{self._writer.path}: a tensor's data overruns its {self._end - self._position} remaining bytes")
+
+
+class Reordered:
+    """A region that receives a tensor front to back in its logical order and writes it in the order the engine
+    stores it, one chunk at a time (the memory one chunk takes)."""
+
+    def __init__(self, region: Region, reorder: Reorder) -> None:
+        self._region, self._reorder = region, reorder
+        self._chunk = np.empty(reorder.chunk_bytes, dtype=np.uint8)
+        self._filled = 0
+
+    def write(self, data: memoryview | bytes) -> None:
+        view = np.frombuffer(data, dtype=np.uint8)
+        while view.size:
+            n = min(view.size, self._chunk.size - self._filled)
+            self._chunk[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == self._chunk.size:
+                self._region.write(self._reorder.store(self._chunk).data)
+                self._filled = 0
+
+    def copy_from(self, reader: ByteReader, offset: int, n: int) -> None:
+        """Read into memory (the bytes are reordered, so no copy inside the kernel)."""
+        while n > 0:
+            data = reader.read_into(offset, thread_buffers().get("copy", (1, min(n, BLOCK_BYTES))))
+            self.write(data.data)
+            reader.copied(offset, data.size)
+            offset, n = offset + data.size, n - data.size
+
+    def write_zeros(self, n: int) -> None:
+        while n > 0:
+            step = min(n, BLOCK_BYTES)
+            self.write(bytes(step))
+            n -= step
+
+
+class Zeroed:
+    """A region written as zeros whatever it is given: a tensor the engine expects on one rank only."""
+
+    def __init__(self, region: Region, size: int) -> None:
+        self._region = region
+        region.write_zeros(size)
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Nothing: the zeros are written."""
+
+    def copy_from(self, reader: ByteReader, offset: int, n: int) -> None:
+        """Nothing to read."""
+
+    def write_zeros(self, n: int) -> None:
+        """Already zeros."""
+
+
+Target = Region | Reordered | Zeroed  # where one rank's slice of a tensor is written
 
 
 def partition(entries: list[Entry], max_bytes: int | None) -> list[list[Entry]]:

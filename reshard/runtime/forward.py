@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from reshard.errors import CheckFailed, InputError, UsageError, shown
 from reshard.formats.checkpoint import open_checkpoint
+from reshard.formats.io import Reorder
 from reshard.formats.layout import MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.rules import builtin_families, read_rules
@@ -80,6 +81,7 @@ def run_rank(
         raise UsageError(f"{folder.path} is split for tp {folder.tp}, but {comm.world_size} processes were started")
     cuts = expected_cuts(folder, rules=rules)
     weights = load_rank(folder.path, comm.rank, device=device)
+    zeroed = [folder.zeroed(r) for r in range(folder.tp)]  # what an engine layout keeps on rank 0 alone
     place = next(iter(weights.values())).device if weights else torch.device("cpu")
     errors: dict[str, list[tuple[float, str, str]]] = {}
     with ExitStack() as stack:
@@ -87,7 +89,8 @@ def run_rank(
         for index, cut in enumerate(cuts):
             reference = full(cut).to(place) if full is not None else None
             generator = torch.Generator(device="cpu").manual_seed(index)
-            how, error = _check(cut, weights[cut.name], reference, comm, generator)
+            held_as_zeros = {r for r, names in enumerate(zeroed) if cut.name in names}
+            how, error = _check(cut, weights[cut.name], reference, comm, generator, held_as_zeros)
             errors.setdefault(cut.rule or cut.style, []).append((error, cut.name, how))
     if comm.rank != 0:
         return []
@@ -114,18 +117,25 @@ def _references(folder: SplitFolder, source: Path | None, stack: ExitStack) -> A
         {name: stack.enter_context(safe_open(str(folder.path / name), framework="pt", device="cpu")) for name in files}
         for files in folder.manifest.rank_files
     ]
-    places = [folder.manifest.packing.placements(folder.manifest.tensors, r) for r in range(folder.tp)]
-    return lambda cut: _rebuilt(cut, ranks, places)
+    packing, tensors = folder.manifest.packing, folder.manifest.tensors
+    places = [packing.placements(tensors, r) for r in range(folder.tp)]
+    reorders = [packing.reorders(tensors, r) for r in range(folder.tp)]
+    return lambda cut: _rebuilt(cut, ranks, places, reorders)
 
 
-def _rebuilt(cut: TensorCut, ranks: Sequence[Mapping[str, Any]], places: Sequence[Mapping[str, tuple[str, int]]]) -> torch.Tensor:
+def _rebuilt(
+    cut: TensorCut,
+    ranks: Sequence[Mapping[str, Any]],
+    places: Sequence[Mapping[str, tuple[str, int]]],
+    reorders: Sequence[Mapping[str, Reorder]],
+) -> torch.Tensor:
     """The unsharded tensor, rebuilt from the rank files as merge would, without the merge engine."""
     import torch
 
     def rank_tensor(rank: int) -> torch.Tensor:
         name, offset = places[rank][cut.name]
         handle = next(h for h in ranks[rank].values() if name in h.keys())
-        return piece(handle.get_tensor(name), offset, cut.rank_shape(rank))
+        return piece(handle.get_tensor(name), offset, cut.rank_shape(rank), reorders[rank].get(cut.name))
 
     if cut.dim is None:
         return rank_tensor(0)
@@ -165,11 +175,17 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _check(
-    cut: TensorCut, local: torch.Tensor, full: torch.Tensor | None, comm: Communicator, generator: torch.Generator
+    cut: TensorCut,
+    local: torch.Tensor,
+    full: torch.Tensor | None,
+    comm: Communicator,
+    generator: torch.Generator,
+    zeroed: set[int] | None = None,
 ) -> tuple[str, float]:
-    """Run one tensor's share on this rank and combine; on rank 0 (`full` given) also measure the error."""
+    """Run one tensor's share on this rank and combine; on rank 0 (`full` given) also measure the error. The ranks
+    in `zeroed` hold a replicated tensor as zeros (the engine adds it on rank 0 alone)."""
     if not (local.is_floating_point() and local.dim() in (1, 2) and cut.dim is not None):
-        return "copy", _check_bytes(cut, local, full, comm)
+        return "copy", _check_bytes(cut, local, full, comm, zeroed or set())
     if cut.style == "vocab" and local.dim() == 2 and cut.dim == 0:
         return "masked lookup", _check_lookup(cut, local, full, comm, generator)
     if local.dim() == 1:
@@ -179,8 +195,9 @@ def _check(
     return "all-reduce", _check_rowwise(cut, local, full, comm, generator)
 
 
-def _check_bytes(cut: TensorCut, local: torch.Tensor, full: torch.Tensor | None, comm: Communicator) -> float:
-    """Replicated tensors, integer or packed data: rank 0 checks every rank's bytes against its slice."""
+def _check_bytes(cut: TensorCut, local: torch.Tensor, full: torch.Tensor | None, comm: Communicator, zeroed: set[int]) -> float:
+    """Replicated tensors, integer or packed data: rank 0 checks every rank's bytes against its slice (zeros on the
+    ranks in `zeroed`)."""
     import torch
 
     tp = comm.world_size
@@ -190,6 +207,7 @@ def _check_bytes(cut: TensorCut, local: torch.Tensor, full: torch.Tensor | None,
     if full is None:
         return 0.0
     wants = [full if cut.dim is None else _expected_slice(cut, full, r, cut.dim) for r in range(tp)]
+    wants = [torch.zeros_like(w) if r in zeroed else w for r, w in enumerate(wants)]
     want = torch.cat([w.reshape(-1).view(torch.uint8) for w in wants])
     return 0.0 if torch.equal(gathered, want) else 1.0
 

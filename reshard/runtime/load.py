@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reshard.errors import InputError, UsageError
+from reshard.formats.io import Reorder
 from reshard.formats.split_folder import SplitFolder
 
 if TYPE_CHECKING:
@@ -44,15 +45,26 @@ def load_rank(split_dir: Path, rank: int, *, device: str | None = None, check_ch
         with safe_open(str(folder.path / name), framework="pt", device=str(place)) as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
-    places = folder.manifest.packing.placements(folder.manifest.tensors, rank)
-    return {t.name: piece(tensors[places[t.name][0]], places[t.name][1], t.rank_shape(rank)) for t in folder.manifest.tensors}
+    packing = folder.manifest.packing
+    places, reorders = packing.placements(folder.manifest.tensors, rank), packing.reorders(folder.manifest.tensors, rank)
+    return {
+        t.name: piece(tensors[places[t.name][0]], places[t.name][1], t.rank_shape(rank), reorders.get(t.name))
+        for t in folder.manifest.tensors
+    }
 
 
-def piece(packed: torch.Tensor, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The source tensor's slice that starts `offset` bytes into a tensor of an engine layout (a view)."""
+def piece(packed: torch.Tensor, offset: int, shape: tuple[int, ...], reorder: Reorder | None = None) -> torch.Tensor:
+    """The source tensor's slice that starts `offset` bytes into a tensor of an engine layout: a view, or a copy
+    put back in its own order when the engine stores it reordered."""
+    import torch
+
     flat = packed.reshape(-1)
     start = offset // max(1, flat.element_size())
-    return flat[start : start + math.prod(shape)].reshape(shape)
+    found = flat[start : start + math.prod(shape)]
+    if reorder is not None:
+        data = reorder.load_all(found.cpu().contiguous().view(torch.uint8).numpy())
+        found = torch.from_numpy(data).view(found.dtype).to(found.device)
+    return found.reshape(shape)
 
 
 def _place(folder: SplitFolder, rank: int, device: str | None) -> torch.device:
