@@ -169,7 +169,12 @@ def test_plan_shows_the_vllm_cut(model: Path) -> None:
     assert (plan["format"], lm_head["rank_shape"], lm_head["padding"]) == ("vllm", [32, 32], 28)
     qkv = next(t for t in plan["layout"] if t["name"] == "model.layers.1.self_attn.qkv_proj.weight")
     # 8 heads of 4 rows: 8 q rows per rank, and the rank's copy of one of the 2 kv heads for k and for v
-    assert qkv == {"name": qkv["name"], "holds": "q_proj.weight | k_proj.weight | v_proj.weight", "dtype": "F32", "rank_shapes": [[16, 32]] * 4}
+    assert qkv == {
+        "name": qkv["name"],
+        "holds": "q_proj.weight | k_proj.weight | v_proj.weight",
+        "dtype": "F32",
+        "rank_shapes": [[16, 32]] * 4,
+    }
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -371,7 +376,9 @@ def test_experts_vllm_stores_transposed(family_models: dict[str, Path], tmp_path
         own = tmp_path / f"{kind}-{tp}-own"
         assert invoke("split", out, "--tp", 2, "--out", own, "-q").exit_code == 0
         again = snapshot(split(own, tmp_path / f"{kind}-{tp}-again", tp))
-        assert {n: b for n, b in again.items() if n.startswith("model-rank-")} == {n: b for n, b in snapshot(out).items() if n.startswith("model-rank-")}
+        assert {n: b for n, b in again.items() if n.startswith("model-rank-")} == {
+            n: b for n, b in snapshot(out).items() if n.startswith("model-rank-")
+        }
         weights = reshard.load_rank(out, tp - 1, device="cpu")
         assert torch.equal(weights[f"{p}.down_proj"], down.chunk(tp, dim=1)[tp - 1])
 
