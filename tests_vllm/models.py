@@ -26,9 +26,25 @@ SIZES = dict(
 )  # fmt: skip
 MLA = dict(num_key_value_heads=8, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, head_dim=16)
 DEEPSEEK = dict(MLA, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1)
+# More model types of the llama layout, each with a vLLM class of its own.
+LLAMA_LIKE = (
+    "mistral",
+    "olmo",
+    "olmo3",
+    "exaone4",
+    "seed_oss",
+    "smollm3",
+    "arcee",
+    "helium",
+    "ministral",
+    "nemotron",
+    "ernie4_5",
+    "hunyuan_v1_dense",
+)
 # What each model type's tiny checkpoint needs beyond SIZES.
 MODELS: dict[str, dict[str, Any]] = {
     "llama": dict(model_type="llama"),
+    **{t: dict(model_type=t) for t in LLAMA_LIKE},
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3"),
     "gemma": dict(model_type="gemma", num_key_value_heads=1, tie_word_embeddings=True),
@@ -36,6 +52,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "qwen2_moe": dict(model_type="qwen2_moe"),
     "qwen3_moe": dict(model_type="qwen3_moe"),
     "olmoe": dict(model_type="olmoe", num_key_value_heads=8),
+    "flex_olmo": dict(model_type="flex_olmo"),
     "glm4_moe": dict(model_type="glm4_moe", head_dim=32, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "deepseek_v2": dict(DEEPSEEK, model_type="deepseek_v2"),
     "deepseek_v3": dict(DEEPSEEK, model_type="deepseek_v3", topk_method="noaux_tc"),
@@ -182,6 +199,8 @@ def run_vllm(model: Path, tp: int, load_format: str, out: Path, *, generate: boo
     if block_scaled(model):
         env["RESHARD_CAPTURE_PRETEND_AMX"] = "1"
         generate = False
+    if not generate:
+        env["RESHARD_CAPTURE_STOP"] = "1"  # nothing is computed: the run ends once the weights are captured
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(["0", "1"] * (tp // 2))
     log = out / "vllm.log"

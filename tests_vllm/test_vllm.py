@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import QUANTIZED, build, build_quantized, run_vllm
+from models import LLAMA_LIKE, QUANTIZED, build, build_quantized, run_vllm
 
 TOKENS, CAPTURE = "tokens", "capture"
 # (model type, tp, check): "tokens" where vLLM's CPU build runs the model (the capture is compared too),
@@ -30,6 +30,7 @@ TOKENS, CAPTURE = "tokens", "capture"
 CASES = [
     ("llama", 2, TOKENS),
     ("llama", 4, TOKENS),  # 2 kv heads replicated at tp 4
+    ("mistral", 2, TOKENS),  # vLLM's own Mistral class
     ("qwen2", 2, TOKENS),  # q/k/v biases
     ("qwen3", 2, TOKENS),  # q/k norms
     ("gemma", 2, TOKENS),  # tied embeddings, one kv head replicated on both ranks
@@ -45,6 +46,8 @@ CASES = [
     ("qwen3_moe", 4, TOKENS),  # kv heads replicated, experts cut 4 ways
     ("olmoe", 2, TOKENS),
     ("glm4_moe", 2, TOKENS),  # a dense first layer, shared experts, the routing bias under routed_experts
+    ("gpt_oss", 2, TOKENS),  # experts transposed, w2_bias on rank 0 alone, attention sinks by heads, its own names
+    ("llama4_text", 2, TOKENS),  # experts transposed, q/k rows as rotary halves, a shared expert, dense layers
     ("llama-int8", 2, TOKENS),  # compressed-tensors INT8 W8A8 (FP8: the controls below)
     # quant_method fp8 in bfloat16: one scale per tensor, held as one per fused part; vLLM's CPU build has no
     # kernel for its activations (static_scaled_fp8_quant), so it loads the weights and stops
@@ -57,6 +60,9 @@ CASES = [
     ("deepseek_v3", 2, CAPTURE),  # the routing bias under experts.gate
     # gated-delta-net layers: vLLM's CPU kernel requires bfloat16, in which its tokens are not reproducible
     ("qwen3_next", 2, CAPTURE),
+    # more model types of the llama layout, each its own vLLM class: the weights, captured, suffice
+    *((t, 2, CAPTURE) for t in LLAMA_LIKE if t != "mistral"),
+    ("flex_olmo", 2, CAPTURE),  # the qwen3_moe layout
 ]
 
 

@@ -1,6 +1,7 @@
 """A vLLM general plugin (loaded in every vLLM process) that, when RESHARD_CAPTURE names a folder, writes each
 tensor-parallel rank's parameters and buffers as vLLM holds them after loading the weights and before
-`process_weights_after_loading` turns them into kernel formats: `rank-<r>.safetensors`, one per rank.
+`process_weights_after_loading` turns them into kernel formats: `rank-<r>.safetensors`, one per rank. With
+RESHARD_CAPTURE_STOP set, the run stops there (a check that needs the weights only).
 
 That is the state both of vLLM's loaders fill: the default one from the original checkpoint, and
 `sharded_state` from an export. Two captures that are bit-identical show the export is exactly what vLLM makes of
@@ -39,8 +40,8 @@ def register() -> None:
         rank = get_tensor_model_parallel_rank()
         save_file(tensors, os.path.join(folder, f"rank-{rank}.safetensors.tmp"))
         os.replace(os.path.join(folder, f"rank-{rank}.safetensors.tmp"), os.path.join(folder, f"rank-{rank}.safetensors"))
-        if os.environ.get("RESHARD_CAPTURE_PRETEND_AMX"):
-            raise SystemExit("reshard capture: written; stopping before process_weights_after_loading (no AMX here)")
+        if os.environ.get("RESHARD_CAPTURE_STOP") or os.environ.get("RESHARD_CAPTURE_PRETEND_AMX"):
+            raise SystemExit("reshard capture: written; stopping before process_weights_after_loading")
         return original(model, model_config, target_device)
 
     capture.reshard_capture = True  # type: ignore[attr-defined]
