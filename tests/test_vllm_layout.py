@@ -137,7 +137,7 @@ def test_a_model_type_vllm_was_not_proven_with_is_refused(family_models: dict[st
     refused = invoke("split", family_models["apertus"], "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
     assert refused.exit_code == 1
     assert refused.stderr.startswith(
-        "Error: --format vllm: model_type 'apertus' (llama family) has no vllm 0.32 layout in reshard; model types with one: deepseek_v2, "
+        "Error: --format vllm: model_type 'apertus' (llama family) has no vllm 0.32 layout in reshard; model types with one: arcee, "
     )
     assert not (tmp_path / "out").exists()
 
