@@ -376,7 +376,7 @@ def split_command(
         )
         layout = build_layout(plan, model_config, format=format)
         chosen = _chosen_ranks(rank, ranks, plan.tp)
-        target = out if out is not None else default_split_dir(source.root, plan.tp, format)
+        target = out if out is not None else default_split_dir(source.root, plan.tp, format=format)
         with _progress(read_nbytes(plan, ranks=chosen), "split", quiet) as progress:
             manifest = write_split(
                 source,

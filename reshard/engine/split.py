@@ -79,7 +79,7 @@ def split(
     source, model_config, plan = make_plan(
         model, tp=tp, device_ids=device_ids, config=config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format
     )
-    out = Path(out) if out is not None else default_split_dir(source.root, tp, format)
+    out = Path(out) if out is not None else default_split_dir(source.root, tp, format=format)
     layout = build_layout(plan, model_config, format=format)
     write_split(
         source,
@@ -96,7 +96,7 @@ def split(
     return out
 
 
-def default_split_dir(model_root: Path, tp: int, format: str = "reshard") -> Path:
+def default_split_dir(model_root: Path, tp: int, *, format: str = "reshard") -> Path:
     """`<model>-tp<N>` beside the model folder (`<model>-vllm-tp<N>` for vLLM's layout); a split folder
     `<model>-tp8` or `<model>-vllm-tp8` gives `<model>-tp4`."""
     root = model_root if model_root.name else model_root.absolute()

@@ -239,11 +239,9 @@ def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linea
     dtypes = {t.name: t.dtype for t in plan.tensors}
     shapes = {t.name: t.shape for t in plan.tensors}
     fused = _fusions(names, _with_linear_parameters(spec["fuse"], linear)) | _stacks(names, _with_linear_parameters(spec["stack"], linear))
-    transposed = set(_fusions(names, spec["transpose"]))
-    rotary = compile_patterns(tuple(spec["rotary_halves"])) if spec["rotary_halves"] else None
-    first_rank = set(_fusions(names, spec["first_rank_only"]))
     fused |= _fusions(names, spec["transpose"]) | _fusions(names, spec["first_rank_only"])
     renamed = dict(spec["tied"]) if config.raw.get("tie_word_embeddings") else {}
+    stored = _Storage(set(_fusions(names, spec["transpose"])), set(_fusions(names, spec["first_rank_only"])), spec["rotary_halves"], config)
     out: list[OutTensor] = []
     done: set[str] = set()
     for name in names:
@@ -256,26 +254,32 @@ def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linea
             raise InputError(f"tensor {name}: its layout name {into} is another tensor of the checkpoint; split with the default format")
         # A linear layer's per-tensor scales (one value each) are held as a vector of one value per fused part.
         flat = into.endswith(tuple(f".{p}" for p in linear)) and all(len(shapes[p]) == 0 for p in pieces) and not stack
-        if name in transposed and len(shapes[name]) < 2:
-            raise InputError(f"tensor {name}: {into} holds it transposed, and it has fewer than 2 dims; split with the default format")
-        halves = tuple(p for p in pieces if rotary.fullmatch(p) and len(shapes[p]) >= 1 and shapes[p][0] > 1) if rotary is not None else ()
-        out.append(
-            OutTensor(
-                into,
-                dtypes[name],
-                pieces,
-                stack=stack,
-                flat=flat,
-                transpose=name in transposed,
-                first_rank_only=name in first_rank,
-                halves=halves,
-                head_rows=_head_rows(config) if halves else 0,
-            )
-        )
+        out.append(OutTensor(into, dtypes[name], pieces, stack=stack, flat=flat, **stored.flags(into, pieces, shapes)))
         done |= set(pieces)
     for constant in spec["constants"]:
         out += _constants(names, dtypes, constant)
     return tuple(out)
+
+
+class _Storage:
+    """Which pieces an engine layout stores otherwise than as cut: transposed, on rank 0 alone, as rotary halves."""
+
+    def __init__(self, transposed: set[str], first_rank: set[str], rotary: list[str], config: ModelConfig) -> None:
+        self._transposed, self._first_rank, self._config = transposed, first_rank, config
+        self._rotary = compile_patterns(tuple(rotary)) if rotary else None
+
+    def flags(self, into: str, pieces: tuple[str, ...], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+        name = pieces[0]
+        if name in self._transposed and len(shapes[name]) < 2:
+            raise InputError(f"tensor {name}: {into} holds it transposed, and it has fewer than 2 dims; split with the default format")
+        rotary = self._rotary
+        halves = tuple(p for p in pieces if rotary.fullmatch(p) and len(shapes[p]) >= 1 and shapes[p][0] > 1) if rotary else ()
+        return {
+            "transpose": name in self._transposed,
+            "first_rank_only": name in self._first_rank,
+            "halves": halves,
+            "head_rows": _head_rows(self._config) if halves else 0,
+        }
 
 
 def _head_rows(config: ModelConfig) -> int:

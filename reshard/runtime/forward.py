@@ -135,7 +135,7 @@ def _rebuilt(
     def rank_tensor(rank: int) -> torch.Tensor:
         name, offset = places[rank][cut.name]
         handle = next(h for h in ranks[rank].values() if name in h.keys())
-        return piece(handle.get_tensor(name), offset, cut.rank_shape(rank), reorders[rank].get(cut.name))
+        return piece(handle.get_tensor(name), offset, cut.rank_shape(rank), reorder=reorders[rank].get(cut.name))
 
     if cut.dim is None:
         return rank_tensor(0)

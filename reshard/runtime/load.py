@@ -48,12 +48,12 @@ def load_rank(split_dir: Path, rank: int, *, device: str | None = None, check_ch
     packing = folder.manifest.packing
     places, reorders = packing.placements(folder.manifest.tensors, rank), packing.reorders(folder.manifest.tensors, rank)
     return {
-        t.name: piece(tensors[places[t.name][0]], places[t.name][1], t.rank_shape(rank), reorders.get(t.name))
+        t.name: piece(tensors[places[t.name][0]], places[t.name][1], t.rank_shape(rank), reorder=reorders.get(t.name))
         for t in folder.manifest.tensors
     }
 
 
-def piece(packed: torch.Tensor, offset: int, shape: tuple[int, ...], reorder: Reorder | None = None) -> torch.Tensor:
+def piece(packed: torch.Tensor, offset: int, shape: tuple[int, ...], *, reorder: Reorder | None = None) -> torch.Tensor:
     """The source tensor's slice that starts `offset` bytes into a tensor of an engine layout: a view, or a copy
     put back in its own order when the engine stores it reordered."""
     import torch
