@@ -365,7 +365,7 @@ def split_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Write safetensors files for each rank, config.json and the manifest reshard.json (default output
-    folder: <model folder>-tp<N> beside it, <model folder>-vllm-tp<N> with --format vllm)."""
+    folder: <model folder>-tp<N> beside it, or <model folder>-vllm-tp<N> with --format vllm)."""
 
     def action() -> None:
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
