@@ -63,6 +63,9 @@ CASES = [
     # more model types of the llama layout, each its own vLLM class: the weights, captured, suffice
     *((t, 2, CAPTURE) for t in LLAMA_LIKE if t != "mistral"),
     ("flex_olmo", 2, CAPTURE),  # the qwen3_moe layout
+    ("exaone_moe", 2, CAPTURE),  # a dense first layer, shared experts, the routing bias where the checkpoint has it
+    ("hunyuan_v1_moe", 2, CAPTURE),  # its shared MLP fused in place, the router as gate.wg
+    ("dots1", 2, CAPTURE),  # shared experts under _shared_experts._layer.shared_experts
 ]
 
 
