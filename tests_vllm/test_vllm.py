@@ -24,9 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from models import LLAMA_LIKE, QUANTIZED, build, build_quantized, run_vllm
 
-TOKENS, CAPTURE = "tokens", "capture"
+TOKENS, CAPTURE, FILES = "tokens", "capture", "files"
 # (model type, tp, check): "tokens" where vLLM's CPU build runs the model (the capture is compared too),
-# "capture" where it loads the weights but cannot run the model here.
+# "capture" where it loads the weights but cannot run the model here, "files" for more model types of layouts
+# proven above: one vLLM start, on the original, whose capture the export's files must equal byte for byte (what
+# vLLM's sharded_state loader copies into the same parameters, as every case above shows).
 CASES = [
     ("llama", 2, TOKENS),
     ("llama", 4, TOKENS),  # 2 kv heads replicated at tp 4
@@ -60,12 +62,12 @@ CASES = [
     ("deepseek_v3", 2, CAPTURE),  # the routing bias under experts.gate
     # gated-delta-net layers: vLLM's CPU kernel requires bfloat16, in which its tokens are not reproducible
     ("qwen3_next", 2, CAPTURE),
-    # more model types of the llama layout, each its own vLLM class: the weights, captured, suffice
-    *((t, 2, CAPTURE) for t in LLAMA_LIKE if t != "mistral"),
-    ("flex_olmo", 2, CAPTURE),  # the qwen3_moe layout
-    ("exaone_moe", 2, CAPTURE),  # a dense first layer, shared experts, the routing bias where the checkpoint has it
-    ("hunyuan_v1_moe", 2, CAPTURE),  # its shared MLP fused in place, the router as gate.wg
-    ("dots1", 2, CAPTURE),  # shared experts under _shared_experts._layer.shared_experts
+    # more model types of the llama layout, each its own vLLM class
+    *((t, 2, FILES) for t in LLAMA_LIKE if t != "mistral"),
+    ("flex_olmo", 2, FILES),  # the qwen3_moe layout
+    ("exaone_moe", 2, FILES),  # a dense first layer, shared experts, the routing bias where the checkpoint has it
+    ("hunyuan_v1_moe", 2, FILES),  # its shared MLP fused in place, the router as gate.wg
+    ("dots1", 2, FILES),  # shared experts under _shared_experts._layer.shared_experts
 ]
 
 
@@ -103,6 +105,17 @@ def assert_files_hold(export: Path, capture: Path, tp: int) -> None:
         assert all((held[n].dtype, held[n].shape) == (want[n].dtype, want[n].shape) for n in want)
 
 
+def assert_files_equal(export: Path, capture: Path, tp: int) -> None:
+    """The export's rank files hold exactly the captured parameters and buffers, byte for byte."""
+    assert_files_hold(export, capture, tp)
+    for rank in range(tp):
+        held: dict[str, torch.Tensor] = {}
+        for path in sorted(export.glob(f"model-rank-{rank}-part-*.safetensors")):
+            held |= load_file(path)
+        want = load_file(capture / f"rank-{rank}.safetensors")
+        assert all(raw(held[n]) == raw(want[n]) for n in want), f"rank {rank}"
+
+
 def assert_same_tokens(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want, strict=True):
         assert g["tokens"] == w["tokens"]
@@ -118,6 +131,9 @@ def prove(kind: str, tp: int, check: str, work: Path) -> tuple[Path, Path, list[
     reshard("split", model, "--tp", tp, "--format", "vllm", "--out", export)
     generate = check == TOKENS
     want, _ = run_vllm(model, tp, "auto", work / "original", generate=generate)
+    if check == FILES:
+        assert_files_equal(export, work / "original", tp)
+        return model, export, want
     got, log = run_vllm(export, tp, "sharded_state", work / "export", generate=generate)
     assert "loading tensor of shape" not in log
     assert_files_hold(export, work / "original", tp)
