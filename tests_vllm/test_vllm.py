@@ -151,7 +151,8 @@ def test_vllm_holds_the_same_weights_and_computes_the_same(tmp_path: Path, kind:
 
 def test_fp8_and_the_checks_fail_on_a_wrong_export(tmp_path: Path) -> None:
     """A compressed-tensors FP8 W8A8 export (per-channel scales fused with their rows) proven as above, then, as
-    controls, changed in two ways, each loaded by vLLM again. Its two
+    controls, changed in two ways, each loaded by vLLM again (and each compared with the original's capture as the
+    "files" check does). Its two
     ranks' files swapped (same names and shapes, so vLLM loads them): the capture and the tokens differ. One
     weight scale off by one step: the capture differs."""
     _, export, want = prove("llama-fp8", 2, TOKENS, tmp_path)
@@ -159,6 +160,8 @@ def test_fp8_and_the_checks_fail_on_a_wrong_export(tmp_path: Path) -> None:
     shutil.copytree(export, swapped)
     for rank in range(2):
         shutil.copy(export / f"model-rank-{1 - rank}-part-0.safetensors", swapped / f"model-rank-{rank}-part-0.safetensors")
+    with pytest.raises(AssertionError):
+        assert_files_equal(swapped, tmp_path / "original", 2)
     got, _ = run_vllm(swapped, 2, "sharded_state", tmp_path / "swapped-run")
     with pytest.raises(AssertionError):
         assert_same_capture(tmp_path / "swapped-run", tmp_path / "original", 2)
@@ -175,5 +178,7 @@ def test_fp8_and_the_checks_fail_on_a_wrong_export(tmp_path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
     run_vllm(scaled, 2, "sharded_state", tmp_path / "scaled-run", generate=False)
     assert_files_hold(scaled, tmp_path / "original", 2)  # names, shapes and dtypes still agree
+    with pytest.raises(AssertionError):
+        assert_files_equal(scaled, tmp_path / "original", 2)
     with pytest.raises(AssertionError, match="weight_scale differs"):
         assert_same_capture(tmp_path / "scaled-run", tmp_path / "original", 2)
