@@ -222,7 +222,7 @@ COMPRESSED_TENSORS = {
 
 def quantized_llama(folder: Path, scales: str) -> Path:
     """A Llama whose decoder linear layers are FP8 with `scales`: "channel" (compressed-tensors, [out, 1]), "tensor"
-    (quant_method fp8, one scalar) or "block" (quant_method fp8, weight_scale_inv per 4 x 4 block); the rest bf16."""
+    (quant_method fp8, one scalar, and a static input scale) or "block" (quant_method fp8, weight_scale_inv per 4 x 4 block); the rest bf16."""
     config = llama_config(kv_heads=2, vocab=100)
     gen = torch.Generator().manual_seed(3)
     tensors = {}
@@ -234,14 +234,15 @@ def quantized_llama(folder: Path, scales: str) -> Path:
         prefix = name[: -len(".weight")]
         if scales == "channel":
             tensors[f"{prefix}.weight_scale"] = torch.rand(shape[0], 1, generator=gen)
-        elif scales == "tensor":
+        elif scales == "tensor":  # static activation scales too
             tensors[f"{prefix}.weight_scale"] = torch.rand((), generator=gen)
+            tensors[f"{prefix}.input_scale"] = torch.rand((), generator=gen)
         else:
             tensors[f"{prefix}.weight_scale_inv"] = torch.rand(shape[0] // 4, shape[1] // 4, generator=gen)
     if scales == "channel":
         config["quantization_config"] = COMPRESSED_TENSORS
     else:
-        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static" if scales == "tensor" else "dynamic"}
         if scales == "block":
             config["quantization_config"]["weight_block_size"] = [4, 4]
     return write_checkpoint(folder, tensors, config)
@@ -277,8 +278,9 @@ def test_quantized_layers_hold_their_scales_as_vllm_does(tmp_path: Path, scales:
                 want = torch.zeros(1) if "zero" in name else torch.ones(1)
                 assert torch.equal(got[f"{p}.self_attn.attn.{name}"], want)
         elif scales == "tensor":
-            want = torch.stack([source[f"{p}.self_attn.{n}_proj.weight_scale"] for n in "qkv"])
-            assert torch.equal(got[f"{p}.self_attn.qkv_proj.weight_scale"], want)
+            for kind in ("weight_scale", "input_scale"):
+                want = torch.stack([source[f"{p}.self_attn.{n}_proj.{kind}"] for n in "qkv"])
+                assert torch.equal(got[f"{p}.self_attn.qkv_proj.{kind}"], want)
             assert torch.equal(got[f"{p}.self_attn.o_proj.weight_scale"], source[f"{p}.self_attn.o_proj.weight_scale"].reshape(1))
             for name in ("q_scale", "k_scale", "v_scale", "prob_scale"):
                 scale = got[f"{p}.self_attn.attn.{name}"]
@@ -306,6 +308,21 @@ def test_other_quantizations_are_refused_by_name(tmp_path: Path, quantization: d
     (model / "config.json").write_text(json.dumps(config))
     result = invoke("split", model, "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
     assert result.exit_code == 1 and says in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_kv_cache_scales_are_refused_by_name(tmp_path: Path) -> None:
+    model = quantized_llama(tmp_path / "model", "tensor")
+    tensors = load_file(model / "model.safetensors") | {"model.layers.0.self_attn.k_scale": torch.tensor(0.5)}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    result = invoke("split", model, "--tp", 2, "--format", "vllm", "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: --format vllm: tensor model.layers.0.self_attn.k_scale is a kv-cache scale, and reshard has no vllm 0.32 layout for "
+        "quantized kv caches (split with the default format instead)\n"
+    )
     assert not (tmp_path / "out").exists()
 
 

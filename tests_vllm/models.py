@@ -115,6 +115,7 @@ QUANTIZED = {
     "llama-fp8": ("llama", "float"),  # compressed-tensors
     "llama-int8": ("llama", "int"),  # compressed-tensors
     "llama-fp8-tensor": ("llama", "fp8-tensor"),  # quant_method fp8, one scale per tensor
+    "llama-fp8-static": ("llama", "fp8-static"),  # quant_method fp8, per-tensor scales, static activation scales (input_scale)
     "llama-fp8-block": ("llama", "fp8-block"),  # quant_method fp8, a scale per 32 x 128 block (weight_scale_inv)
 }
 BLOCK = (32, 128)  # rows (out) x columns (in): vLLM's CPU kernel takes column blocks of 128 only
@@ -134,10 +135,12 @@ def build_quantized(kind: str, folder: Path) -> Path:
     linear = [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]
     for name in linear:
         w = tensors[name]
-        if number == "fp8-tensor":
+        if number in ("fp8-tensor", "fp8-static"):
             scale = w.abs().amax() / FP8_MAX
             tensors[name] = (w.float() / scale).to(torch.float8_e4m3fn)
             tensors[name[: -len("weight")] + "weight_scale"] = scale.float()
+            if number == "fp8-static":
+                tensors[name[: -len("weight")] + "input_scale"] = torch.rand(()) / 100 + 0.01
             continue
         if number == "fp8-block":
             rows, cols = w.shape
@@ -156,7 +159,8 @@ def build_quantized(kind: str, folder: Path) -> Path:
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     if number.startswith("fp8"):
-        config["quantization_config"] = dict(quant_method="fp8", activation_scheme="dynamic", fmt="e4m3")
+        scheme = "static" if number == "fp8-static" else "dynamic"
+        config["quantization_config"] = dict(quant_method="fp8", activation_scheme=scheme, fmt="e4m3")
         if number == "fp8-block":
             config["quantization_config"]["weight_block_size"] = list(BLOCK)
         config["dtype"] = "bfloat16"

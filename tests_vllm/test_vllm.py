@@ -51,9 +51,10 @@ CASES = [
     ("gpt_oss", 2, TOKENS),  # experts transposed, w2_bias on rank 0 alone, attention sinks by heads, its own names
     ("llama4_text", 2, TOKENS),  # experts transposed, q/k rows as rotary halves, a shared expert, dense layers
     ("llama-int8", 2, TOKENS),  # compressed-tensors INT8 W8A8 (FP8: the controls below)
-    # quant_method fp8 in bfloat16: one scale per tensor, held as one per fused part; vLLM's CPU build has no
-    # kernel for its activations (static_scaled_fp8_quant), so it loads the weights and stops
-    ("llama-fp8-tensor", 2, CAPTURE),
+    # quant_method fp8 in bfloat16: one weight scale and one static input scale per tensor, each held as one per
+    # fused part; vLLM's CPU build has no kernel for its activations (static_scaled_fp8_quant), so it loads the
+    # weights and stops
+    ("llama-fp8-static", 2, CAPTURE),
     # quant_method fp8 with 32 x 128 block scales (weight_scale_inv): vLLM's CPU build constructs these layers
     # only with AMX tiles, which this machine lacks; the plugin pretends they are there and stops after the load
     ("llama-fp8-block", 2, CAPTURE),

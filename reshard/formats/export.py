@@ -204,6 +204,12 @@ def _quantization(plan: Plan, config: ModelConfig, format: str) -> dict[str, Any
     describe is refused by name."""
     data = engine_data(format)
     quant = config.raw.get("quantization_config")
+    kv = next((t.name for t in plan.tensors if t.name.endswith(tuple(data["kv_cache_scales"]))), None)
+    if kv is not None:
+        raise InputError(
+            f"--format {format}: tensor {shown(kv)} is a kv-cache scale, and reshard has no {format} {data['version']} layout for "
+            "quantized kv caches (split with the default format instead)"
+        )
     scaled = next((t.name for t in plan.tensors if t.name.endswith(SCALE_SUFFIXES)), None)
     if not isinstance(quant, dict):
         if scaled is not None:
