@@ -185,6 +185,11 @@ def dtype_of(model: Path) -> str:
     return "bfloat16" if config.get("quantization_config", {}).get("quant_method") == "fp8" else "float32"
 
 
+def make(kind: str, folder: Path) -> Path:
+    """The tiny checkpoint of a model type, or of a quantized one (QUANTIZED)."""
+    return build_quantized(kind, folder) if kind in QUANTIZED else build(kind, folder)
+
+
 def block_scaled(model: Path) -> bool:
     """FP8 with block scales, whose layers vLLM's CPU build constructs only on processors with AMX tiles."""
     config = json.loads((model / "config.json").read_text())
@@ -220,15 +225,8 @@ def run_vllm(model: Path, tp: int, load_format: str, out: Path, *, generate: boo
 
 
 if __name__ == "__main__":
-    # python tests_vllm/models.py ROOT TP KIND...: build each model and capture vLLM's load of it (for development).
-    root, tp = Path(sys.argv[1]), int(sys.argv[2])
-    for kind in sys.argv[3:]:
-        import time
-
-        t = time.time()
-        try:
-            made = build_quantized(kind, root / kind) if kind in QUANTIZED else build(kind, root / kind)
-            run_vllm(made, tp, "auto", root / f"{kind}-capture-tp{tp}", generate="--load-only" not in os.environ.get("ARGS", ""))
-            print(kind, "ok", round(time.time() - t), flush=True)
-        except BaseException as e:
-            print(kind, "FAILED", round(time.time() - t), str(e)[-600:].replace("\n", " | "), flush=True)
+    # python tests_vllm/models.py ROOT TP [--load-only] KIND...: build each model and capture vLLM's load of it, to
+    # read a new layout off vLLM (ROOT/KIND-capture-tpTP/rank-R.safetensors).
+    root, tp, kinds = Path(sys.argv[1]), int(sys.argv[2]), [k for k in sys.argv[3:] if k != "--load-only"]
+    for kind in kinds:
+        run_vllm(make(kind, root / kind), tp, "auto", root / f"{kind}-capture-tp{tp}", generate="--load-only" not in sys.argv)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import LLAMA_LIKE, QUANTIZED, build, build_quantized, run_vllm
+from models import LLAMA_LIKE, make, run_vllm
 
 TOKENS, CAPTURE, FILES = "tokens", "capture", "files"
 # (model type, tp, check): "tokens" where vLLM's CPU build runs the model (the capture is compared too),
@@ -70,10 +70,6 @@ CASES = [
     ("hunyuan_v1_moe", 2, FILES),  # its shared MLP fused in place, the router as gate.wg
     ("dots1", 2, FILES),  # shared experts under _shared_experts._layer.shared_experts
 ]
-
-
-def make(kind: str, folder: Path) -> Path:
-    return build_quantized(kind, folder) if kind in QUANTIZED else build(kind, folder)
 
 
 def reshard(*args: object) -> None:

@@ -26,7 +26,7 @@ from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, Reorder, copy_dur
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_file_name
 from reshard.formats.manifest import Manifest, write_manifest
 from reshard.formats.safetensors import Entry
-from reshard.formats.writer import PartedWriter, Reordered, Target, Zeroed, partition
+from reshard.formats.writer import PartedWriter, Region, partition
 from reshard.model.config import ModelConfig
 from reshard.plan.cut import Plan, Span, TensorCut, rank_spans
 from reshard.timing import clock, spent
@@ -215,23 +215,17 @@ class _Stored(NamedTuple):
     zeroed: set[str]
 
 
-def _regions(cut: TensorCut, writers: Sequence[PartedWriter | None], stored: list[_Stored]) -> list[Target | None]:
+def _regions(cut: TensorCut, writers: Sequence[PartedWriter | None], stored: list[_Stored]) -> list[Region | None]:
     """Where each rank's slice of the tensor goes: its place inside the output tensor that holds it (transposed,
     or zeros on the ranks that do not hold it, when the layout says so)."""
-    regions: list[Target | None] = []
+    regions: list[Region | None] = []
     for rank, writer in enumerate(writers):
         if writer is None:
             regions.append(None)
             continue
         name, offset = stored[rank].places[cut.name]
-        region = writer.region(name, offset=offset, size=cut.rank_nbytes(rank))
-        reorder = stored[rank].reorders.get(cut.name)
-        if cut.name in stored[rank].zeroed:
-            regions.append(Zeroed(region, cut.rank_nbytes(rank)))
-        elif reorder is not None:
-            regions.append(Reordered(region, reorder))
-        else:
-            regions.append(region)
+        reorder, zeros = stored[rank].reorders.get(cut.name), cut.name in stored[rank].zeroed
+        regions.append(writer.region(name, offset=offset, size=cut.rank_nbytes(rank), reorder=reorder, zeros=zeros))
     return regions
 
 
@@ -244,7 +238,7 @@ def _constant(out: OutTensor, writers: Sequence[PartedWriter | None]) -> Callabl
     return run
 
 
-def _task(tensor_bytes: TensorSource, cut: TensorCut, regions: list[Target | None], progress: Progress | None) -> Callable[[], None]:
+def _task(tensor_bytes: TensorSource, cut: TensorCut, regions: list[Region | None], progress: Progress | None) -> Callable[[], None]:
     def run() -> None:
         buffers = thread_buffers()
         split_tensor(tensor_bytes(cut, buffers), cut, regions, progress=progress, buffers=buffers)
@@ -280,7 +274,7 @@ def _by_runs(cut: TensorCut) -> bool:
 def split_tensor(
     source: TensorBytes,
     cut: TensorCut,
-    targets: Sequence[Target | None],
+    targets: Sequence[Region | None],
     *,
     progress: Progress | None = None,
     buffers: Buffers | None = None,
@@ -301,7 +295,7 @@ def split_tensor(
 
 
 def _split_rows(
-    source: TensorBytes, cut: TensorCut, targets: list[tuple[Target | None, tuple[Span, ...]]], progress: Progress | None, buffers: Buffers
+    source: TensorBytes, cut: TensorCut, targets: list[tuple[Region | None, tuple[Span, ...]]], progress: Progress | None, buffers: Buffers
 ) -> None:
     """Blocks of whole rows, each rank's columns gathered from them."""
     outer, length, inner = cut.layout
@@ -334,7 +328,7 @@ def _gather(block: np.ndarray, spans: tuple[Span, ...], length: int, inner: int,
 
 
 def _split_runs(
-    source: TensorBytes, cut: TensorCut, targets: list[tuple[Target | None, tuple[Span, ...]]], progress: Progress | None
+    source: TensorBytes, cut: TensorCut, targets: list[tuple[Region | None, tuple[Span, ...]]], progress: Progress | None
 ) -> None:
     """Each span of each row is a run (or a few) of the source: copied in the kernel, row by row."""
     outer, _, inner = cut.layout

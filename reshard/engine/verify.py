@@ -7,7 +7,7 @@ same range walk with plain reads, so a bug in the engine's copies or gathers can
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +108,7 @@ def _first_difference(
     ranks: list[ByteReader],
     infos: list[TensorInfo],
     buffers: Buffers,
-    zeroed: set[int] = frozenset(),  # type: ignore[assignment]
+    zeroed: Collection[int] = (),
 ) -> int | None:
     """The first rank whose bytes are not what the range walk over the source says (zeros on the ranks an engine
     layout leaves without this replicated tensor), or None."""

@@ -154,8 +154,10 @@ def vocab_multiple(format: str) -> int | None:
     return multiple
 
 
+@cache
 def engine_layouts(format: str) -> dict[str, dict[str, Any]]:
-    """The engine's layouts, each with its parts folded in: `fuse`, `stack` and `constants` lists and a `tied` map."""
+    """The engine's layouts, each with its parts folded in (read once; not to be changed): `fuse`, `stack`,
+    `constants`, `transpose`, `rotary_halves` and `first_rank_only` lists and a `tied` map."""
     data = engine_data(format)
     found: dict[str, dict[str, Any]] = {}
     for name, spec in data["layouts"].items():
@@ -244,10 +246,11 @@ def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linea
     names = [t.name for t in plan.tensors]
     dtypes = {t.name: t.dtype for t in plan.tensors}
     shapes = {t.name: t.shape for t in plan.tensors}
+    transposed, first_rank = _fusions(names, spec["transpose"]), _fusions(names, spec["first_rank_only"])
     fused = _fusions(names, _with_linear_parameters(spec["fuse"], linear)) | _stacks(names, _with_linear_parameters(spec["stack"], linear))
-    fused |= _fusions(names, spec["transpose"]) | _fusions(names, spec["first_rank_only"])
+    fused |= transposed | first_rank
     renamed = dict(spec["tied"]) if config.raw.get("tie_word_embeddings") else {}
-    stored = _Storage(set(_fusions(names, spec["transpose"])), set(_fusions(names, spec["first_rank_only"])), spec["rotary_halves"], config)
+    stored = _Storage(set(transposed), set(first_rank), spec["rotary_halves"], config)
     out: list[OutTensor] = []
     done: set[str] = set()
     for name in names:

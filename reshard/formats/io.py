@@ -131,6 +131,7 @@ class ReorderedReader(ByteReader):
         self._reader, self._base, self._reorder = reader, base, reorder
         self.path = reader.path
         self._index, self._chunk = -1, np.empty(0, dtype=np.uint8)
+        self._stored = np.empty((1, reorder.chunk_bytes), dtype=np.uint8)
 
     def close(self) -> None:
         """The file is the underlying reader's to close."""
@@ -159,8 +160,7 @@ class ReorderedReader(ByteReader):
 
     def _load(self, index: int) -> np.ndarray:
         if index != self._index:
-            size = self._reorder.chunk_bytes
-            stored = self._reader.read(self._base + index * size, np.empty((1, size), dtype=np.uint8))
+            stored = self._reader.read(self._base + index * self._reorder.chunk_bytes, self._stored)
             self._chunk, self._index = self._reorder.load(stored.reshape(-1)), index
         return self._chunk
 

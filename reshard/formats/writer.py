@@ -83,10 +83,11 @@ class SafetensorsWriter(_Output):
         self._copy_file_range = hasattr(os, "copy_file_range")
         Region(self, 0, len(header)).write(header)
 
-    def region(self, name: str, *, offset: int = 0, size: int | None = None) -> Region:
-        """The tensor's bytes, or `size` of them from `offset` (one piece of a tensor several are packed in)."""
+    def region(self, name: str, *, offset: int = 0, size: int | None = None, reorder: Reorder | None = None, zeros: bool = False) -> Region:
+        """The tensor's bytes, or `size` of them from `offset` (one piece of a tensor several are packed in); see
+        Region for `reorder` and `zeros`."""
         start, whole = self._starts[name]
-        return Region(self, start + offset, whole - offset if size is None else size)
+        return Region(self, start + offset, whole - offset if size is None else size, reorder=reorder, zeros=zeros)
 
     def note_written(self, position: int, n: int) -> None:
         if self._hash is not None:
@@ -177,13 +178,37 @@ _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP
 
 
 class Region:
-    """One tensor's bytes in an output file, written front to back by one thread."""
+    """One tensor's bytes in an output file, written front to back by one thread.
 
-    def __init__(self, writer: SafetensorsWriter, start: int, size: int) -> None:
+    With `reorder`, the bytes it is given in their logical order are written in the order an engine stores them,
+    one chunk at a time; with `zeros`, zeros are written in their place (a tensor an engine keeps on one rank)."""
+
+    def __init__(self, writer: SafetensorsWriter, start: int, size: int, *, reorder: Reorder | None = None, zeros: bool = False) -> None:
         self._writer, self._position, self._end = writer, start, start + size
+        self._reorder, self._zeros = reorder, zeros
+        self._chunk = np.empty(reorder.chunk_bytes if reorder is not None else 0, dtype=np.uint8)
+        self._filled = 0
 
     def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
+        if self._zeros:
+            self.write_zeros(len(memoryview(data).cast("B")))
+        elif self._reorder is not None:
+            self._collect(np.frombuffer(data, dtype=np.uint8), self._reorder)
+        else:
+            self._put(memoryview(data).cast("B"))
+
+    def _collect(self, view: np.ndarray, reorder: Reorder) -> None:
+        """Fill the chunk being reordered; each full chunk goes out in the engine's order."""
+        while view.size:
+            n = min(view.size, self._chunk.size - self._filled)
+            self._chunk[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == self._chunk.size:
+                self._put(reorder.store(self._chunk).data.cast("B"))
+                self._filled = 0
+
+    def _put(self, view: memoryview) -> None:
         self._check(len(view))
         while view:
             start = clock()
@@ -198,11 +223,14 @@ class Region:
 
     def copy_from(self, reader: ByteReader, offset: int, n: int) -> None:
         """n bytes of another file, copied inside the kernel where it can (as cp does)."""
+        if self._zeros:  # nothing of the file is needed
+            self.write_zeros(n)
+            return
         self._check(n)
         writer = self._writer
         while n > 0:
             copied = 0
-            if writer._copy_file_range and reader.copyable:
+            if writer._copy_file_range and reader.copyable and self._reorder is None:
                 start = clock()
                 try:
                     copied = os.copy_file_range(reader.fd, writer._fd, min(n, 1 << 30), offset, self._position)
@@ -225,67 +253,16 @@ class Region:
     def write_zeros(self, n: int) -> None:
         zeros = bytes(min(n, BLOCK_BYTES))
         while n > 0:
-            self.write(zeros[: min(n, len(zeros))])
-            n -= min(n, len(zeros))
+            step = min(n, len(zeros))
+            if self._reorder is not None:
+                self._collect(np.frombuffer(zeros[:step], dtype=np.uint8), self._reorder)
+            else:
+                self._put(memoryview(zeros[:step]))
+            n -= step
 
     def _check(self, n: int) -> None:
         if self._position + n > self._end:
             raise OutputError(f"{self._writer.path}: a tensor's data overruns its {self._end - self._position} remaining bytes")
-
-
-class Reordered:
-    """A region that receives a tensor front to back in its logical order and writes it in the order the engine
-    stores it, one chunk at a time (the memory one chunk takes)."""
-
-    def __init__(self, region: Region, reorder: Reorder) -> None:
-        self._region, self._reorder = region, reorder
-        self._chunk = np.empty(reorder.chunk_bytes, dtype=np.uint8)
-        self._filled = 0
-
-    def write(self, data: memoryview | bytes) -> None:
-        view = np.frombuffer(data, dtype=np.uint8)
-        while view.size:
-            n = min(view.size, self._chunk.size - self._filled)
-            self._chunk[self._filled : self._filled + n] = view[:n]
-            self._filled += n
-            view = view[n:]
-            if self._filled == self._chunk.size:
-                self._region.write(self._reorder.store(self._chunk).data)
-                self._filled = 0
-
-    def copy_from(self, reader: ByteReader, offset: int, n: int) -> None:
-        """Read into memory (the bytes are reordered, so no copy inside the kernel)."""
-        while n > 0:
-            data = reader.read_into(offset, thread_buffers().get("copy", (1, min(n, BLOCK_BYTES))))
-            self.write(data.data)
-            reader.copied(offset, data.size)
-            offset, n = offset + data.size, n - data.size
-
-    def write_zeros(self, n: int) -> None:
-        while n > 0:
-            step = min(n, BLOCK_BYTES)
-            self.write(bytes(step))
-            n -= step
-
-
-class Zeroed:
-    """A region written as zeros whatever it is given: a tensor the engine expects on one rank only."""
-
-    def __init__(self, region: Region, size: int) -> None:
-        self._region = region
-        region.write_zeros(size)
-
-    def write(self, data: memoryview | bytes) -> None:
-        """Nothing: the zeros are written."""
-
-    def copy_from(self, reader: ByteReader, offset: int, n: int) -> None:
-        """Nothing to read."""
-
-    def write_zeros(self, n: int) -> None:
-        """Already zeros."""
-
-
-Target = Region | Reordered | Zeroed  # where one rank's slice of a tensor is written
 
 
 def partition(entries: list[Entry], max_bytes: int | None) -> list[list[Entry]]:
@@ -315,8 +292,8 @@ class PartedWriter(_Output):
             raise
         self._part_of = {name: i for i, group in enumerate(groups) for name, _, _ in group}
 
-    def region(self, name: str, *, offset: int = 0, size: int | None = None) -> Region:
-        return self._writers[self._part_of[name]].region(name, offset=offset, size=size)
+    def region(self, name: str, *, offset: int = 0, size: int | None = None, reorder: Reorder | None = None, zeros: bool = False) -> Region:
+        return self._writers[self._part_of[name]].region(name, offset=offset, size=size, reorder=reorder, zeros=zeros)
 
     def close(self) -> None:
         """Finish every file; one that did not get all its bytes raises."""
