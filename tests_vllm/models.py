@@ -5,10 +5,14 @@ runs the model, its greedy tokens and prompt logprobs."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -196,32 +200,76 @@ def block_scaled(model: Path) -> bool:
     return "weight_block_size" in config.get("quantization_config", {})
 
 
+class Host:
+    """The vLLM host (host.py): one process for every vLLM start of a session, started on first use and again
+    after a job it did not answer in time. Its output goes to LOG."""
+
+    def __init__(self, log: Path) -> None:
+        self.log, self.process, self.answers = log, None, None
+
+    def start(self) -> None:
+        read, write = os.pipe()
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in the host itself
+            "PYTHONPATH": os.pathsep.join([str(HERE / "plugin"), os.environ.get("PYTHONPATH", "")]),
+        }
+        with open(self.log, "a") as f:
+            self.process = subprocess.Popen(
+                [sys.executable, str(HERE / "host.py"), str(write)],
+                stdin=subprocess.PIPE, stdout=f, stderr=subprocess.STDOUT, env=env, text=True, pass_fds=[write], start_new_session=True,
+            )  # fmt: skip
+        os.close(write)
+        self.answers = os.fdopen(read)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def run(self, job: dict[str, Any], timeout: float = 600) -> tuple[dict[str, Any], str]:
+        """The host's answer to one job and what vLLM printed for it."""
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+        assert self.process is not None and self.process.stdin is not None and self.answers is not None
+        offset = self.log.stat().st_size
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.answers], [], [], timeout)
+        line = self.answers.readline() if ready else ""
+        with open(self.log) as f:
+            f.seek(offset)
+            printed = f.read()
+        if not line:
+            self.stop()
+            raise AssertionError(f"the vLLM host did not answer within {timeout} s\n{printed[-4000:]}")
+        return json.loads(line), printed
+
+
+HOST = Host(Path(tempfile.mkdtemp(prefix="reshard-vllm-")) / "host.log")
+atexit.register(HOST.stop)
+
+
 def run_vllm(model: Path, tp: int, load_format: str, out: Path, *, generate: bool = True) -> tuple[list[dict] | None, str]:
-    """Start vLLM on `model`; `out` gets the capture (rank-<r>.safetensors), the log and the tokens (when generating).
-    For FP8 block scales without AMX, the capture plugin pretends AMX tiles are there and stops the run once the
-    weights are loaded (nothing is computed)."""
+    """Start vLLM on `model` (in the host); `out` gets the capture (rank-<r>.safetensors), the log and the tokens
+    (when generating). For FP8 block scales without AMX, the capture plugin pretends AMX tiles are there and stops
+    the run once the weights are loaded (nothing is computed)."""
     out.mkdir(parents=True, exist_ok=True)
+    amx = block_scaled(model)
+    generate = generate and not amx
     env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in the main process: a start 9 s shorter here
         "RESHARD_CAPTURE": str(out),
-        "PYTHONPATH": os.pathsep.join([str(HERE / "plugin"), os.environ.get("PYTHONPATH", "")]),
+        "RESHARD_CAPTURE_PRETEND_AMX": "1" if amx else None,
+        "RESHARD_CAPTURE_STOP": None if generate else "1",  # nothing is computed: the run ends once the weights are captured
+        "VLLM_CPU_OMP_THREADS_BIND": "|".join(["0", "1"] * (tp // 2)) if tp > 1 else None,
     }
-    if block_scaled(model):
-        env["RESHARD_CAPTURE_PRETEND_AMX"] = "1"
-        generate = False
-    if not generate:
-        env["RESHARD_CAPTURE_STOP"] = "1"  # nothing is computed: the run ends once the weights are captured
-    if tp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(["0", "1"] * (tp // 2))
-    log = out / "vllm.log"
-    args = [sys.executable, str(HERE / "run_vllm.py"), str(model), str(tp), load_format, dtype_of(model), str(out / "tokens.json")]
-    with open(log, "w") as f:
-        done = subprocess.run([*args, *([] if generate else ["--load-only"])], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=900)
-    text = log.read_text()
-    assert done.returncode == 0, text[-4000:]
-    return (json.loads((out / "tokens.json").read_text()) if generate else None), text
+    job = dict(model=str(model), tp=tp, load_format=load_format, dtype=dtype_of(model), out=str(out), generate=generate, env=env)
+    answer, printed = HOST.run(job)
+    (out / "vllm.log").write_text(printed)
+    assert answer["ok"], f"{answer['error']}\n{printed[-4000:]}"
+    return (json.loads((out / "tokens.json").read_text()) if generate else None), printed
 
 
 if __name__ == "__main__":

@@ -15,26 +15,25 @@ from typing import Any
 
 
 def register() -> None:
-    folder = os.environ.get("RESHARD_CAPTURE")
-    if not folder:
-        return
-    if os.environ.get("RESHARD_CAPTURE_PRETEND_AMX"):
-        # FP8 block-scaled layers are built on CPU only where AMX tiles are; pretending they are lets vLLM build
-        # them and load the weights with its own loaders. Nothing is computed: the run stops after the capture.
-        import torch
-
-        torch.cpu._is_amx_tile_supported = lambda: True
+    import torch
     from vllm.model_executor.model_loader import base_loader
 
     if getattr(base_loader.process_weights_after_loading, "reshard_capture", False):
         return  # plugins are loaded once per process, sometimes more
     original = base_loader.process_weights_after_loading
+    # FP8 block-scaled layers are built on CPU only where AMX tiles are; with RESHARD_CAPTURE_PRETEND_AMX set, vLLM
+    # builds them and loads the weights with its own loaders. Nothing is computed: the run stops after the capture.
+    amx = torch.cpu._is_amx_tile_supported
+    torch.cpu._is_amx_tile_supported = lambda: bool(os.environ.get("RESHARD_CAPTURE_PRETEND_AMX")) or amx()
 
     def capture(model: Any, model_config: Any, target_device: Any) -> Any:
         from safetensors.torch import save_file
         from vllm.distributed import get_tensor_model_parallel_rank
         from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
 
+        folder = os.environ.get("RESHARD_CAPTURE")  # read at each load: one process may run several models
+        if not folder:
+            return original(model, model_config, target_device)
         state = ShardedStateLoader._filter_subtensors(model.state_dict())
         tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
         rank = get_tensor_model_parallel_rank()
