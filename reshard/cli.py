@@ -70,6 +70,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -264,9 +265,15 @@ def _run(action: Callable[[], T], *, writes: bool) -> T:
         _fail(e, [f"interrupted{nothing}"], 130)
 
 
+def _on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
 @contextmanager
 def _progress(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], object]]:
-    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=quiet, delay=PROGRESS_DELAY_S)
+    # A bar only for a person at a terminal: logs and captured stderr get results and errors, never bar frames.
+    shown = not quiet and _on_terminal()
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not shown, delay=PROGRESS_DELAY_S)
     lock = threading.Lock()  # the engines report from several threads
 
     def update(n: int) -> None:
@@ -497,7 +504,7 @@ def _forward(split_dir: Path, against: Optional[Path], device: Optional[str], ru
     try:
         import torch  # noqa: F401  (the products need it; reshard itself does not)
     except ImportError:
-        raise UsageError("verify --forward needs torch; install it with `pip install reshard[torch]`") from None
+        raise UsageError("verify --forward needs torch; install the torch extra: pip install -e '.[torch]' in reshard's folder") from None
     from reshard.runtime.forward import run_forward
 
     return run_forward(split_dir, device=device, source=against, rules=rules)

@@ -95,8 +95,12 @@ def test_split_then_merge(model: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-tp2", "model-tp2-merged"]
 
 
-def test_progress_bar_goes_to_stderr_unless_quiet(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_bar_goes_to_a_terminal_unless_quiet(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("reshard.cli.PROGRESS_DELAY_S", 0)
+    # stderr captured, not a terminal: no bar, however long the work.
+    result = run("split", model, "--tp", "2", "--out", tmp_path / "p")
+    assert (result.exit_code, result.stderr) == (0, "")
+    monkeypatch.setattr("reshard.cli._on_terminal", lambda: True)
     result = run("split", model, "--tp", "2", "--out", tmp_path / "a")
     assert result.exit_code == 0
     assert "split: 100%" in result.stderr and "37.2k/37.2k" in result.stderr
@@ -326,3 +330,9 @@ def test_help_reads_as_a_person_writes_it(command: str) -> None:
 def test_top_level_help_tells_how_to_see_a_traceback() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "RESHARD_DEBUG=1" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["-h"], ["split", "-h"], ["merge", "-h"]])
+def test_dash_h_is_help(args: list[str]) -> None:
+    result = runner.invoke(app, args, prog_name="reshard")
+    assert result.exit_code == 0 and result.stdout.startswith("Usage: reshard")

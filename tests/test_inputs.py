@@ -131,6 +131,18 @@ def test_index_missing_a_stored_tensor(tmp_path: Path) -> None:
         (lambda p: (p / "notes.txt").write_text("x") and p / "notes.txt", "not a .safetensors file, an index .json or a folder"),
         (lambda p: p / "missing", "no such file or folder"),
         (lambda p: (p / "reshard.json").write_text("{}") and p, "this is a reshard split folder, not a checkpoint"),
+        (
+            lambda p: (p / "pytorch_model.bin").write_bytes(b"PK") and p,
+            "holds PyTorch weights \\(pytorch_model.bin\\), not safetensors; reshard reads safetensors only: convert them with transformers",
+        ),
+        (
+            lambda p: (p / "w.pt").write_bytes(b"PK") and p / "w.pt",
+            "w.pt: PyTorch weights, not safetensors; reshard reads safetensors only",
+        ),
+        (
+            lambda p: (p / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n") and p,
+            "model.safetensors: a Git LFS pointer, not the weights; run `git lfs pull` in the model's repository",
+        ),
     ],
 )
 def test_model_path_errors(tmp_path: Path, setup, message: str) -> None:

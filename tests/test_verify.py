@@ -225,4 +225,4 @@ def test_forward_without_torch_says_how_to_get_it(model: Path, tmp_path: Path, m
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine where torch is not installed
     result = runner.invoke(app, ["verify", str(out), "--forward"])
     assert result.exit_code == 2
-    assert result.stderr == "Error: verify --forward needs torch; install it with `pip install reshard[torch]`\n"
+    assert result.stderr == "Error: verify --forward needs torch; install the torch extra: pip install -e '.[torch]' in reshard's folder\n"

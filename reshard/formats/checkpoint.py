@@ -10,6 +10,12 @@ from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGL
 from reshard.formats.safetensors import SafetensorsFile, TensorInfo, read_header
 from reshard.jsonfile import DuplicateKey, read_json
 
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+CONVERT = (
+    "reshard reads safetensors only: convert them with transformers "
+    "(AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out)) and pass that folder"
+)
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -44,10 +50,15 @@ def open_checkpoint(model: Path) -> Checkpoint:
         found = sorted(model.glob("*.safetensors"))
         if len(found) == 1:
             return replace(_from_file(found[0]), folder=model)
+        torch_files = sorted(p.name for p in model.iterdir() if p.suffix in TORCH_SUFFIXES) if not found else []
+        if torch_files:
+            raise InputError(f"{model}: holds PyTorch weights ({torch_files[0]}), not safetensors; {CONVERT}")
         what = f"{len(found)} .safetensors files and no {INDEX_NAME}" if found else "no .safetensors file"
         raise InputError(f"{model}: folder has {what}; pass the .safetensors file or the index to use")
     if not model.exists():
         raise InputError(f"{model}: no such file or folder")
+    if model.suffix in TORCH_SUFFIXES or model.name.endswith(".bin.index.json"):
+        raise InputError(f"{model}: PyTorch weights, not safetensors; {CONVERT}")
     if model.name.endswith(".index.json"):
         return _from_index(model)
     if model.suffix == ".safetensors":

@@ -48,6 +48,10 @@ class SafetensorsFile:
         return self.size - sum(t.nbytes for t in self.tensors)
 
 
+# What a clone without Git LFS holds in place of a large file: a small text file that starts so.
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 def read_header(path: Path) -> SafetensorsFile:
     """Read and validate the header of a safetensors file; the tensor data is not read."""
     try:
@@ -60,6 +64,8 @@ def read_header(path: Path) -> SafetensorsFile:
             if len(prefix) < 8:
                 raise InputError(f"{path}: file is {size} bytes, too short to be safetensors; re-download or re-save it")
             (header_len,) = struct.unpack("<Q", prefix)
+            if prefix == LFS_POINTER[:8] and (prefix + f.read(len(LFS_POINTER) - 8)) == LFS_POINTER:
+                raise InputError(f"{path}: a Git LFS pointer, not the weights; run `git lfs pull` in the model's repository")
             if header_len > MAX_HEADER_BYTES:
                 raise InputError(
                     f"{path}: header length {header_len} exceeds {MAX_HEADER_BYTES} bytes; the file is not safetensors or is corrupt"

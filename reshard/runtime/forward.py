@@ -8,7 +8,7 @@ vocabulary-parallel embeddings a masked lookup (rows this rank does not hold giv
 Each result is compared with the product of the full weight: the source checkpoint's when it is given, which
 catches any rank holding the wrong bytes; otherwise the weight rebuilt from the rank files, which catches ranks
 that disagree with each other (a kv-head replica that differs from its original) and results combined in the
-wrong order. Needs torch (`pip install reshard[torch]`).
+wrong order. Needs torch (the torch extra: `pip install -e ".[torch]"`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def load_rank(split_dir: Path, rank: int, *, device: str | None = None, check_ch
     try:
         from safetensors import safe_open
     except ImportError:
-        raise UsageError("load_rank needs torch; install it with `pip install reshard[torch]`") from None
+        raise UsageError("load_rank needs torch; install the torch extra: pip install -e '.[torch]' in reshard's folder") from None
     folder = SplitFolder(split_dir)
     if not 0 <= rank < folder.tp:
         raise UsageError(f"rank {rank} is outside this split's ranks 0..{folder.tp - 1}")
@@ -72,7 +72,7 @@ def _place(folder: SplitFolder, rank: int, device: str | None) -> torch.device:
     try:
         import torch
     except ImportError:
-        raise UsageError("load_rank needs torch; install it with `pip install reshard[torch]`") from None
+        raise UsageError("load_rank needs torch; install the torch extra: pip install -e '.[torch]' in reshard's folder") from None
     target = device if device is not None else folder.manifest.tp_config.device(rank)
     where = "its manifest device" if device is None else "the device asked for"
     try:

@@ -1,5 +1,5 @@
 """How ranks talk: the communicator of the tensor-parallel runtime, over torch.distributed, plus a single-device
-stand-in for tp 1. Needs torch (`pip install reshard[torch]`), imported when a communicator is made.
+stand-in for tp 1. Needs torch (the torch extra: `pip install -e ".[torch]"`), imported when a communicator is made.
 
 Every operation is collective: all ranks of the group call it, in the same order.
 """
