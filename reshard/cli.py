@@ -26,6 +26,7 @@ from reshard.engine.verify import Report, verify
 from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
 from reshard.formats.checksums import CHECKSUMS, DEFAULT_CHECKSUM, NONE
 from reshard.formats.export import Layout, build_layout, engine_data
+from reshard.formats.hub import locate_model
 from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import ModelConfig, TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
@@ -88,11 +89,16 @@ ModelArg = Annotated[
     Path,
     typer.Argument(
         metavar="MODEL",
-        help="A .safetensors file, a model.safetensors.index.json, a folder holding either, or a split folder.",
+        help="A .safetensors file, a model.safetensors.index.json, a folder holding either, a split folder, or a "
+        "Hugging Face Hub repo id (org/name), read from the local cache or downloaded into it.",
         show_default=False,
     ),
 ]
 DirArg = Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `reshard split`.", show_default=False)]
+RevisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--revision", metavar="REV", help="With a Hub repo id: the branch, tag or commit to read.", show_default=False),
+]
 TpOpt = Annotated[
     Optional[int],
     typer.Option("--tp", min=1, metavar="N", help="Number of tensor-parallel ranks (or `tp` in a TP config).", show_default=False),
@@ -197,11 +203,13 @@ def _make_plan(
     replicate_unknown: bool,
     rules: Optional[Path],
     format: str,
+    revision: Optional[str],
+    quiet: bool = False,
 ) -> tuple[Source, ModelConfig, Plan]:
     """The plan `plan` shows and `split` writes, from the same flags."""
     count, device_ids, model_config = _tp_settings(tp, devices, configs)
     return make_plan(
-        model,
+        locate_model(model, revision=revision, progress=not quiet and _on_terminal()),
         tp=count,
         device_ids=device_ids,
         config=model_config,
@@ -297,6 +305,7 @@ def plan_command(
     rules: RulesOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     format: FormatOpt = "reshard",
+    revision: RevisionOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Show how every tensor would be cut and what each rank gets, without writing anything."""
@@ -304,7 +313,7 @@ def plan_command(
     def action() -> tuple[Plan, Optional[Layout], Optional[int]]:
         limit = parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
         _, model_config, plan = _make_plan(
-            model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format
+            model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format, revision=revision
         )
         return plan, (build_layout(plan, model_config, format=format) if format != "reshard" else None), limit
 
@@ -367,19 +376,30 @@ def split_command(
         Optional[str], typer.Option("--ranks", metavar="R,R", help="Write only these ranks, comma-separated, e.g. 0,2.", show_default=False)
     ] = None,
     format: FormatOpt = "reshard",
+    revision: RevisionOpt = None,
     checksum: ChecksumOpt = DEFAULT_CHECKSUM,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write safetensors files for each rank, config.json and the manifest reshard.json (default output
-    folder: <model folder>-tp<N> beside it, or <model folder>-vllm-tp<N> with --format vllm)."""
+    folder: <model folder>-tp<N> beside it, or <model folder>-vllm-tp<N> with --format vllm; ./<name>-tp<N> for a
+    model in the Hugging Face cache)."""
 
     def action() -> None:
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         if checksum not in CHECKSUMS:
             raise UsageError(f"--checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
         source, model_config, plan = _make_plan(
-            model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format
+            model,
+            tp,
+            devices,
+            config,
+            arch=arch,
+            replicate_unknown=replicate_unknown,
+            rules=rules,
+            format=format,
+            revision=revision,
+            quiet=quiet,
         )
         layout = build_layout(plan, model_config, format=format)
         chosen = _chosen_ranks(rank, ranks, plan.tp)

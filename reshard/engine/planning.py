@@ -15,8 +15,9 @@ from reshard.plan.cut import Plan
 
 
 def make_plan(
-    model: Path,
+    model: Path | str,
     *,
+    revision: str | None = None,
     tp: int,
     device_ids: Sequence[int] | None = None,
     config: Path | None = None,
@@ -29,7 +30,9 @@ def make_plan(
 
     Args:
         model: a .safetensors file, a model.safetensors.index.json, or a folder holding either; or a folder
-            written by `reshard split`, read as the checkpoint it was split from.
+            written by `reshard split`, read as the checkpoint it was split from; or a Hugging Face Hub repo id
+            (`org/name`), read from the local cache or downloaded into it.
+        revision: the repo id's branch, tag or commit.
         tp: number of ranks.
         device_ids: GPU id per rank; defaults to 0..tp-1.
         config: the model's config.json when it is not beside the weights.
@@ -47,7 +50,7 @@ def make_plan(
         True
     """
     tp_config = TPConfig.create(tp, device_ids=device_ids)
-    source = open_source(model)
+    source = open_source(model, revision=revision)
     model_config = source.model_config(config)
     family = detect_family(model_config, arch=arch, rules=rules, names=[t.name for t in source.tensors])
     if format not in FORMATS:

@@ -19,6 +19,7 @@ from reshard.engine.workers import WORKERS
 from reshard.errors import InputError
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
 from reshard.formats.checksums import sampled_sha256
+from reshard.formats.hub import inside_cached_repo, locate_model
 from reshard.formats.io import Buffers, ByteReader
 from reshard.formats.layout import CONFIG_NAME, ENGINE_FILES, MANIFEST_NAME
 from reshard.formats.manifest import SourceFile
@@ -139,7 +140,12 @@ class CheckpointSource:
     def engine_files(self) -> dict[str, Path]:
         """The files beside the weights an engine starts from (generation config, tokenizer)."""
         folder = self.checkpoint.folder or self.checkpoint.root
-        return {name: folder / name for name in ENGINE_FILES if (folder / name).is_file() and not (folder / name).is_symlink()}
+        # A link is followed only into the cache's own blobs, where huggingface_hub keeps a snapshot's files.
+        return {
+            name: folder / name
+            for name in ENGINE_FILES
+            if (folder / name).is_file() and (not (folder / name).is_symlink() or inside_cached_repo(folder, folder / name))
+        }
 
     def check_plan(self, cuts: Sequence[TensorCut]) -> None:
         """Any cut of a checkpoint can be read."""
@@ -234,9 +240,9 @@ class SplitSource:
 Source = CheckpointSource | SplitSource
 
 
-def open_source(model: Path) -> Source:
-    """A checkpoint (file, folder, index), or a folder written by `reshard split`."""
-    model = Path(model)
+def open_source(model: Path | str, *, revision: str | None = None) -> Source:
+    """A checkpoint (file, folder, index, or a Hub repo id), or a folder written by `reshard split`."""
+    model = locate_model(model, revision=revision)
     if model.is_dir() and (model / MANIFEST_NAME).is_file():
         return SplitSource(SplitFolder(model))
     return CheckpointSource(open_checkpoint(model))

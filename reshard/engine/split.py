@@ -22,6 +22,7 @@ from reshard.engine.staging import staged_output, staged_ranks
 from reshard.engine.workers import run_all
 from reshard.formats.checksums import DEFAULT_CHECKSUM, record
 from reshard.formats.export import Layout, OutTensor, build_layout, own_layout
+from reshard.formats.hub import cached_repo_name
 from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, Reorder, copy_durably, thread_buffers
 from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_file_name
 from reshard.formats.manifest import Manifest, write_manifest
@@ -33,9 +34,10 @@ from reshard.timing import clock, spent
 
 
 def split(
-    model: Path,
+    model: Path | str,
     *,
     tp: int,
+    revision: str | None = None,
     out: Path | None = None,
     device_ids: Sequence[int] | None = None,
     config: Path | None = None,
@@ -52,9 +54,12 @@ def split(
     """Split a checkpoint into per-rank safetensors files plus reshard.json.
 
     Args:
-        model: a .safetensors file, a model.safetensors.index.json, or a folder holding either; or a split folder.
+        model: a .safetensors file, a model.safetensors.index.json, or a folder holding either; a split folder; or
+            a Hugging Face Hub repo id (`org/name`), read from the local cache or downloaded into it.
         tp: number of ranks.
-        out: output folder; defaults to `<model folder>-tp<tp>` beside the model folder.
+        revision: the repo id's branch, tag or commit.
+        out: output folder; defaults to `<model folder>-tp<tp>` beside the model folder (`./<name>-tp<tp>` for a
+            model in the Hugging Face cache).
         device_ids: GPU id per rank, recorded in the manifest; defaults to 0..tp-1.
         config: the model's config.json when it is not beside the weights.
         arch: force a rules family instead of detecting it from the config.
@@ -77,7 +82,15 @@ def split(
         PosixPath('/tmp/tiny-tp2')
     """
     source, model_config, plan = make_plan(
-        model, tp=tp, device_ids=device_ids, config=config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format
+        model,
+        revision=revision,
+        tp=tp,
+        device_ids=device_ids,
+        config=config,
+        arch=arch,
+        replicate_unknown=replicate_unknown,
+        rules=rules,
+        format=format,
     )
     out = Path(out) if out is not None else default_split_dir(source.root, tp, format=format)
     layout = build_layout(plan, model_config, format=format)
@@ -98,10 +111,15 @@ def split(
 
 def default_split_dir(model_root: Path, tp: int, *, format: str = "reshard") -> Path:
     """`<model>-tp<N>` beside the model folder (`<model>-vllm-tp<N>` for vLLM's layout); a split folder
-    `<model>-tp8` or `<model>-vllm-tp8` gives `<model>-tp4`."""
+    `<model>-tp8` or `<model>-vllm-tp8` gives `<model>-tp4`. A model in the Hugging Face cache gets
+    `./<name>-tp<N>` in the working folder: nothing is ever written into the cache."""
+    suffix = f"-{format}-tp{tp}" if format != "reshard" else f"-tp{tp}"
+    cached = cached_repo_name(model_root)
+    if cached is not None:
+        return Path(cached + suffix)
     root = model_root if model_root.name else model_root.absolute()
     name = re.sub(r"(-vllm)?-tp\d+$", "", root.name) if (root / MANIFEST_NAME).is_file() else root.name
-    return root.with_name(f"{name}-{format}-tp{tp}" if format != "reshard" else f"{name}-tp{tp}")
+    return root.with_name(name + suffix)
 
 
 def write_split(
