@@ -161,3 +161,20 @@ def test_merge_with_max_shard_size_writes_an_index_transformers_reads(hf_models:
         want = AutoModelForCausalLM.from_pretrained(model_dir)(tokens).logits
         got = AutoModelForCausalLM.from_pretrained(merged)(tokens).logits
     assert torch.equal(want, got)
+
+
+def test_merge_gives_back_a_sharded_checkpoint_in_its_own_files(hf_models: dict[str, Path], tmp_path: Path) -> None:
+    """A checkpoint transformers saved in several files comes back as those files and that index, byte for byte,
+    through a split, and through a resplit of the split."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(hf_models["llama"]).save_pretrained(sharded, max_shard_size="60KB")
+    names = sorted(p.name for p in sharded.iterdir() if p.name.startswith("model"))
+    assert len(names) > 3 and "model.safetensors.index.json" in names
+    first = merge(split(sharded, tp=2, out=tmp_path / "tp2"), out=tmp_path / "merged")
+    second = merge(split(tmp_path / "tp2", tp=4, out=tmp_path / "tp4"), out=tmp_path / "merged4")
+    for merged in (first, second):
+        assert sorted(p.name for p in merged.iterdir() if p.name.startswith("model")) == names
+        for name in names:
+            assert (merged / name).read_bytes() == (sharded / name).read_bytes(), name

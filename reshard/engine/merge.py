@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from reshard.engine.sources import Contiguous, Stitched, TensorBytes
 from reshard.engine.split import split_tensor
@@ -17,6 +18,7 @@ from reshard.engine.workers import WORKERS, run_all
 from reshard.formats.checksums import NONE
 from reshard.formats.io import Buffers, ByteReader, Progress, copy_durably, thread_buffers, write_durably
 from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, merged_file_names
+from reshard.formats.manifest import Manifest, SourceIndex
 from reshard.formats.safetensors import Entry, TensorInfo, entry_nbytes
 from reshard.formats.split_folder import SplitFolder
 from reshard.formats.writer import PartedWriter, Region, partition
@@ -69,11 +71,10 @@ def write_merge(
     """
     folder.require(purpose="merge")
     manifest, ranks = folder.manifest, range(folder.tp)
-    groups = partition([(t.name, t.dtype, t.shape) for t in manifest.tensors], max_shard_size)
-    names = merged_file_names(len(groups))
+    names, groups, metadata, index = merged_files(manifest, max_shard_size)
     with staged_output(out, [folder.path, *folder.paths(ranks)], force=force) as staging, ExitStack() as stack:
         readers = folder.readers(stack, ranks)
-        writer = stack.enter_context(PartedWriter([staging / n for n in names], groups, manifest.source_metadata, checksum=NONE))
+        writer = stack.enter_context(PartedWriter([staging / n for n in names], groups, metadata, checksum=NONE))
 
         def task(cut: TensorCut) -> Callable[[], None]:
             infos = [folder.tensor(r, cut.name) for r in ranks]
@@ -85,19 +86,35 @@ def write_merge(
         run_all((task(cut) for cut in folder.in_file_order(manifest.tensors)), workers=workers)
         writer.close()
         folder.require_read(readers, ranks)
-        if len(names) > 1:
-            _write_index(staging / INDEX_NAME, names, groups)
+        if index is not None:
+            _write_index(staging / index.name, names, groups, index.metadata)
         _write_shared(folder, staging)
     return names
 
 
-def _write_index(path: Path, names: list[str], groups: list[list[Entry]]) -> None:
+def merged_files(
+    manifest: Manifest, max_shard_size: int | None
+) -> tuple[list[str], list[list[Entry]], list[dict[str, str]], SourceIndex | None]:
+    """The files merge writes, each with its tensors and __metadata__, and the index beside them: the source's own
+    files and index where the manifest records them and no --max-shard-size is given; otherwise transformers'
+    names, one file or numbered files of at most max_shard_size bytes with model.safetensors.index.json."""
+    own = manifest.source_groups() if max_shard_size is None else None
+    if own is not None:
+        names = [f.name for f, _ in own]
+        groups = [[(t.name, t.dtype, t.shape) for t in cuts] for _, cuts in own]
+        metadata = [f.metadata if f.metadata is not None else manifest.source_metadata for f, _ in own]
+        return names, groups, metadata, manifest.source_index
+    groups = partition([(t.name, t.dtype, t.shape) for t in manifest.tensors], max_shard_size)
+    names = merged_file_names(len(groups))
+    total = {"total_size": sum(entry_nbytes(e) for group in groups for e in group)}
+    return names, groups, [manifest.source_metadata] * len(names), SourceIndex(INDEX_NAME, total) if len(names) > 1 else None
+
+
+def _write_index(path: Path, names: list[str], groups: list[list[Entry]], metadata: dict[str, Any]) -> None:
+    """As transformers writes it: sorted keys, two-space indents, a final newline."""
     weight_map = {entry[0]: name for name, group in zip(names, groups, strict=True) for entry in group}
-    index = {
-        "metadata": {"total_size": sum(entry_nbytes(e) for group in groups for e in group)},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    write_durably(path, (json.dumps(index, indent=2) + "\n").encode())
+    index = {"metadata": metadata, "weight_map": weight_map}
+    write_durably(path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
 
 
 def merge_tensor(

@@ -22,7 +22,7 @@ from reshard.formats.checksums import sampled_sha256
 from reshard.formats.hub import inside_cached_repo, locate_model
 from reshard.formats.io import Buffers, ByteReader
 from reshard.formats.layout import CONFIG_NAME, ENGINE_FILES, MANIFEST_NAME
-from reshard.formats.manifest import SourceFile
+from reshard.formats.manifest import SourceFile, SourceIndex
 from reshard.formats.safetensors import SafetensorsFile, TensorInfo
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import ModelConfig
@@ -100,9 +100,13 @@ class Stitched:
 TensorSource = Callable[[TensorCut, Buffers], TensorBytes]
 
 
-def source_file(f: SafetensorsFile) -> SourceFile:
-    """What a manifest records of a checkpoint file, to tell it again: size, header and a sample of its data."""
-    return SourceFile(f.path.name, f.size, f.header_sha256, sampled_sha256(f.path, start=f.data_start))
+def source_file(f: SafetensorsFile, *, shared_metadata: dict[str, str] | None = None) -> SourceFile:
+    """What a manifest records of a checkpoint file, to tell it again (size, header and a sample of its data)
+    and to write it again (its tensor count, and its __metadata__ where that is not `shared_metadata`)."""
+    metadata = f.metadata if shared_metadata is not None and f.metadata != shared_metadata else None
+    return SourceFile(
+        f.path.name, f.size, f.header_sha256, sampled_sha256(f.path, start=f.data_start), tensors=len(f.tensors), metadata=metadata
+    )
 
 
 @dataclass
@@ -126,7 +130,12 @@ class CheckpointSource:
 
     @property
     def source_files(self) -> list[SourceFile]:
-        return [source_file(f) for f in self.checkpoint.files]
+        return [source_file(f, shared_metadata=self.metadata) for f in self.checkpoint.files]
+
+    @property
+    def source_index(self) -> SourceIndex | None:
+        index, metadata = self.checkpoint.index_path, self.checkpoint.index_metadata
+        return SourceIndex(index.name, metadata or {}) if index is not None else None
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -190,6 +199,10 @@ class SplitSource:
     @property
     def source_files(self) -> list[SourceFile]:
         return list(self.folder.manifest.source_files)
+
+    @property
+    def source_index(self) -> SourceIndex | None:
+        return self.folder.manifest.source_index
 
     @property
     def metadata(self) -> dict[str, str]:

@@ -184,6 +184,7 @@ def _manifest(
         config=model_config.raw,
         layout=layout,
         checksum=checksum,
+        index=source.source_index,
     )
     return replace(manifest, files={name: record(path, checksum) for name, path in shared.items()})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from reshard.errors import InputError, shown
 from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
@@ -23,6 +24,7 @@ class Checkpoint:
     files: tuple[SafetensorsFile, ...]
     index_path: Path | None = None
     folder: Path | None = None  # the model folder, when one was given (or an index, which names one)
+    index_metadata: dict[str, Any] | None = None  # the index's "metadata" object (total_size)
 
     @property
     def config_path(self) -> Path:
@@ -99,4 +101,7 @@ def _from_index(index_path: Path) -> Checkpoint:
     missing = sorted(set(weight_map) - seen)
     if missing:
         raise InputError(f"{index_path}: tensor {missing[0]} is listed under {weight_map[missing[0]]} but not stored there")
-    return Checkpoint(root=root, files=files, index_path=index_path, folder=root)
+    metadata = index.get("metadata")
+    return Checkpoint(
+        root=root, files=files, index_path=index_path, folder=root, index_metadata=metadata if isinstance(metadata, dict) else {}
+    )

@@ -34,9 +34,20 @@ class SourceFile:
     bytes: int
     header_sha256: str
     sample_sha256: str  # of 64 blocks spread over its data (checksums.sampled_sha256)
+    # How merge writes the file again: how many of the manifest's tensors, in order, it holds, and its
+    # __metadata__ where that is not the first file's. Not part of its identity (absent from older manifests).
+    tensors: int | None = field(default=None, compare=False)
+    metadata: dict[str, str] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "bytes": self.bytes, "header_sha256": self.header_sha256, "sample_sha256": self.sample_sha256}
+        return {
+            "name": self.name,
+            "bytes": self.bytes,
+            "header_sha256": self.header_sha256,
+            "sample_sha256": self.sample_sha256,
+            **({"tensors": self.tensors} if self.tensors is not None else {}),
+            **({"metadata": self.metadata} if self.metadata is not None else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Manifest:
     rules: dict[str, Any] | None = None  # the --rules file's JSON, when one shaped the family
     layout: Layout | None = None  # how the rank files name and pack the tensors; None for reshard's own
     checksum: str = DEFAULT_CHECKSUM  # what the file records hold beside each size: sha256, xxh128 or none
+    source_index: SourceIndex | None = None  # the source's index file, when it had one
 
     @property
     def packing(self) -> Layout:
@@ -89,6 +101,7 @@ class Manifest:
                 "files": [f.to_dict() for f in self.source_files],
                 "metadata": self.source_metadata,
                 "config": self.source_config,
+                **({"index": self.source_index.to_dict()} if self.source_index is not None else {}),
             },
             "tensors": {t.name: _tensor_entry(t) for t in self.tensors},
         }
@@ -115,6 +128,7 @@ class Manifest:
         config: dict[str, Any],
         layout: Layout | None = None,
         checksum: str = DEFAULT_CHECKSUM,
+        index: SourceIndex | None = None,
     ) -> Manifest:
         return cls(
             tp_config=plan.tp_config,
@@ -127,7 +141,31 @@ class Manifest:
             rules=plan.rules,
             layout=layout if layout is not None and not layout.own else None,
             checksum=checksum,
+            source_index=index,
         )
+
+    def source_groups(self) -> list[tuple[SourceFile, list[TensorCut]]] | None:
+        """The source's files, each with its tensors in order, when the manifest records them (merge writes them
+        again under their own names); None for a manifest that does not."""
+        counts = [f.tensors for f in self.source_files]
+        if not counts or None in counts or sum(c or 0 for c in counts) != len(self.tensors):
+            return None
+        groups, start = [], 0
+        for f in self.source_files:
+            groups.append((f, list(self.tensors[start : start + (f.tensors or 0)])))
+            start += f.tensors or 0
+        return groups
+
+
+@dataclass(frozen=True)
+class SourceIndex:
+    """The source's index file: its name and its "metadata" (total_size), as transformers writes them."""
+
+    name: str
+    metadata: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "metadata": self.metadata}
 
 
 def _tensor_entry(t: TensorCut) -> dict[str, Any]:
@@ -237,16 +275,35 @@ def _parse(data: Any) -> Manifest:
         family=str(data["family"]),
         rank_files=rank_files,
         tensors=tensors,
-        source_files=tuple(
-            SourceFile(str(f["name"]), _count(f["bytes"]), _hex(f["header_sha256"]), _hex(f["sample_sha256"])) for f in source["files"]
-        ),
+        source_files=tuple(_source_file(f) for f in source["files"]),
         source_metadata={str(k): str(v) for k, v in source["metadata"].items()},
         source_config=dict(source["config"]),
         files=files,
         rules=rules,
         layout=layout_from_dict(data["layout"], tensors) if "layout" in data else None,
         checksum=checksum,
+        source_index=_source_index(source["index"]) if "index" in source else None,
     )
+
+
+def _source_file(f: dict[str, Any]) -> SourceFile:
+    metadata = f.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError(f"source file {f['name']!r}: metadata must map names to strings")
+    return SourceFile(
+        _relative(f["name"], "source file"),
+        _count(f["bytes"]),
+        _hex(f["header_sha256"]),
+        _hex(f["sample_sha256"]),
+        tensors=_count(f["tensors"]) if "tensors" in f else None,
+        metadata=metadata,
+    )
+
+
+def _source_index(data: dict[str, Any]) -> SourceIndex:
+    if not isinstance(data.get("metadata"), dict):
+        raise ValueError("source index: metadata must be a JSON object")
+    return SourceIndex(_relative(data["name"], "source index"), dict(data["metadata"]))
 
 
 def _relative(name: object, what: str = "rank file") -> str:
@@ -258,7 +315,7 @@ def _relative(name: object, what: str = "rank file") -> str:
 
 def _count(value: object) -> int:
     if type(value) is not int or value < 0:
-        raise ValueError(f"file size {value!r} is not a non-negative integer")
+        raise ValueError(f"{value!r} is not a non-negative integer (a size or a count)")
     return value
 
 

@@ -282,11 +282,15 @@ def partition(entries: list[Entry], max_bytes: int | None) -> list[list[Entry]]:
 class PartedWriter(_Output):
     """One output cut into consecutive safetensors files, one group of tensors per file, all open at once."""
 
-    def __init__(self, paths: list[Path], groups: list[list[Entry]], metadata: dict[str, str], *, checksum: str) -> None:
+    def __init__(
+        self, paths: list[Path], groups: list[list[Entry]], metadata: dict[str, str] | list[dict[str, str]], *, checksum: str
+    ) -> None:
+        """`metadata`: every file's __metadata__, or one for each file."""
         self._writers: list[SafetensorsWriter] = []
+        each = metadata if isinstance(metadata, list) else [metadata] * len(paths)
         try:
-            for path, group in zip(paths, groups, strict=True):
-                self._writers.append(SafetensorsWriter(path, group, metadata, checksum=checksum))
+            for path, group, meta in zip(paths, groups, each, strict=True):
+                self._writers.append(SafetensorsWriter(path, group, meta, checksum=checksum))
         except BaseException:
             self.abort()
             raise
