@@ -27,7 +27,8 @@ from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one
 from reshard.formats.checksums import CHECKSUMS, DEFAULT_CHECKSUM, NONE
 from reshard.formats.export import Layout, build_layout, engine_data
 from reshard.formats.hub import locate_model
-from reshard.formats.layout import INDEX_NAME, MANIFEST_NAME
+from reshard.formats.layout import MANIFEST_NAME
+from reshard.formats.manifest import Manifest
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import ModelConfig, TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
 from reshard.model.rules import builtin_families
@@ -41,6 +42,7 @@ from reshard.report import (
     layout_table,
     plan_summary,
     rank_table,
+    rule_table,
     tensor_table,
 )
 from reshard.runtime.forward import KindError
@@ -75,10 +77,14 @@ app = typer.Typer(
 )
 
 
+# Piped output (logs, CI, `| less`) is laid out for this many columns, or $COLUMNS.
+PIPED_WIDTH = 120
+
+
 def _console() -> Console:
-    # Piped output (logs, CI, `| less`) gets wide tables instead of rich's 80-column fallback; names are shown
-    # as they are, never read as markup.
-    return Console(width=None if sys.stdout.isatty() else 200, markup=False, highlight=False)
+    # Tables fit the terminal, or PIPED_WIDTH when piped; names are shown as they are, never read as markup.
+    piped = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else PIPED_WIDTH
+    return Console(width=None if sys.stdout.isatty() else piped, markup=False, highlight=False, soft_wrap=True)
 
 
 class Terminated(KeyboardInterrupt):
@@ -156,6 +162,22 @@ FormatOpt = Annotated[
         help="Layout of the rank files: reshard (each tensor under its own name) or vllm (vLLM's sharded_state).",
     ),
 ]
+
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON document on stdout; an error is one too, with the same exit code.")
+]
+TensorsOpt = Annotated[bool, typer.Option("--tensors", help="Also list every tensor: its rule, cut, shapes and bytes.")]
+
+
+def _emit(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def error_document(lines: Sequence[str], code: int) -> dict[str, Any]:
+    """An error as --json prints it: the first problem, all of them, and the exit code."""
+    shown = [one_line(line) for line in lines]
+    return {"error": shown[0] if shown else "error", "problems": shown, "exit_code": code}
 
 
 def parse_devices(value: Optional[str]) -> Optional[list[int]]:
@@ -245,32 +267,35 @@ def _chosen_ranks(rank: Optional[str], ranks: Optional[str], tp: int) -> Optiona
     return sorted(chosen)
 
 
-def _fail(error: BaseException, lines: Sequence[str], code: int) -> NoReturn:
-    """One `Error:` line per problem; a name holding a line break cannot make a line of its own."""
+def _fail(error: BaseException, lines: Sequence[str], code: int, *, as_json: bool = False) -> NoReturn:
+    """One `Error:` line per problem on stderr (a name holding a line break cannot make a line of its own), or
+    with --json one error document on stdout."""
     if os.environ.get("RESHARD_DEBUG"):
         raise error
-    for line in lines:
+    if as_json:
+        _emit(error_document(lines, code))
+    for line in [] if as_json else lines:
         typer.echo(f"Error: {one_line(line)}", err=True)
     raise typer.Exit(code)
 
 
-def _run(action: Callable[[], T], *, writes: bool) -> T:
+def _run(action: Callable[[], T], *, writes: bool, as_json: bool = False) -> T:
     """Turn the errors a user can act on into one line each on stderr and an exit code. Only a command that was
     writing says that nothing was written (its staging is gone by then)."""
     nothing = "; nothing was written" if writes else ""
     try:
         return action()
     except (PlanError, CheckFailed) as e:
-        _fail(e, e.problems, e.exit_code)
+        _fail(e, e.problems, e.exit_code, as_json=as_json)
     except ReshardError as e:
-        _fail(e, [str(e)], e.exit_code)
+        _fail(e, [str(e)], e.exit_code, as_json=as_json)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        _fail(e, [f"{where}{e.strerror or e}{nothing}"], 1)
+        _fail(e, [f"{where}{e.strerror or e}{nothing}"], 1, as_json=as_json)
     except Terminated as e:
-        _fail(e, [f"terminated{nothing}"], 143)
+        _fail(e, [f"terminated{nothing}"], 143, as_json=as_json)
     except KeyboardInterrupt as e:
-        _fail(e, [f"interrupted{nothing}"], 130)
+        _fail(e, [f"interrupted{nothing}"], 130, as_json=as_json)
 
 
 def _on_terminal() -> bool:
@@ -306,9 +331,11 @@ def plan_command(
     gpu_memory: GpuMemoryOpt = None,
     format: FormatOpt = "reshard",
     revision: RevisionOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    tensors: TensorsOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Show how every tensor would be cut and what each rank gets, without writing anything."""
+    """Show how the tensors would be cut and what each rank gets, without writing anything: a row per rule, then
+    the ranks; --tensors lists every tensor."""
 
     def action() -> tuple[Plan, Optional[Layout], Optional[int]]:
         limit = parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
@@ -317,21 +344,21 @@ def plan_command(
         )
         return plan, (build_layout(plan, model_config, format=format) if format != "reshard" else None), limit
 
-    plan, layout, limit = _run(action, writes=False)
+    plan, layout, limit = _run(action, writes=False, as_json=as_json)
     if as_json:
         data = plan.to_dict() | ({"format": format, "layout": layout_entries(layout, plan)} if layout is not None else {})
         for entry in data["ranks"] if limit is not None else []:
             entry["fits"] = entry["bytes"] <= limit
-        typer.echo(json.dumps(data, indent=2))
+        _emit(data)
         return
     console = _console()
     console.print(plan_summary(plan, model))
-    if format != "reshard":
-        data = engine_data(format)
-        console.print(f"Layout: {format} {data['version']}, loaded with {data['loader']}")
-    console.print(tensor_table(plan))
+    console.print(tensor_table(plan) if tensors else rule_table(plan))
     if layout is not None:
-        console.print(layout_table(layout, plan))
+        data = engine_data(format)
+        console.print(f"Layout: {format} {data['version']}, loaded with {data['loader']}: {len(layout.tensors)} tensors per rank")
+        if tensors:
+            console.print(layout_table(layout, plan))
     console.print(rank_table(plan, gpu_memory=limit))
     over = [r for r in range(plan.tp) if limit is not None and plan.rank_nbytes(r) > limit]
     if over:
@@ -341,9 +368,13 @@ def plan_command(
 @app.command("families", cls=_Command)
 def families_command(
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the table in Markdown, as the README shows it.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List the built-in families: the model types each is detected from, and what is special in each."""
     families = list(builtin_families().values())
+    if as_json:
+        _emit([{"family": f.name, "extends": f.extends, "model_types": list(f.model_types), "notes": f.notes} for f in families])
+        return
     if markdown:
         typer.echo(family_markdown(families), nl=False)
         return
@@ -380,12 +411,13 @@ def split_command(
     checksum: ChecksumOpt = DEFAULT_CHECKSUM,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write safetensors files for each rank, config.json and the manifest reshard.json (default output
     folder: <model folder>-tp<N> beside it, or <model folder>-vllm-tp<N> with --format vllm; ./<name>-tp<N> for a
     model in the Hugging Face cache)."""
 
-    def action() -> None:
+    def action() -> tuple[Path, Plan, Manifest, Optional[list[int]]]:
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         if checksum not in CHECKSUMS:
             raise UsageError(f"--checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
@@ -417,33 +449,57 @@ def split_command(
                 ranks=chosen,
                 checksum=checksum,
             )
-        which = "" if chosen is None else f", rank{'s' if len(chosen) > 1 else ''} {', '.join(map(str, chosen))} of 0..{plan.tp - 1}"
-        console = _console()
-        console.print(f"Wrote {target}: {plan.family} family, tp {plan.tp}{which}, {len(plan.tensors)} tensors per rank")
-        console.print(rank_table(plan, files=manifest, only=chosen))
+        return target, plan, manifest, chosen
 
-    _run(action, writes=True)
+    _print_split(*_run(action, writes=True, as_json=as_json), as_json=as_json)
+
+
+def _print_split(target: Path, plan: Plan, manifest: Manifest, chosen: Optional[list[int]], *, as_json: bool) -> None:
+    if as_json:
+        written = [
+            {"rank": r, "device": plan.tp_config.device(r), "files": list(manifest.rank_files[r]), "bytes": plan.rank_nbytes(r)}
+            for r in (range(plan.tp) if chosen is None else chosen)
+        ]
+        data = {"out": str(target), "family": plan.family, "tp": plan.tp, "format": manifest.packing.format, "checksum": manifest.checksum}
+        _emit(data | {"ranks": written})
+        return
+    which = "" if chosen is None else f", rank{'s' if len(chosen) > 1 else ''} {', '.join(map(str, chosen))} of 0..{plan.tp - 1}"
+    console = _console()
+    console.print(f"Wrote {target}: {plan.family} family, tp {plan.tp}{which}, {len(plan.tensors)} tensors per rank")
+    console.print(rank_table(plan, files=manifest, only=chosen))
 
 
 @app.command("merge", cls=_Command)
 def merge_command(
-    split_dir: DirArg, out: OutOpt = None, max_shard_size: MaxShardOpt = None, force: ForceOpt = False, quiet: QuietOpt = False
+    split_dir: DirArg,
+    out: OutOpt = None,
+    max_shard_size: MaxShardOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Rebuild the original checkpoint from a split folder, bit for bit (default output folder: <DIR>-merged)."""
+    """Rebuild the original checkpoint from a split folder, bit for bit, in the source's own files (default output
+    folder: <DIR>-merged)."""
 
-    def action() -> None:
+    def action() -> tuple[Path, list[str], SplitFolder]:
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         folder = SplitFolder(split_dir)
         target = out if out is not None else default_merge_dir(split_dir)
         total = sum(t.nbytes for t in folder.manifest.tensors)
         with _progress(total, "merge", quiet) as progress:
             names = write_merge(folder, target, force=force, progress=progress, max_shard_size=max_bytes)
-        files = names[0] if len(names) == 1 else f"{len(names)} files with {INDEX_NAME}"
-        _console().print(
-            f"Wrote {target}: {files} ({len(folder.manifest.tensors)} tensors, {human_bytes(total)}) and config.json, from tp {folder.tp}"
-        )
+        return target, names, folder
 
-    _run(action, writes=True)
+    target, names, folder = _run(action, writes=True, as_json=as_json)
+    tensors, total = len(folder.manifest.tensors), sum(t.nbytes for t in folder.manifest.tensors)
+    index = sorted(p.name for p in target.glob("*.index.json"))
+    if as_json:
+        _emit(
+            {"out": str(target), "files": names, "index": index[0] if index else None, "tensors": tensors, "bytes": total, "tp": folder.tp}
+        )
+        return
+    files = names[0] if len(names) == 1 else f"{len(names)} files with {index[0] if index else 'no index'}"
+    _console().print(f"Wrote {target}: {files} ({tensors} tensors, {human_bytes(total)}) and config.json, from tp {folder.tp}")
 
 
 @app.command("verify", cls=_Command)
@@ -473,10 +529,47 @@ def verify_command(
         ),
     ] = None,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check every file against the sizes and checksums in the manifest and, with --against, every tensor against
     the source."""
-    report = _run(lambda: _verify(split_dir, against, quiet), writes=False)
+    report = _run(lambda: _verify(split_dir, against, quiet), writes=False, as_json=as_json)
+    # The products run even when --against found problems (they show where it matters), not on bad checksums.
+    run_forward = forward and report.files_ok
+    errors = _run(lambda: _forward(split_dir, against, device, rules), writes=False, as_json=as_json) if run_forward else []
+    problems = report.problems + _forward_problems(errors, tolerance)
+    if as_json:
+        _emit(_verify_document(report, errors if forward else None, problems))
+        raise typer.Exit(1 if problems else 0)
+    _print_verify(report, split_dir, against, errors, problems, forward=forward, tolerance=tolerance)
+
+
+def _verify_document(report: Report, errors: Optional[Sequence[KindError]], problems: list[str]) -> dict[str, Any]:
+    manifest = report.manifest
+    document: dict[str, Any] = {
+        "ok": not problems,
+        "checksum": manifest.checksum,
+        "files": report.files,
+        "file_bytes": report.file_bytes,
+        "ranks": list(manifest.ranks_present),
+        "tensors": report.tensors,
+        "tensor_bytes": report.tensor_bytes,
+    }
+    if errors is not None:
+        document["forward"] = [{"kind": e.kind, "how": e.how, "tensors": e.tensors, "worst": e.worst, "in": e.worst_tensor} for e in errors]
+    return document | {"problems": [one_line(p) for p in problems]}
+
+
+def _print_verify(
+    report: Report,
+    split_dir: Path,
+    against: Optional[Path],
+    errors: Sequence[KindError],
+    problems: list[str],
+    *,
+    forward: bool,
+    tolerance: float,
+) -> None:
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     console = _console()
     if lead and report.files_ok:
@@ -490,11 +583,8 @@ def verify_command(
         console.print(f"{report.files} files ({human_bytes(report.file_bytes)}) match the {what} in {split_dir / MANIFEST_NAME}{held}")
     if lead and against is not None and report.ok:
         console.print(f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}")
-    # The products run even when --against found problems (they show where it matters), not on bad checksums.
-    errors = _run(lambda: _forward(split_dir, against, device, rules), writes=False) if forward and report.files_ok else []
     if errors and lead:
         console.print(forward_table(errors, tolerance))
-    problems = report.problems + _forward_problems(errors, tolerance)
     if problems:
         shown = problems[:MAX_PROBLEMS] + ([f"{len(problems) - MAX_PROBLEMS} more problems"] if len(problems) > MAX_PROBLEMS else [])
         _fail(CheckFailed(shown), shown, 1)
@@ -550,6 +640,24 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
+def _usage_error(error: Exception) -> NoReturn:
+    code = getattr(error, "exit_code", 2)
+    if "--json" in sys.argv[1:]:
+        _emit(error_document([getattr(error, "format_message", error.__str__)()], code))
+    elif hasattr(error, "show"):
+        error.show()
+    else:
+        typer.echo(f"Error: {error}", err=True)
+    sys.exit(code)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
-    app(prog_name="reshard")
+    try:
+        code = app(prog_name="reshard", standalone_mode=False)
+    except typer.TyperException as e:  # a usage error, found before any command ran
+        _usage_error(e)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

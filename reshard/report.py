@@ -60,28 +60,37 @@ def family_markdown(families: Sequence[Family]) -> str:
 
 def tensor_table(plan: Plan) -> Table:
     table = Table(title="Tensors", title_justify="left")
-    table.add_column("tensor", no_wrap=True)
-    for column in ("rule", "style"):
-        table.add_column(column)
-    table.add_column("dim", justify="right")
-    for column in ("dtype", "shape", "per rank"):
-        table.add_column(column)
-    for column in ("bytes", "per rank"):
-        table.add_column(column, justify="right")
-    table.add_column("notes")
+    # The name folds where the terminal is narrow; the short columns never break.
+    table.add_column("tensor", overflow="fold", ratio=3)
+    for column in ("rule", "cut", "dtype", "shape", "per rank"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("bytes/rank", justify="right", no_wrap=True)
+    notes = [cut_notes(t) for t in plan.tensors]
+    if any(notes):
+        table.add_column("notes", ratio=1)
+    for t, note in zip(plan.tensors, notes, strict=True):
+        cells = [t.name, t.rule or "(none: 1-D)", t.style if t.dim is None else f"{t.style} {t.dim}", t.dtype]
+        cells += [_shape(t.shape), _shape(t.rank_shape(0)), human_bytes(t.rank_nbytes(0))]
+        table.add_row(*cells, *([note] if any(notes) else []))
+    return table
+
+
+def rule_table(plan: Plan) -> Table:
+    """The plan in a screen: one row per rule (or kind of tensor), its cut, how many tensors it takes and their bytes
+    in all and on the rank that holds most."""
+    rows: dict[tuple[str, str, str], list[TensorCut]] = {}
     for t in plan.tensors:
-        table.add_row(
-            t.name,
-            t.rule or "(none: 1-D)",
-            t.style,
-            "-" if t.dim is None else str(t.dim),
-            t.dtype,
-            _shape(t.shape),
-            _shape(t.rank_shape(0)),
-            human_bytes(t.nbytes),
-            human_bytes(t.rank_nbytes(0)),
-            cut_notes(t),
-        )
+        rows.setdefault((t.rule or "(none: 1-D)", t.style, "-" if t.dim is None else str(t.dim)), []).append(t)
+    table = Table(title="Rules", title_justify="left")
+    table.add_column("rule", overflow="fold")
+    table.add_column("style", no_wrap=True)
+    for column in ("dim", "tensors", "bytes", "per rank"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("notes")
+    for (rule, style, dim), cuts in rows.items():
+        per_rank = max(sum(t.rank_nbytes(r) for t in cuts) for r in range(plan.tp))
+        notes = ", ".join(dict.fromkeys(note for t in cuts for note in cut_notes(t).split(", ") if note))
+        table.add_row(rule, style, dim, str(len(cuts)), human_bytes(sum(t.nbytes for t in cuts)), human_bytes(per_rank), notes)
     return table
 
 

@@ -31,14 +31,29 @@ def run(*args: str | Path):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def test_plan_prints_every_tensor_and_every_rank(model: Path) -> None:
+def test_plan_prints_a_row_per_rule_and_every_rank(model: Path) -> None:
     result = run("plan", model, "--tp", "2", "--devices", "4,6")
     assert result.exit_code == 0, result.output
     assert f"{model}: llama family, 21 tensors, 37.2kB, tp 2 on cuda:4, cuda:6" in result.stdout
     lines = result.stdout.splitlines()
+    assert not any("q_proj.weight" in line for line in lines)
+    q = next(line for line in lines if "│ q_proj " in line)
+    assert [c.strip() for c in q.split("│")[1:-1]] == ["q_proj", "colwise", "0", "2", "4.10kB", "2.05kB", ""]
+    kv = next(line for line in lines if "│ kv_proj " in line)
+    assert [c.strip() for c in kv.split("│")[1:-1]] == ["kv_proj", "colwise", "0", "4", "2.05kB", "1.02kB", ""]
+    norm = next(line for line in lines if "│ norm " in line)
+    assert [c.strip() for c in norm.split("│")[1:-1]] == ["norm", "replicate", "-", "5", "320B", "320B", ""]
+    assert result.stderr == ""
+
+
+def test_plan_tensors_prints_every_tensor_and_every_rank(model: Path) -> None:
+    result = run("plan", model, "--tp", "2", "--devices", "4,6", "--tensors")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 120 for line in lines if line[:1] in "┏┃┡│└")  # tables fit 120 columns when piped
     q = next(line for line in lines if "layers.0.self_attn.q_proj.weight" in line)
     assert [c.strip() for c in q.split("│")[1:-1]] == [
-        "model.layers.0.self_attn.q_proj.weight", "q_proj", "colwise", "0", "BF16", "[32, 32]", "[16, 32]", "2.05kB", "1.02kB", ""
+        "model.layers.0.self_attn.q_proj.weight", "q_proj", "colwise 0", "BF16", "[32, 32]", "[16, 32]", "1.02kB"
     ]  # fmt: skip
     down = next(line for line in lines if "layers.1.mlp.down_proj.weight" in line)
     assert "rowwise" in down and "[32, 48]" in down and "[32, 24]" in down
@@ -52,11 +67,13 @@ def test_plan_notes_show_replicated_kv_heads_and_padding(model: Path) -> None:
     cuts = {t["name"]: t for t in json.loads(result.stdout)["tensors"]}
     assert cuts["model.layers.1.self_attn.v_proj.weight"]["replicas"] == 4  # 2 kv heads on 8 ranks
     table = run("plan", model, "--tp", "8").stdout
+    assert any("kv_proj" in line and "slices shared by 4 ranks" in line for line in table.splitlines())
+    table = runner.invoke(app, ["plan", str(model), "--tp", "8", "--tensors"], env={"COLUMNS": "200"}).stdout
     assert any("v_proj" in line and "slices shared by 4 ranks" in line for line in table.splitlines())
     padded = run("plan", model, "--tp", "6", "--json")
     assert padded.exit_code == 1  # 8 heads
     odd = synthetic_llama(model.parent / "odd", torch.bfloat16, kv_heads=2, vocab=62)
-    table = run("plan", odd, "--tp", "4").stdout
+    table = runner.invoke(app, ["plan", str(odd), "--tp", "4", "--tensors"], env={"COLUMNS": "200"}).stdout
     assert any("lm_head.weight" in line and "+2 zero rows" in line for line in table.splitlines())
 
 
@@ -338,3 +355,33 @@ def test_top_level_help_tells_how_to_see_a_traceback() -> None:
 def test_dash_h_is_help(args: list[str]) -> None:
     result = runner.invoke(app, args, prog_name="reshard")
     assert result.exit_code == 0 and result.stdout.startswith("Usage: reshard")
+
+
+def test_every_command_prints_one_json_document_errors_included(model: Path, tmp_path: Path) -> None:
+    """--json: one document on stdout, nothing on stderr, the same exit codes as without it (usage errors too)."""
+    out, merged = tmp_path / "s", tmp_path / "m"
+    cases = [
+        (["plan", model, "--tp", "2"], 0, lambda d: d["tp"] == 2 and len(d["tensors"]) == 21),
+        (["split", model, "--tp", "2", "--out", out], 0, lambda d: d["out"] == str(out) and [r["rank"] for r in d["ranks"]] == [0, 1]),
+        (["verify", out, "--against", model], 0, lambda d: d["ok"] and d["tensors"] == 21 and d["problems"] == []),
+        (["merge", out, "--out", merged], 0, lambda d: d["files"] == ["model.safetensors"] and d["index"] is None),
+        (["families"], 0, lambda d: any(f["family"] == "llama" and "llama" in f["model_types"] for f in d)),
+        (
+            ["plan", model, "--tp", "3"],
+            1,
+            lambda d: d["error"].startswith("num_attention_heads (8) is not divisible") and len(d["problems"]) == 2,
+        ),
+        (["split", model, "--tp", "2", "--out", out], 1, lambda d: "--force" in d["error"]),
+        (["merge", model], 1, lambda d: d["error"] == f"{model}: no reshard.json here; pass a folder written by `reshard split`"),
+        (["plan", model, "--tp", "0"], 2, lambda d: d["error"] == "Invalid value for '--tp': Input should be greater than or equal to 1"),
+    ]
+    for args, code, check in cases:
+        run = subprocess.run([sys.executable, "-m", "reshard", *map(str, args), "--json"], capture_output=True, text=True)
+        assert (run.returncode, run.stderr) == (code, ""), args
+        data = json.loads(run.stdout)
+        assert check(data), (args, data)
+        assert code == 0 or data["exit_code"] == code
+    (out / "model-rank-1-part-0.safetensors").write_bytes(b"x")
+    run = subprocess.run([sys.executable, "-m", "reshard", "verify", str(out), "--json"], capture_output=True, text=True)
+    data = json.loads(run.stdout)
+    assert run.returncode == 1 and not data["ok"] and "model-rank-1-part-0.safetensors" in data["problems"][0]
