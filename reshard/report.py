@@ -17,6 +17,10 @@ from reshard.plan.cut import Plan, TensorCut
 from reshard.runtime.forward import KindError
 
 
+# A tensor name keeps this many columns before the others wrap; a longer one folds.
+TENSOR_NAME_WIDTH = 48
+
+
 def human_bytes(n: float) -> str:
     """Bytes in SI units, three significant digits: 281kB, 13.5GB."""
     return str(tqdm.format_sizeof(n, "B", 1000))
@@ -61,13 +65,14 @@ def family_markdown(families: Sequence[Family]) -> str:
 def tensor_table(plan: Plan) -> Table:
     table = Table(title="Tensors", title_justify="left")
     # The name folds where the terminal is narrow; the short columns never break.
-    table.add_column("tensor", overflow="fold", ratio=3)
+    longest = max((len(t.name) for t in plan.tensors), default=0)
+    table.add_column("tensor", overflow="fold", min_width=min(longest, TENSOR_NAME_WIDTH))
     for column in ("rule", "cut", "dtype", "shape", "per rank"):
         table.add_column(column, no_wrap=True)
     table.add_column("bytes/rank", justify="right", no_wrap=True)
     notes = [cut_notes(t) for t in plan.tensors]
     if any(notes):
-        table.add_column("notes", ratio=1)
+        table.add_column("notes")
     for t, note in zip(plan.tensors, notes, strict=True):
         cells = [t.name, t.rule or "(none: 1-D)", t.style if t.dim is None else f"{t.style} {t.dim}", t.dtype]
         cells += [_shape(t.shape), _shape(t.rank_shape(0)), human_bytes(t.rank_nbytes(0))]
@@ -86,11 +91,13 @@ def rule_table(plan: Plan) -> Table:
     table.add_column("style", no_wrap=True)
     for column in ("dim", "tensors", "bytes", "per rank"):
         table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("notes")
-    for (rule, style, dim), cuts in rows.items():
+    notes = [", ".join(dict.fromkeys(n for t in cuts for n in cut_notes(t).split(", ") if n)) for cuts in rows.values()]
+    if any(notes):
+        table.add_column("notes")
+    for ((rule, style, dim), cuts), note in zip(rows.items(), notes, strict=True):
         per_rank = max(sum(t.rank_nbytes(r) for t in cuts) for r in range(plan.tp))
-        notes = ", ".join(dict.fromkeys(note for t in cuts for note in cut_notes(t).split(", ") if note))
-        table.add_row(rule, style, dim, str(len(cuts)), human_bytes(sum(t.nbytes for t in cuts)), human_bytes(per_rank), notes)
+        cells = [rule, style, dim, str(len(cuts)), human_bytes(sum(t.nbytes for t in cuts)), human_bytes(per_rank)]
+        table.add_row(*cells, *([note] if any(notes) else []))
     return table
 
 

@@ -38,11 +38,11 @@ def test_plan_prints_a_row_per_rule_and_every_rank(model: Path) -> None:
     lines = result.stdout.splitlines()
     assert not any("q_proj.weight" in line for line in lines)
     q = next(line for line in lines if "│ q_proj " in line)
-    assert [c.strip() for c in q.split("│")[1:-1]] == ["q_proj", "colwise", "0", "2", "4.10kB", "2.05kB", ""]
+    assert [c.strip() for c in q.split("│")[1:-1]] == ["q_proj", "colwise", "0", "2", "4.10kB", "2.05kB"]
     kv = next(line for line in lines if "│ kv_proj " in line)
-    assert [c.strip() for c in kv.split("│")[1:-1]] == ["kv_proj", "colwise", "0", "4", "2.05kB", "1.02kB", ""]
+    assert [c.strip() for c in kv.split("│")[1:-1]] == ["kv_proj", "colwise", "0", "4", "2.05kB", "1.02kB"]
     norm = next(line for line in lines if "│ norm " in line)
-    assert [c.strip() for c in norm.split("│")[1:-1]] == ["norm", "replicate", "-", "5", "320B", "320B", ""]
+    assert [c.strip() for c in norm.split("│")[1:-1]] == ["norm", "replicate", "-", "5", "320B", "320B"]
     assert result.stderr == ""
 
 
