@@ -16,7 +16,6 @@ from reshard.model.rules import Family
 from reshard.plan.cut import Plan, TensorCut
 from reshard.runtime.forward import KindError
 
-
 # A tensor name keeps this many columns before the others wrap; a longer one folds.
 TENSOR_NAME_WIDTH = 48
 
