@@ -367,7 +367,7 @@ def plan_command(
 
 @app.command("families", cls=_Command)
 def families_command(
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table in Markdown, as the README shows it.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table in Markdown, as docs/rules.md shows it.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List the built-in families: the model types each is detected from, and what is special in each."""

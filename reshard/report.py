@@ -54,7 +54,7 @@ def family_table(families: Sequence[Family]) -> Table:
 
 
 def family_markdown(families: Sequence[Family]) -> str:
-    """The same, as the README's table."""
+    """The same, as docs/rules.md shows it."""
     lines = ["| family | model types | what is special |", "|---|---|---|"]
     cells = ([c.replace("|", "\\|") for c in row] for row in _family_rows(families))  # q|k|v is not a column break
     lines += [f"| {name} | {types} | {notes} |" for name, types, notes in cells]

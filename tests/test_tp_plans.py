@@ -36,7 +36,7 @@ FUSED = {
 }
 
 
-# Where reshard cuts as engines run a layer and transformers does otherwise (documented in the README).
+# Where reshard cuts as engines run a layer and transformers does otherwise (documented in docs/rules.md).
 ACCEPTED = {
     # transformers gathers every gated-delta-net projection and runs the recurrence whole on each rank; vLLM runs
     # it by value heads, so out_proj is row-parallel

@@ -62,7 +62,7 @@ class Family:
     units: dict[str, Unit]
     rules: tuple[Rule, ...]
     source: str
-    notes: str = ""  # what is special in this family, one line for `reshard families` and the README
+    notes: str = ""  # what is special in this family, one line for `reshard families` and docs/rules.md
     extends: str | None = None
     given: dict[str, Any] | None = None  # the --rules file's JSON that shaped this family, recorded in the manifest
 
