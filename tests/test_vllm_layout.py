@@ -163,7 +163,9 @@ def test_a_changed_vllm_layout_is_refused(model: Path, tmp_path: Path) -> None:
 def test_plan_shows_the_vllm_cut(model: Path) -> None:
     shown = invoke("plan", model, "--tp", 4, "--format", "vllm")
     assert shown.exit_code == 0, shown.stderr
-    assert 'Layout: vllm 0.32, loaded with load_format="sharded_state"' in shown.stdout
+    assert 'Layout: vllm 0.32, loaded with load_format="sharded_state": 23 tensors per rank' in shown.stdout
+    assert "qkv_proj" not in shown.stdout
+    shown = invoke("plan", model, "--tp", 4, "--format", "vllm", "--tensors")
     assert "Rank files (vllm 0.32 names)" in shown.stdout and "model.layers.1.self_attn.qkv_proj.weight" in shown.stdout
     plan = json.loads(invoke("plan", model, "--tp", 4, "--format", "vllm", "--json").stdout)
     lm_head = next(t for t in plan["tensors"] if t["name"] == "lm_head.weight")
