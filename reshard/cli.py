@@ -11,42 +11,31 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, NoReturn, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
 
 import typer
-from rich.console import Console
-from tqdm import tqdm
 from typer.core import TyperArgument, TyperCommand
 
-from reshard.engine.merge import default_merge_dir, write_merge
-from reshard.engine.planning import make_plan
-from reshard.engine.sources import Source
-from reshard.engine.split import default_split_dir, read_nbytes, write_split
-from reshard.engine.verify import Report, verify
 from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
-from reshard.formats.checksums import CHECKSUMS, DEFAULT_CHECKSUM, NONE
-from reshard.formats.export import Layout, build_layout, engine_data
 from reshard.formats.hub import locate_model
-from reshard.formats.layout import MANIFEST_NAME
-from reshard.formats.manifest import Manifest
-from reshard.formats.split_folder import SplitFolder
-from reshard.model.config import ModelConfig, TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
+from reshard.formats.layout import CHECKSUMS, DEFAULT_CHECKSUM, MANIFEST_NAME, NONE
+from reshard.model.config import TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
 from reshard.model.rules import builtin_families
-from reshard.plan.cut import Plan
-from reshard.report import (
-    family_markdown,
-    family_table,
-    forward_table,
-    human_bytes,
-    layout_entries,
-    layout_table,
-    plan_summary,
-    rank_table,
-    rule_table,
-    tensor_table,
-)
-from reshard.runtime.forward import KindError
 from reshard.version import __version__
+
+# The engines, numpy, rich and tqdm are imported by the commands that use them, so `--version`, `-h` and the
+# errors found while parsing flags come as fast as a Python start allows.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from reshard.engine.sources import Source
+    from reshard.engine.verify import Report
+    from reshard.formats.export import Layout
+    from reshard.formats.manifest import Manifest
+    from reshard.formats.split_folder import SplitFolder
+    from reshard.model.config import ModelConfig
+    from reshard.plan.cut import Plan
+    from reshard.runtime.forward import KindError
 
 T = TypeVar("T")
 # The bar appears only for work that lasts longer, so quick runs and early errors stay clean.
@@ -82,6 +71,8 @@ PIPED_WIDTH = 120
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     # Tables fit the terminal, or PIPED_WIDTH when piped; names are shown as they are, never read as markup.
     piped = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else PIPED_WIDTH
     return Console(width=None if sys.stdout.isatty() else piped, markup=False, highlight=False, soft_wrap=True)
@@ -229,6 +220,8 @@ def _make_plan(
     quiet: bool = False,
 ) -> tuple[Source, ModelConfig, Plan]:
     """The plan `plan` shows and `split` writes, from the same flags."""
+    from reshard.engine.planning import make_plan
+
     count, device_ids, model_config = _tp_settings(tp, devices, configs)
     return make_plan(
         locate_model(model, revision=revision, progress=not quiet and _on_terminal()),
@@ -304,6 +297,8 @@ def _on_terminal() -> bool:
 
 @contextmanager
 def _progress(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], object]]:
+    from tqdm import tqdm
+
     # A bar only for a person at a terminal: logs and captured stderr get results and errors, never bar frames.
     shown = not quiet and _on_terminal()
     bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not shown, delay=PROGRESS_DELAY_S)
@@ -338,6 +333,8 @@ def plan_command(
     the ranks; --tensors lists every tensor."""
 
     def action() -> tuple[Plan, Optional[Layout], Optional[int]]:
+        from reshard.formats.export import build_layout
+
         limit = parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
         _, model_config, plan = _make_plan(
             model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format, revision=revision
@@ -345,24 +342,32 @@ def plan_command(
         return plan, (build_layout(plan, model_config, format=format) if format != "reshard" else None), limit
 
     plan, layout, limit = _run(action, writes=False, as_json=as_json)
+    _print_plan(model, plan, layout, limit, tensors=tensors, as_json=as_json)
+
+
+def _print_plan(model: Path, plan: Plan, layout: Optional[Layout], limit: Optional[int], *, tensors: bool, as_json: bool) -> None:
+    import reshard.report as report
+    from reshard.formats.export import engine_data
+
     if as_json:
-        data = plan.to_dict() | ({"format": format, "layout": layout_entries(layout, plan)} if layout is not None else {})
+        data = plan.to_dict() | ({"format": layout.format, "layout": report.layout_entries(layout, plan)} if layout is not None else {})
         for entry in data["ranks"] if limit is not None else []:
             entry["fits"] = entry["bytes"] <= limit
         _emit(data)
         return
     console = _console()
-    console.print(plan_summary(plan, model))
-    console.print(tensor_table(plan) if tensors else rule_table(plan))
+    console.print(report.plan_summary(plan, model))
+    console.print(report.tensor_table(plan) if tensors else report.rule_table(plan))
     if layout is not None:
-        data = engine_data(format)
-        console.print(f"Layout: {format} {data['version']}, loaded with {data['loader']}: {len(layout.tensors)} tensors per rank")
+        data = engine_data(layout.format)
+        console.print(f"Layout: {layout.format} {data['version']}, loaded with {data['loader']}: {len(layout.tensors)} tensors per rank")
         if tensors:
-            console.print(layout_table(layout, plan))
-    console.print(rank_table(plan, gpu_memory=limit))
+            console.print(report.layout_table(layout, plan))
+    console.print(report.rank_table(plan, gpu_memory=limit))
     over = [r for r in range(plan.tp) if limit is not None and plan.rank_nbytes(r) > limit]
     if over:
-        console.print(f"{len(over)} of {plan.tp} ranks need more than {human_bytes(limit or 0)} for their weights alone; use a larger --tp")
+        need = report.human_bytes(limit or 0)
+        console.print(f"{len(over)} of {plan.tp} ranks need more than {need} for their weights alone; use a larger --tp")
 
 
 @app.command("families", cls=_Command)
@@ -371,6 +376,8 @@ def families_command(
     as_json: JsonOpt = False,
 ) -> None:
     """List the built-in families: the model types each is detected from, and what is special in each."""
+    from reshard.report import family_markdown, family_table
+
     families = list(builtin_families().values())
     if as_json:
         _emit([{"family": f.name, "extends": f.extends, "model_types": list(f.model_types), "notes": f.notes} for f in families])
@@ -418,6 +425,9 @@ def split_command(
     model in the Hugging Face cache)."""
 
     def action() -> tuple[Path, Plan, Manifest, Optional[list[int]]]:
+        from reshard.engine.split import default_split_dir, read_nbytes, write_split
+        from reshard.formats.export import build_layout
+
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         if checksum not in CHECKSUMS:
             raise UsageError(f"--checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
@@ -455,6 +465,8 @@ def split_command(
 
 
 def _print_split(target: Path, plan: Plan, manifest: Manifest, chosen: Optional[list[int]], *, as_json: bool) -> None:
+    from reshard.report import rank_table
+
     if as_json:
         written = [
             {"rank": r, "device": plan.tp_config.device(r), "files": list(manifest.rank_files[r]), "bytes": plan.rank_nbytes(r)}
@@ -482,6 +494,9 @@ def merge_command(
     folder: <DIR>-merged)."""
 
     def action() -> tuple[Path, list[str], SplitFolder]:
+        from reshard.engine.merge import default_merge_dir, write_merge
+        from reshard.formats.split_folder import SplitFolder
+
         max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
         folder = SplitFolder(split_dir)
         target = out if out is not None else default_merge_dir(split_dir)
@@ -498,6 +513,8 @@ def merge_command(
             {"out": str(target), "files": names, "index": index[0] if index else None, "tensors": tensors, "bytes": total, "tp": folder.tp}
         )
         return
+    from reshard.report import human_bytes
+
     files = names[0] if len(names) == 1 else f"{len(names)} files with {index[0] if index else 'no index'}"
     _console().print(f"Wrote {target}: {files} ({tensors} tensors, {human_bytes(total)}) and config.json, from tp {folder.tp}")
 
@@ -570,6 +587,8 @@ def _print_verify(
     forward: bool,
     tolerance: float,
 ) -> None:
+    from reshard.report import forward_table, human_bytes
+
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     console = _console()
     if lead and report.files_ok:
@@ -595,6 +614,9 @@ def _print_verify(
 
 
 def _verify(split_dir: Path, against: Optional[Path], quiet: bool) -> Report:
+    from reshard.engine.verify import verify
+    from reshard.formats.split_folder import SplitFolder
+
     folder = SplitFolder(split_dir)
     total = sum(r.bytes for r in folder.manifest.files.values()) + (sum(t.nbytes for t in folder.manifest.tensors) if against else 0)
     with _progress(total, "verify", quiet) as progress:

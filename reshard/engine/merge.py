@@ -15,9 +15,8 @@ from reshard.engine.sources import Contiguous, Stitched, TensorBytes
 from reshard.engine.split import split_tensor
 from reshard.engine.staging import staged_output
 from reshard.engine.workers import WORKERS, run_all
-from reshard.formats.checksums import NONE
 from reshard.formats.io import Buffers, ByteReader, Progress, copy_durably, thread_buffers, write_durably
-from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, merged_file_names
+from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, NONE, merged_file_names
 from reshard.formats.manifest import Manifest, SourceIndex
 from reshard.formats.safetensors import Entry, TensorInfo, entry_nbytes
 from reshard.formats.split_folder import SplitFolder

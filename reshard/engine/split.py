@@ -20,11 +20,11 @@ from reshard.engine.planning import make_plan
 from reshard.engine.sources import Source, TensorBytes, TensorSource
 from reshard.engine.staging import staged_output, staged_ranks
 from reshard.engine.workers import run_all
-from reshard.formats.checksums import DEFAULT_CHECKSUM, record
+from reshard.formats.checksums import record
 from reshard.formats.export import Layout, OutTensor, build_layout, own_layout
 from reshard.formats.hub import cached_repo_name
 from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, Reorder, copy_durably, thread_buffers
-from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_file_name
+from reshard.formats.layout import CONFIG_NAME, DEFAULT_CHECKSUM, MANIFEST_NAME, rank_file_name
 from reshard.formats.manifest import Manifest, write_manifest
 from reshard.formats.safetensors import Entry
 from reshard.formats.writer import PartedWriter, Region, partition

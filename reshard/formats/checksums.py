@@ -20,6 +20,7 @@ import xxhash
 
 from reshard.errors import InputError, OutputError
 from reshard.formats.io import ByteReader
+from reshard.formats.layout import DEFAULT_CHECKSUM, NONE
 from reshard.timing import clock, spent
 
 # A hash thread wakes for this many newly written bytes, and reads a file to hash it this many at a time (small,
@@ -39,9 +40,6 @@ ALGORITHMS: dict[str, tuple[Callable[[], Digest], int]] = {
     "sha256": (hashlib.sha256, 64),
     "xxh128": (xxhash.xxh3_128, 32),
 }
-NONE = "none"
-CHECKSUMS = (*ALGORITHMS, NONE)
-DEFAULT_CHECKSUM = "sha256"
 
 
 def new_digest(checksum: str) -> Digest:

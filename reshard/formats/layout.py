@@ -6,6 +6,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MANIFEST_NAME = "reshard.json"
+# What a manifest may record of every file beside its size (formats/checksums.py computes them).
+NONE = "none"
+CHECKSUMS = ("sha256", "xxh128", NONE)
+DEFAULT_CHECKSUM = "sha256"
 # What an engine starts from besides the weights and config.json, copied beside an engine layout's rank files.
 ENGINE_FILES = (
     "generation_config.json",

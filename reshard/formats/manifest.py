@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import InputError, ReshardError
-from reshard.formats.checksums import CHECKSUMS, DEFAULT_CHECKSUM, NONE, FileRecord, is_digest
+from reshard.formats.checksums import FileRecord, is_digest
 from reshard.formats.export import Layout, layout_from_dict, own_layout
 from reshard.formats.io import write_durably
-from reshard.formats.layout import CONFIG_NAME, MANIFEST_NAME, rank_record_name
+from reshard.formats.layout import CHECKSUMS, CONFIG_NAME, DEFAULT_CHECKSUM, MANIFEST_NAME, NONE, rank_record_name
 from reshard.jsonfile import read_json, read_text
 from reshard.model.config import TPConfig
 from reshard.model.rules import STYLES

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import InputError, shown
-from reshard.formats.checksums import NONE, BackgroundHashes, HashedReader, file_digest
+from reshard.formats.checksums import BackgroundHashes, HashedReader, file_digest
 from reshard.formats.export import build_layout, engine_data
 from reshard.formats.io import ByteReader, Progress, ReorderedReader
-from reshard.formats.layout import MANIFEST_NAME, rank_record_name
+from reshard.formats.layout import MANIFEST_NAME, NONE, rank_record_name
 from reshard.formats.manifest import Manifest, read_manifest
 from reshard.formats.safetensors import TensorInfo, read_header
 from reshard.model.config import ModelConfig
