@@ -141,8 +141,9 @@ ChecksumOpt = Annotated[
     typer.Option(
         "--checksum",
         metavar="ALGO",
-        help="What reshard.json records of every file beside its size: sha256 (as `sha256sum` prints it), xxh128 "
-        "(XXH3-128, as `xxh128sum` prints it; many times faster) or none. merge, verify and load_rank check it.",
+        help="What reshard.json records of every file beside its size: xxh128 (XXH3-128, as `xxh128sum` prints it: "
+        "catches corruption and truncation), sha256 (as `sha256sum` prints it: for a manifest kept apart from the "
+        "files, against tampering; several times slower) or none. merge, verify and load_rank check it.",
     ),
 ]
 FormatOpt = Annotated[

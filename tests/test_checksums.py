@@ -91,11 +91,11 @@ def test_a_corrupt_rank_file_fails_merge_resplit_and_load_rank(model: Path, tmp_
 
 
 def test_a_resplit_records_its_own_checksum(model: Path, tmp_path: Path) -> None:
-    before = split(model, tmp_path / "before", 4, "--checksum", "xxh128")
+    before = split(model, tmp_path / "before", 4, "--checksum", "sha256")
     after = split(before, tmp_path / "after", 2)
     direct = split(model, tmp_path / "direct", 2)
     assert snapshot(after) == snapshot(direct)
-    assert json.loads((after / "reshard.json").read_text())["checksum"] == "sha256"
+    assert json.loads((after / "reshard.json").read_text())["checksum"] == "xxh128"  # the default
 
 
 def test_an_unknown_checksum_is_a_usage_error(model: Path, tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_an_unknown_checksum_is_a_usage_error(model: Path, tmp_path: Path) -> No
 def test_an_unknown_checksum_in_a_manifest_is_refused(model: Path, tmp_path: Path) -> None:
     out = split(model, tmp_path / "out", 2)
     manifest = out / "reshard.json"
-    manifest.write_text(manifest.read_text().replace('"checksum": "sha256"', '"checksum": "crc32"'))
+    manifest.write_text(manifest.read_text().replace('"checksum": "xxh128"', '"checksum": "crc32"'))
     result = invoke("verify", out)
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: {manifest}: malformed manifest") and "checksum 'crc32' is not one of" in result.stderr
@@ -218,7 +218,7 @@ def test_a_rank_file_cut_short_while_it_is_hashed_is_named(tmp_path: Path) -> No
 
 def test_a_manifest_without_a_checksum_field_means_sha256(model: Path, tmp_path: Path) -> None:
     """Manifests written before --checksum existed have no "checksum": their records are sha256, and are checked."""
-    out = split(model, tmp_path / "out", 2)
+    out = split(model, tmp_path / "out", 2, "--checksum", "sha256")
     forge(out, lambda manifest: manifest.pop("checksum"))
     result = invoke("verify", out)
     assert result.exit_code == 0 and "match the sizes and sha256 in " in result.stdout

@@ -129,7 +129,7 @@ def test_merge_refuses_a_corrupted_rank_file(model: Path, tmp_path: Path) -> Non
     before = snapshot(tmp_path)
     result = runner.invoke(app, ["merge", str(out)])
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {rank0}: sha256 differs from reshard-rank-0.json; the file is corrupt, split again\n"
+    assert result.stderr == f"Error: {rank0}: xxh128 differs from reshard-rank-0.json; the file is corrupt, split again\n"
     assert not (tmp_path / "split-merged").exists() and leftovers(tmp_path) == []
     assert snapshot(tmp_path) == before
 
@@ -141,4 +141,4 @@ def test_merge_refuses_a_changed_config(model: Path, tmp_path: Path) -> None:
     (out / "config.json").write_text(text.replace('"vocab_size": 64', '"vocab_size": 65'))
     result = runner.invoke(app, ["merge", str(out)])
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {out / 'config.json'}: sha256 differs from reshard.json; the file is corrupt, split again\n"
+    assert result.stderr == f"Error: {out / 'config.json'}: xxh128 differs from reshard.json; the file is corrupt, split again\n"

@@ -4,7 +4,6 @@ header check, a resplit along another dim, load_rank's checks, sizes, and which 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import struct
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
+import xxhash
 
 import reshard
 from reshard import InputError, UsageError
@@ -87,7 +87,7 @@ def test_the_copy_fallback_still_checks_the_rank_files(model: Path, tmp_path: Pa
         result = invoke(*args, "--out", tmp_path / "out")
         assert (result.exit_code, result.stderr) == (
             1,
-            f"Error: {rank1}: sha256 differs from reshard-rank-1.json; the file is corrupt, split again\n",
+            f"Error: {rank1}: xxh128 differs from reshard-rank-1.json; the file is corrupt, split again\n",
         )
         assert not (tmp_path / "out").exists()
 
@@ -173,7 +173,7 @@ def rewrite_header(path: Path, change) -> None:
     rank = int(path.name.split("-")[2])
     record_path = path.parent / f"reshard-rank-{rank}.json"
     record = json.loads(record_path.read_text())
-    record["files"][path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    record["files"][path.name] = {"bytes": len(data), "xxh128": xxhash.xxh3_128(data).hexdigest()}
     record_path.write_text(json.dumps(record))
 
 
@@ -216,13 +216,13 @@ def test_resplit_refuses_a_plan_that_cuts_another_dim(model: Path, tmp_path: Pat
     assert invoke("split", model, "--tp", 4, "--rules", rules, "--out", tmp_path / "after", "-q").exit_code == 0
 
 
-def test_load_rank_checks_sha256_unless_asked_not_to(model: Path, tmp_path: Path) -> None:
+def test_load_rank_checks_checksums_unless_asked_not_to(model: Path, tmp_path: Path) -> None:
     out = split(model, tmp_path / "split", 2)
     rank0 = out / "model-rank-0-part-0.safetensors"
     data = bytearray(rank0.read_bytes())
     data[-3] ^= 0x01
     rank0.write_bytes(bytes(data))
-    with pytest.raises(InputError, match=r"model-rank-0-part-0.safetensors: sha256 differs from reshard-rank-0.json"):
+    with pytest.raises(InputError, match=r"model-rank-0-part-0.safetensors: xxh128 differs from reshard-rank-0.json"):
         reshard.load_rank(out, 0, device="cpu")
     unchecked = reshard.load_rank(out, 0, device="cpu", check_checksums=False)
     assert set(unchecked) == {t for t in json.loads((out / "reshard.json").read_text())["tensors"]}

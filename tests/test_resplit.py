@@ -62,7 +62,7 @@ def test_resplit_refuses_a_damaged_rank_file(tmp_path: Path) -> None:
     rank1.write_bytes(bytes(data))
     result = runner.invoke(app, ["split", str(before), "--tp", "4", "--out", str(tmp_path / "after")])
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {rank1}: sha256 differs from reshard-rank-1.json; the file is corrupt, split again\n"
+    assert result.stderr == f"Error: {rank1}: xxh128 differs from reshard-rank-1.json; the file is corrupt, split again\n"
     assert not (tmp_path / "after").exists()
 
 

@@ -266,7 +266,7 @@ def test_links_are_not_followed_out_of_a_split_folder(model: Path, tmp_path: Pat
     rank0.symlink_to("model-rank-1-part-0.safetensors")
     result = invoke("merge", folder, "--out", tmp_path / "out2")
     assert result.exit_code == 1 and "is the same file as" in result.stderr
-    with pytest.raises(reshard.InputError, match="sha256 differs from reshard-rank-0.json"):
+    with pytest.raises(reshard.InputError, match="xxh128 differs from reshard-rank-0.json"):
         reshard.load_rank(folder, 0, device="cpu")
 
 

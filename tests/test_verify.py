@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from typer.testing import CliRunner
 
 from reshard import verify
@@ -59,7 +60,7 @@ def test_checksums_catch_a_flipped_bit(model: Path, tmp_path: Path) -> None:
     rank1.write_bytes(bytes(data))
     result = runner.invoke(app, ["verify", str(out)])
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {rank1}: sha256 differs from reshard-rank-1.json; the file is corrupt, split again\n"
+    assert result.stderr == f"Error: {rank1}: xxh128 differs from reshard-rank-1.json; the file is corrupt, split again\n"
 
 
 def test_missing_and_resized_files_are_each_named(model: Path, tmp_path: Path) -> None:
@@ -80,7 +81,6 @@ def test_missing_and_resized_files_are_each_named(model: Path, tmp_path: Path) -
 def recut(out: Path, name: str, fix) -> None:
     """Rewrite one tensor's bytes in a rank file and the manifest's checksums to match: a split whose files are
     intact but whose content is wrong, as a bug in the engine would leave it."""
-    import hashlib
 
     manifest = json.loads((out / "reshard.json").read_text())
     for rank in range(manifest["tp"]):
@@ -90,7 +90,7 @@ def recut(out: Path, name: str, fix) -> None:
         data[begin:end] = fix(rank, bytes(data[begin:end]))
         path.write_bytes(bytes(data))
         record = json.loads((out / f"reshard-rank-{rank}.json").read_text())
-        record["files"][path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        record["files"][path.name] = {"bytes": len(data), "xxh128": xxhash.xxh3_128(data).hexdigest()}
         (out / f"reshard-rank-{rank}.json").write_text(json.dumps(record))
 
 

@@ -6,10 +6,13 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MANIFEST_NAME = "reshard.json"
-# What a manifest may record of every file beside its size (formats/checksums.py computes them).
+# What a manifest may record of every file beside its size (formats/checksums.py computes them). The default,
+# XXH3-128, catches a corrupted or truncated file at many times sha256's speed; sha256 is for a manifest kept
+# apart from the files it vouches for, where a forger could rewrite the files but not it.
 NONE = "none"
 CHECKSUMS = ("sha256", "xxh128", NONE)
-DEFAULT_CHECKSUM = "sha256"
+DEFAULT_CHECKSUM = "xxh128"
+EARLIER_CHECKSUM = "sha256"  # what a manifest that does not say recorded (written before the choice existed)
 # What an engine starts from besides the weights and config.json, copied beside an engine layout's rank files.
 ENGINE_FILES = (
     "generation_config.json",

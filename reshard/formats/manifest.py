@@ -14,7 +14,7 @@ from reshard.errors import InputError, ReshardError
 from reshard.formats.checksums import FileRecord, is_digest
 from reshard.formats.export import Layout, layout_from_dict, own_layout
 from reshard.formats.io import write_durably
-from reshard.formats.layout import CHECKSUMS, CONFIG_NAME, DEFAULT_CHECKSUM, MANIFEST_NAME, NONE, rank_record_name
+from reshard.formats.layout import CHECKSUMS, CONFIG_NAME, DEFAULT_CHECKSUM, EARLIER_CHECKSUM, MANIFEST_NAME, NONE, rank_record_name
 from reshard.jsonfile import read_json, read_text
 from reshard.model.config import TPConfig
 from reshard.model.rules import STYLES
@@ -266,7 +266,7 @@ def _parse(data: Any) -> Manifest:
         raise ValueError("rules must be the JSON object of a rules file")
     tensors = tuple(_parse_tensor(name, e, tp_config.tp) for name, e in data["tensors"].items())
     source = data["source"]
-    checksum = data.get("checksum", DEFAULT_CHECKSUM)  # absent from the manifests of earlier versions: sha256
+    checksum = data.get("checksum", EARLIER_CHECKSUM)
     if checksum not in CHECKSUMS:
         raise ValueError(f"checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
     files = {_relative(name, "file"): _file_record(r, checksum) for name, r in data["files"].items()}
