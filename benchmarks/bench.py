@@ -3,8 +3,8 @@
 Makes a synthetic Llama-shaped bf16 checkpoint of the given size (random bytes, config.json), then runs, in one
 run and alternating round by round: cp, cp followed by sync (the fair limit: reshard writes durably), reshard
 split --tp 4, reshard merge, the tp-4 split resplit to tp 2, `reshard split --rank 0` (one rank's file, as each
-node of a multi-node job extracts its own), split, merge and resplit again with `--checksum none` and split with
-`--checksum xxh128`, and the usual alternative (safetensors load_file + torch.chunk + save_file per rank, see
+node of a multi-node job extracts its own), split, merge and resplit again with `--checksum sha256`, split with
+`--checksum none` (the bytes moved, nothing hashed), and the usual alternative (safetensors load_file + torch.chunk + save_file per rank, see
 naive_split.py). Every command runs as its own process; its wall time and peak resident memory (ru_maxrss, what
 /usr/bin/time -v reports) are measured, and each is reported as its best round and as a ratio to cp + sync.
 `sync` and a short pause run between commands, untimed, so none pays for another's writeback. The source stays in
@@ -199,14 +199,14 @@ def main() -> None:
                 "resplit", [*reshard, "split", str(work / "split"), "--tp", str(args.tp // 2), "--out", str(work / "resplit"), "--quiet"]),
             f"reshard split --tp {args.tp} --rank 0": (
                 "rank0", [*reshard, "split", str(src), "--tp", str(args.tp), "--rank", "0", "--out", str(work / "rank0"), "--quiet"]),
+            f"reshard split --tp {args.tp} --checksum sha256": (
+                "split-sha", [*reshard, "split", str(src), "--tp", str(args.tp), "--out", str(work / "split-sha"), "--quiet", "--checksum", "sha256"]),
+            "reshard merge (of --checksum sha256)": (
+                "merged-sha", [*reshard, "merge", str(work / "split-sha"), "--out", str(work / "merged-sha"), "--quiet"]),
+            f"reshard split (resplit {args.tp} -> {args.tp // 2}) --checksum sha256": (
+                "resplit-sha", [*reshard, "split", str(work / "split-sha"), "--tp", str(args.tp // 2), "--out", str(work / "resplit-sha"), "--quiet", "--checksum", "sha256"]),
             f"reshard split --tp {args.tp} --checksum none": (
                 "split-none", [*reshard, "split", str(src), "--tp", str(args.tp), "--out", str(work / "split-none"), "--quiet", "--checksum", "none"]),
-            "reshard merge (of --checksum none)": (
-                "merged-none", [*reshard, "merge", str(work / "split-none"), "--out", str(work / "merged-none"), "--quiet"]),
-            f"reshard split (resplit {args.tp} -> {args.tp // 2}) --checksum none": (
-                "resplit-none", [*reshard, "split", str(work / "split-none"), "--tp", str(args.tp // 2), "--out", str(work / "resplit-none"), "--quiet", "--checksum", "none"]),
-            f"reshard split --tp {args.tp} --checksum xxh128": (
-                "split-xxh", [*reshard, "split", str(src), "--tp", str(args.tp), "--out", str(work / "split-xxh"), "--quiet", "--checksum", "xxh128"]),
             f"load_file + torch.chunk + save_file (tp {args.tp})": ("naive", [sys.executable, str(HERE / "naive_split.py"), str(src), str(work / "naive"), str(args.tp)]),
         }  # fmt: skip
         if args.baseline is not None:
@@ -235,7 +235,7 @@ def main() -> None:
                 print(f"round {round_ + 1}: {name}: {seconds:.2f} s, {rss / 2**20:.0f} MiB", file=sys.stderr)
                 if name.startswith(merge_name):
                     same &= filecmp.cmp(work / output / "model.safetensors", src / "model.safetensors", shallow=False)
-                if output not in ("split", "split-base", "split-none"):  # merge and resplit read a split; the rest is removed at once
+                if output not in ("split", "split-base", "split-sha"):  # merge and resplit read a split; the rest is removed at once
                     shutil.rmtree(work / output, ignore_errors=True)
         base = min(times["cp -r && sync"])
         print(f"Checkpoint: {size / 2**30:.2f} GiB bf16 (Llama-2-7B shapes), tp {args.tp}, {args.rounds} rounds, best round")
