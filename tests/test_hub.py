@@ -85,9 +85,12 @@ def test_hf_home_and_a_snapshot_folder_given_as_a_path(hub, tmp_path: Path) -> N
     [
         (
             ["org/missing"],
-            "Error: org/missing: not in the Hugging Face cache ({cache}) and the Hub cannot be reached (HF_HUB_OFFLINE is set)",
+            "Error: org/missing: no such folder here, not in the Hugging Face cache ({cache}), and the Hub cannot be reached (HF_HUB_OFFLINE is set)",
         ),
-        (["org/tiny", "--revision", "v9"], "Error: org/tiny: not in the Hugging Face cache ({cache}) and the Hub cannot be reached"),
+        (
+            ["org/tiny", "--revision", "v9"],
+            "Error: org/tiny (revision v9): no such folder here, not in the Hugging Face cache ({cache}), and the Hub cannot be reached",
+        ),
         (["{model}", "--revision", "v9"], "Error: --revision v9: applies to a Hub repo id (org/name); {model} is a path"),
     ],
 )

@@ -70,7 +70,8 @@ def _download(repo: str, revision: str | None, patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as e:  # huggingface_hub's errors: named below, each with its fix
-        raise InputError(f"{repo}: {_explain(e, revision)}") from e
+        at = f" (revision {revision})" if revision is not None else ""
+        raise InputError(f"{repo}{at}: {_explain(e, revision)}") from e
 
 
 def _explain(error: Exception, revision: str | None) -> str:
@@ -81,12 +82,12 @@ def _explain(error: Exception, revision: str | None) -> str:
     if isinstance(error, GatedRepoError):
         return "a gated model; accept its terms on huggingface.co and log in with `hf auth login`"
     if isinstance(error, RepositoryNotFoundError):
-        return "no such model on the Hugging Face Hub (a private one needs `hf auth login`); check the repo id"
+        return "no such folder here, and no such model on the Hugging Face Hub (a private one needs `hf auth login`); check the name"
     if isinstance(error, RevisionNotFoundError):
         return f"no revision {revision!r} in this repo; pass a branch, tag or commit it has"
     if isinstance(error, LocalEntryNotFoundError) or _offline(constants):
         return (
-            f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub cannot be reached"
+            f"no such folder here, not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and the Hub cannot be reached"
             f"{' (HF_HUB_OFFLINE is set)' if _offline(constants) else ''}; download it where the Hub can be reached, "
             "or pass the model's folder"
         )
