@@ -528,7 +528,7 @@ def verify_command(
         typer.Option(
             "--against",
             metavar="MODEL",
-            help="The checkpoint DIR was split from: compare every rank tensor with its slice.",
+            help="The checkpoint DIR was split from (a path or a Hub repo id): compare every rank tensor with its slice.",
             show_default=False,
         ),
     ] = None,

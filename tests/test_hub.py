@@ -61,6 +61,8 @@ def test_a_repo_id_splits_offline_from_the_cache_into_the_working_folder(hub, tm
     run = reshard("merge", "tiny-tp2", "--out", "back", cwd=work, env=env)
     assert run.returncode == 0, run.stderr
     assert (work / "back" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    run = reshard("verify", "tiny-tp2", "--against", "org/tiny", cwd=work, env=env)
+    assert run.returncode == 0 and "every rank holds exactly its slice of org/tiny" in run.stdout, run.stderr
     # vLLM's layout takes the tokenizer files along, read through the cache's links into its blobs.
     run = reshard("split", "org/tiny", "--tp", "2", "--format", "vllm", "--revision", COMMIT, cwd=work, env=env)
     assert run.returncode == 0, run.stderr

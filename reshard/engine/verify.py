@@ -16,6 +16,7 @@ import numpy as np
 
 from reshard.engine.sources import source_file
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
+from reshard.formats.hub import locate_model
 from reshard.formats.io import BLOCK_BYTES, Buffers, ByteReader, Progress
 from reshard.formats.layout import MANIFEST_NAME
 from reshard.formats.manifest import Manifest
@@ -39,7 +40,7 @@ class Report:
         return not self.problems
 
 
-def verify(split_dir: Path, *, against: Path | None = None, progress: Progress | None = None) -> Report:
+def verify(split_dir: Path, *, against: Path | str | None = None, progress: Progress | None = None) -> Report:
     """Check a split folder against its manifest and, with `against`, against the checkpoint it came from.
 
     Returns a report listing every problem found; a folder that cannot be read at all raises InputError.
@@ -59,7 +60,7 @@ def verify(split_dir: Path, *, against: Path | None = None, progress: Progress |
     report.files, report.file_bytes = len(names), sum(manifest.files[n].bytes for n in names)
     report.files_ok = report.ok
     if against is not None and report.ok:
-        _check_against(folder, Path(against), report, progress)
+        _check_against(folder, locate_model(against), report, progress)  # a path, or a Hub repo id
     return report
 
 
