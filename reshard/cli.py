@@ -73,9 +73,10 @@ PIPED_WIDTH = 120
 def _console() -> Console:
     from rich.console import Console
 
-    # Tables fit the terminal, or PIPED_WIDTH when piped; names are shown as they are, never read as markup.
-    piped = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else PIPED_WIDTH
-    return Console(width=None if sys.stdout.isatty() else piped, markup=False, highlight=False, soft_wrap=True)
+    # Tables fit the terminal (rich reads its width, or $COLUMNS), or PIPED_WIDTH when piped; names are shown as
+    # they are, never read as markup.
+    measured = sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit()
+    return Console(width=None if measured else PIPED_WIDTH, markup=False, highlight=False, soft_wrap=True)
 
 
 class Terminated(KeyboardInterrupt):
@@ -268,8 +269,9 @@ def _fail(error: BaseException, lines: Sequence[str], code: int, *, as_json: boo
         raise error
     if as_json:
         _emit(error_document(lines, code))
-    for line in [] if as_json else lines:
-        typer.echo(f"Error: {one_line(line)}", err=True)
+    else:
+        for line in lines:
+            typer.echo(f"Error: {one_line(line)}", err=True)
     raise typer.Exit(code)
 
 
@@ -494,7 +496,7 @@ def merge_command(
     """Rebuild the original checkpoint from a split folder, bit for bit, in the source's own files (default output
     folder: <DIR>-merged)."""
 
-    def action() -> tuple[Path, list[str], SplitFolder]:
+    def action() -> tuple[Path, list[str], Optional[str], SplitFolder]:
         from reshard.engine.merge import default_merge_dir, write_merge
         from reshard.formats.split_folder import SplitFolder
 
@@ -503,20 +505,17 @@ def merge_command(
         target = out if out is not None else default_merge_dir(split_dir)
         total = sum(t.nbytes for t in folder.manifest.tensors)
         with _progress(total, "merge", quiet) as progress:
-            names = write_merge(folder, target, force=force, progress=progress, max_shard_size=max_bytes)
-        return target, names, folder
+            names, index = write_merge(folder, target, force=force, progress=progress, max_shard_size=max_bytes)
+        return target, names, index, folder
 
-    target, names, folder = _run(action, writes=True, as_json=as_json)
+    target, names, index, folder = _run(action, writes=True, as_json=as_json)
     tensors, total = len(folder.manifest.tensors), sum(t.nbytes for t in folder.manifest.tensors)
-    index = sorted(p.name for p in target.glob("*.index.json"))
     if as_json:
-        _emit(
-            {"out": str(target), "files": names, "index": index[0] if index else None, "tensors": tensors, "bytes": total, "tp": folder.tp}
-        )
+        _emit({"out": str(target), "files": names, "index": index, "tensors": tensors, "bytes": total, "tp": folder.tp})
         return
     from reshard.report import human_bytes
 
-    files = names[0] if len(names) == 1 else f"{len(names)} files with {index[0] if index else 'no index'}"
+    files = names[0] if len(names) == 1 else f"{len(names)} files with {index or 'no index'}"
     _console().print(f"Wrote {target}: {files} ({tensors} tensors, {human_bytes(total)}) and config.json, from tp {folder.tp}")
 
 

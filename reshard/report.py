@@ -69,14 +69,11 @@ def tensor_table(plan: Plan) -> Table:
     for column in ("rule", "cut", "dtype", "shape", "per rank"):
         table.add_column(column, no_wrap=True)
     table.add_column("bytes/rank", justify="right", no_wrap=True)
-    notes = [cut_notes(t) for t in plan.tensors]
-    if any(notes):
-        table.add_column("notes")
-    for t, note in zip(plan.tensors, notes, strict=True):
-        cells = [t.name, t.rule or "(none: 1-D)", t.style if t.dim is None else f"{t.style} {t.dim}", t.dtype]
-        cells += [_shape(t.shape), _shape(t.rank_shape(0)), human_bytes(t.rank_nbytes(0))]
-        table.add_row(*cells, *([note] if any(notes) else []))
-    return table
+    rows = [
+        [t.name, t.rule or "(none: 1-D)", _cut(t), t.dtype, _shape(t.shape), _shape(t.rank_shape(0)), human_bytes(t.rank_nbytes(0))]
+        for t in plan.tensors
+    ]
+    return _with_notes(table, rows, [cut_notes(t) for t in plan.tensors])
 
 
 def rule_table(plan: Plan) -> Table:
@@ -90,17 +87,33 @@ def rule_table(plan: Plan) -> Table:
     table.add_column("style", no_wrap=True)
     for column in ("dim", "tensors", "bytes", "per rank"):
         table.add_column(column, justify="right", no_wrap=True)
-    notes = [", ".join(dict.fromkeys(n for t in cuts for n in cut_notes(t).split(", ") if n)) for cuts in rows.values()]
+    cells, notes = [], []
+    for (rule, style, dim), cuts in rows.items():
+        per_rank = max(sum(t.rank_nbytes(r) for t in cuts) for r in range(plan.tp))
+        cells.append([rule, style, dim, str(len(cuts)), human_bytes(sum(t.nbytes for t in cuts)), human_bytes(per_rank)])
+        notes.append(", ".join(dict.fromkeys(n for t in cuts for n in _notes(t))))
+    return _with_notes(table, cells, notes)
+
+
+def _cut(t: TensorCut) -> str:
+    return t.style if t.dim is None else f"{t.style} {t.dim}"
+
+
+def _with_notes(table: Table, rows: list[list[str]], notes: list[str]) -> Table:
+    """The rows, and a notes column only when some row has a note."""
     if any(notes):
         table.add_column("notes")
-    for ((rule, style, dim), cuts), note in zip(rows.items(), notes, strict=True):
-        per_rank = max(sum(t.rank_nbytes(r) for t in cuts) for r in range(plan.tp))
-        cells = [rule, style, dim, str(len(cuts)), human_bytes(sum(t.nbytes for t in cuts)), human_bytes(per_rank)]
+    for cells, note in zip(rows, notes, strict=True):
         table.add_row(*cells, *([note] if any(notes) else []))
     return table
 
 
 def cut_notes(t: TensorCut) -> str:
+    return ", ".join(_notes(t))
+
+
+def _notes(t: TensorCut) -> list[str]:
+    """Where a cut is not a plain chunk: a packed tensor's parts, kv heads shared by ranks, padding."""
     notes = []
     if t.parts:
         notes.append("packed " + " + ".join(map(str, t.parts)))
@@ -108,7 +121,7 @@ def cut_notes(t: TensorCut) -> str:
         notes.append(f"slices shared by {t.replicas} ranks")
     if t.padding:
         notes.append(f"+{t.padding} zero rows" if t.dim == 0 else f"+{t.padding} zero columns")
-    return ", ".join(notes)
+    return notes
 
 
 def layout_table(layout: Layout, plan: Plan) -> Table:

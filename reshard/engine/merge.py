@@ -62,8 +62,8 @@ def default_merge_dir(split_dir: Path) -> Path:
 
 def write_merge(
     folder: SplitFolder, out: Path, *, force: bool = False, progress: Progress | None = None, max_shard_size: int | None = None
-) -> list[str]:
-    """Write the merged checkpoint; returns the names of the safetensors files written.
+) -> tuple[list[str], str | None]:
+    """Write the merged checkpoint; returns the names of the safetensors files written and of the index, if any.
 
     The rank files' sizes and headers are checked against the manifest before anything is written, their
     checksums from the very reads the merge makes; a mismatch leaves no output.
@@ -88,7 +88,7 @@ def write_merge(
         if index is not None:
             _write_index(staging / index.name, names, groups, index.metadata)
         _write_shared(folder, staging)
-    return names
+    return names, index.name if index is not None else None
 
 
 def merged_files(

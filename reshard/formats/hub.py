@@ -4,7 +4,6 @@ HF_HUB_OFFLINE and HF_TOKEN mean what they mean to every other tool; it is impor
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 from reshard.errors import InputError, UsageError
 from reshard.formats.layout import CONFIG_NAME, ENGINE_FILES, INDEX_NAME, SINGLE_NAME
+from reshard.jsonfile import read_json
 
 # `org/name` as the Hub spells repo ids; a path that exists on disk is always read as a path.
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
@@ -53,10 +53,10 @@ def _weights(folder: Path) -> list[str]:
     index = folder / INDEX_NAME
     if not index.is_file():
         return [SINGLE_NAME]
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+    try:  # read as every JSON input is: bounded in size and depth
+        weight_map = read_json(index, what="index", fix="download it again")["weight_map"]
         return sorted({str(name) for name in weight_map.values()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (InputError, KeyError, TypeError, AttributeError):
         return [INDEX_NAME]  # open_checkpoint reports what is wrong with it
 
 
