@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,7 @@ class Host:
 
     def __init__(self, log: Path) -> None:
         self.log, self.process, self.answers = log, None, None
+        self.starts: list[tuple[str, float]] = []  # (what was started, seconds) for the session's summary
 
     def start(self) -> None:
         read, write = os.pipe()
@@ -234,11 +236,13 @@ class Host:
         if self.process is None or self.process.poll() is not None:
             self.start()
         assert self.process is not None and self.process.stdin is not None and self.answers is not None
-        offset = self.log.stat().st_size
+        offset, began = self.log.stat().st_size, time.time()
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
         ready, _, _ = select.select([self.answers], [], [], timeout)
         line = self.answers.readline() if ready else ""
+        self.starts.append((f"{Path(job['model']).name} ({job['load_format']})", time.time() - began))
+        remove_shared_memory(since=began)
         with open(self.log) as f:
             f.seek(offset)
             printed = f.read()
@@ -246,6 +250,18 @@ class Host:
             self.stop()
             raise AssertionError(f"the vLLM host did not answer within {timeout} s\n{printed[-4000:]}")
         return json.loads(line), printed
+
+
+def remove_shared_memory(*, since: float) -> None:
+    """vLLM's CPU build leaves its shared-memory segments (its message queues' psm_*, its TP communicator's
+    vllm_dist_*) in /dev/shm once an engine has shut down: remove those made since the job began."""
+    shm = Path("/dev/shm")
+    for path in shm.glob("*") if shm.is_dir() else ():
+        try:
+            if path.name.startswith(("psm_", "vllm_dist_")) and path.stat().st_mtime >= since:
+                path.unlink()
+        except OSError:
+            pass  # gone already, or another user's
 
 
 HOST = Host(Path(tempfile.mkdtemp(prefix="reshard-vllm-")) / "host.log")
