@@ -1,7 +1,7 @@
-"""Checksums of the files reshard writes and reads: sha256 (the default; the digest `sha256sum` prints), xxh128
-(XXH3-128, the digest `xxh128sum` prints: many times faster) or none. They are computed on threads of their
+"""Checksums of the files reshard writes and reads: xxh128 (the default; XXH3-128, the digest `xxh128sum` prints),
+sha256 (the digest `sha256sum` prints: many times slower) or none. They are computed on threads of their
 own beside the byte work: from the page cache right behind the writes of a file being written, and from the very
-reads an engine makes of a file it reads, so that no byte is read twice."""
+reads an engine makes of a file it reads, so that no byte is read from storage twice."""
 
 from __future__ import annotations
 
