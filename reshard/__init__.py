@@ -17,28 +17,43 @@ from reshard.errors import InputError, OutputError, PlanError, ReshardError, Rul
 from reshard.version import __version__
 
 if TYPE_CHECKING:
-    from reshard.engine.merge import merge
-    from reshard.engine.planning import make_plan
-    from reshard.engine.split import split
-    from reshard.engine.verify import verify
+    from reshard.engine.merge import MergeResult, merge
+    from reshard.engine.planning import Planned, make_plan
+    from reshard.engine.split import SplitResult, split
+    from reshard.engine.verify import VerifyReport, verify
     from reshard.formats.hub import locate_model
-    from reshard.model.config import ModelConfig, TPConfig
+    from reshard.formats.layout import CHECKSUMS, DEFAULT_CHECKSUM
+    from reshard.model.config import ModelConfig, TPConfig, parse_size, resolve_tp
+    from reshard.model.rules import Family, builtin_families
     from reshard.plan.build import build_plan
     from reshard.plan.cut import Plan, TensorCut
+    from reshard.runtime.forward import KindError, run_forward
     from reshard.runtime.load import load_rank
 
 # Where each public name lives.
 _LAZY = {
     "merge": "reshard.engine.merge",
+    "MergeResult": "reshard.engine.merge",
     "make_plan": "reshard.engine.planning",
+    "Planned": "reshard.engine.planning",
     "split": "reshard.engine.split",
+    "SplitResult": "reshard.engine.split",
     "verify": "reshard.engine.verify",
+    "VerifyReport": "reshard.engine.verify",
     "locate_model": "reshard.formats.hub",
+    "CHECKSUMS": "reshard.formats.layout",
+    "DEFAULT_CHECKSUM": "reshard.formats.layout",
     "ModelConfig": "reshard.model.config",
     "TPConfig": "reshard.model.config",
+    "parse_size": "reshard.model.config",
+    "resolve_tp": "reshard.model.config",
+    "Family": "reshard.model.rules",
+    "builtin_families": "reshard.model.rules",
     "build_plan": "reshard.plan.build",
     "Plan": "reshard.plan.cut",
     "TensorCut": "reshard.plan.cut",
+    "KindError": "reshard.runtime.forward",
+    "run_forward": "reshard.runtime.forward",
     "load_rank": "reshard.runtime.load",
 }
 
@@ -52,22 +67,34 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CHECKSUMS",
+    "DEFAULT_CHECKSUM",
+    "Family",
     "InputError",
+    "KindError",
+    "MergeResult",
     "ModelConfig",
     "OutputError",
     "Plan",
     "PlanError",
+    "Planned",
     "ReshardError",
     "RulesError",
+    "SplitResult",
     "TPConfig",
     "TensorCut",
     "UsageError",
+    "VerifyReport",
     "__version__",
     "build_plan",
+    "builtin_families",
     "load_rank",
     "locate_model",
     "make_plan",
     "merge",
+    "parse_size",
+    "resolve_tp",
+    "run_forward",
     "split",
     "verify",
 ]

@@ -16,26 +16,16 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
 import typer
 from typer.core import TyperArgument, TyperCommand
 
+import reshard
 from reshard.errors import CheckFailed, PlanError, ReshardError, UsageError, one_line
-from reshard.formats.hub import locate_model
-from reshard.formats.layout import CHECKSUMS, DEFAULT_CHECKSUM, MANIFEST_NAME, NONE
-from reshard.model.config import TPConfig, TPSettings, check_visible_gpus, is_tp_config, load_tp_config, parse_size
-from reshard.model.rules import builtin_families
 from reshard.version import __version__
 
-# The engines, numpy, rich and tqdm are imported by the commands that use them, so `--version`, `-h` and the
-# errors found while parsing flags come as fast as a Python start allows.
+# The library (the public API in reshard/__init__.py, loaded name by name), numpy, rich and tqdm are imported by
+# the commands that use them, so `--version`, `-h` and usage errors answer at once.
 if TYPE_CHECKING:
-    from rich.console import Console
+    from rich.console import Console, RenderableType
 
-    from reshard.engine.sources import Source
-    from reshard.engine.verify import Report
-    from reshard.formats.export import Layout
-    from reshard.formats.manifest import Manifest
-    from reshard.formats.split_folder import SplitFolder
-    from reshard.model.config import ModelConfig
-    from reshard.plan.cut import Plan
-    from reshard.runtime.forward import KindError
+    from reshard import KindError, MergeResult, Planned, SplitResult, VerifyReport
 
 T = TypeVar("T")
 # The bar appears only for work that lasts longer, so quick runs and early errors stay clean.
@@ -182,59 +172,15 @@ def parse_devices(value: Optional[str]) -> Optional[list[int]]:
         raise UsageError(f"--devices {value!r} is not a comma-separated list of GPU ids, e.g. 0,1,2,3") from None
 
 
-def _tp_settings(
-    tp: Optional[int], devices: Optional[str], configs: Optional[list[Path]]
-) -> tuple[int, Optional[list[int]], Optional[Path]]:
-    """--tp, --devices and the --config files together: flags override a TP config; returns the model config too."""
-    device_ids = parse_devices(devices)
-    model_config: Optional[Path] = None
-    settings, tp_file = TPSettings(), None
-    for path in configs or []:
-        if is_tp_config(path):
-            settings, tp_file = load_tp_config(path), path
-        elif model_config is None:
-            model_config = path
-        else:
-            raise UsageError(f"--config {path}: a model config was already given ({model_config}); pass one")
-    ids = device_ids if device_ids is not None else (list(settings.device_ids) if settings.device_ids is not None else None)
-    count = tp if tp is not None else settings.tp if settings.tp is not None else (len(ids) if ids else None)
-    if count is None:
-        raise UsageError("Missing option '--tp' (or a TP config giving tp, through --config)")
-    if device_ids is None and ids is not None and len(ids) != count:
-        raise UsageError(f"{tp_file}: device_ids lists {len(ids)} ids but --tp is {count}; pass --devices as well, or fix the TP config")
-    if ids is not None:
-        TPConfig.create(count, device_ids=ids)  # one id per rank, distinct, non-negative: before any GPU is asked
-        check_visible_gpus(ids)
-    return count, ids, model_config
+def _tp_options(tp: Optional[int], devices: Optional[str], configs: Optional[list[Path]]) -> dict[str, Any]:
+    """--tp, --devices and the --config files as the API's tp, device_ids and config."""
+    count, device_ids, model_config = reshard.resolve_tp(tp=tp, device_ids=parse_devices(devices), configs=configs or [])
+    return {"tp": count, "device_ids": device_ids, "config": model_config}
 
 
-def _make_plan(
-    model: Path,
-    tp: Optional[int],
-    devices: Optional[str],
-    configs: Optional[list[Path]],
-    *,
-    arch: Optional[str],
-    replicate_unknown: bool,
-    rules: Optional[Path],
-    format: str,
-    revision: Optional[str],
-    quiet: bool = False,
-) -> tuple[Source, ModelConfig, Plan]:
-    """The plan `plan` shows and `split` writes, from the same flags."""
-    from reshard.engine.planning import make_plan
-
-    count, device_ids, model_config = _tp_settings(tp, devices, configs)
-    return make_plan(
-        locate_model(model, revision=revision, progress=not quiet and _on_terminal()),
-        tp=count,
-        device_ids=device_ids,
-        config=model_config,
-        arch=arch,
-        replicate_unknown=replicate_unknown,
-        rules=rules,
-        format=format,
-    )
+def _locate(model: Path, revision: Optional[str], quiet: bool) -> Path:
+    """MODEL as a path: a Hub repo id is found in the cache or downloaded, with huggingface_hub's bars on a terminal."""
+    return reshard.locate_model(model, revision=revision, progress=not quiet and _on_terminal())
 
 
 def _chosen_ranks(rank: Optional[str], ranks: Optional[str], tp: int) -> Optional[list[int]]:
@@ -299,22 +245,30 @@ def _on_terminal() -> bool:
 
 
 @contextmanager
-def _progress(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int], object]]:
+def _progress(desc: str, quiet: bool) -> Iterator[Callable[[int, int], object]]:
+    """The API's progress callback (bytes just done, and the total) as a tqdm bar."""
     from tqdm import tqdm
 
     # A bar only for a person at a terminal: logs and captured stderr get results and errors, never bar frames.
     shown = not quiet and _on_terminal()
-    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not shown, delay=PROGRESS_DELAY_S)
+    bar = tqdm(total=None, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not shown, delay=PROGRESS_DELAY_S)
     lock = threading.Lock()  # the engines report from several threads
 
-    def update(n: int) -> None:
+    def update(n: int, total: int) -> None:
         with lock:
+            bar.total = total
             bar.update(n)
 
     try:
         yield update
     finally:
         bar.close()
+
+
+def _show(*renderables: RenderableType) -> None:
+    console = _console()
+    for renderable in renderables:
+        console.print(renderable)
 
 
 @app.command("plan", cls=_Command)
@@ -335,42 +289,19 @@ def plan_command(
     """Show how the tensors would be cut and what each rank gets, without writing anything: a row per rule, then
     the ranks; --tensors lists every tensor."""
 
-    def action() -> tuple[Plan, Optional[Layout], Optional[int]]:
-        from reshard.formats.export import build_layout
+    def action() -> tuple[Planned, Optional[int]]:
+        limit = reshard.parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
+        options = _tp_options(tp, devices, config)
+        located = _locate(model, revision, False)
+        return reshard.make_plan(located, **options, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format), limit
 
-        limit = parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
-        _, model_config, plan = _make_plan(
-            model, tp, devices, config, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format, revision=revision
-        )
-        return plan, (build_layout(plan, model_config, format=format) if format != "reshard" else None), limit
-
-    plan, layout, limit = _run(action, writes=False, as_json=as_json)
-    _print_plan(model, plan, layout, limit, tensors=tensors, as_json=as_json)
-
-
-def _print_plan(model: Path, plan: Plan, layout: Optional[Layout], limit: Optional[int], *, tensors: bool, as_json: bool) -> None:
+    planned, limit = _run(action, writes=False, as_json=as_json)
     import reshard.report as report
-    from reshard.formats.export import engine_data
 
     if as_json:
-        data = plan.to_dict() | ({"format": layout.format, "layout": report.layout_entries(layout, plan)} if layout is not None else {})
-        for entry in data["ranks"] if limit is not None else []:
-            entry["fits"] = entry["bytes"] <= limit
-        _emit(data)
-        return
-    console = _console()
-    console.print(report.plan_summary(plan, model))
-    console.print(report.tensor_table(plan) if tensors else report.rule_table(plan))
-    if layout is not None:
-        data = engine_data(layout.format)
-        console.print(f"Layout: {layout.format} {data['version']}, loaded with {data['loader']}: {len(layout.tensors)} tensors per rank")
-        if tensors:
-            console.print(report.layout_table(layout, plan))
-    console.print(report.rank_table(plan, gpu_memory=limit))
-    over = [r for r in range(plan.tp) if limit is not None and plan.rank_nbytes(r) > limit]
-    if over:
-        need = report.human_bytes(limit or 0)
-        console.print(f"{len(over)} of {plan.tp} ranks need more than {need} for their weights alone; use a larger --tp")
+        _emit(report.plan_document(planned, gpu_memory=limit))
+    else:
+        _show(*report.plan_view(planned, model, gpu_memory=limit, tensors=tensors))
 
 
 @app.command("families", cls=_Command)
@@ -379,18 +310,15 @@ def families_command(
     as_json: JsonOpt = False,
 ) -> None:
     """List the built-in families: the model types each is detected from, and what is special in each."""
-    from reshard.report import family_markdown, family_table
+    import reshard.report as report
 
-    families = list(builtin_families().values())
+    families = list(reshard.builtin_families().values())
     if as_json:
-        _emit([{"family": f.name, "extends": f.extends, "model_types": list(f.model_types), "notes": f.notes} for f in families])
-        return
-    if markdown:
-        typer.echo(family_markdown(families), nl=False)
-        return
-    console = _console()
-    console.print(family_table(families))
-    console.print(f"{sum(len(f.model_types) for f in families)} model types in {len(families)} families")
+        _emit(report.families_document(families))
+    elif markdown:
+        typer.echo(report.family_markdown(families), nl=False)
+    else:
+        _show(report.family_table(families), f"{sum(len(f.model_types) for f in families)} model types in {len(families)} families")
 
 
 @app.command("split", cls=_Command)
@@ -418,7 +346,7 @@ def split_command(
     ] = None,
     format: FormatOpt = "reshard",
     revision: RevisionOpt = None,
-    checksum: ChecksumOpt = DEFAULT_CHECKSUM,
+    checksum: ChecksumOpt = reshard.DEFAULT_CHECKSUM,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -427,61 +355,24 @@ def split_command(
     folder: <model folder>-tp<N> beside it, or <model folder>-vllm-tp<N> with --format vllm; ./<name>-tp<N> for a
     model in the Hugging Face cache)."""
 
-    def action() -> tuple[Path, Plan, Manifest, Optional[list[int]]]:
-        from reshard.engine.split import default_split_dir, read_nbytes, write_split
-        from reshard.formats.export import build_layout
-
-        max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
-        if checksum not in CHECKSUMS:
-            raise UsageError(f"--checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
-        source, model_config, plan = _make_plan(
-            model,
-            tp,
-            devices,
-            config,
-            arch=arch,
-            replicate_unknown=replicate_unknown,
-            rules=rules,
-            format=format,
-            revision=revision,
-            quiet=quiet,
-        )
-        layout = build_layout(plan, model_config, format=format)
-        chosen = _chosen_ranks(rank, ranks, plan.tp)
-        target = out if out is not None else default_split_dir(source.root, plan.tp, format=format)
-        with _progress(read_nbytes(plan, ranks=chosen), "split", quiet) as progress:
-            manifest = write_split(
-                source,
-                model_config,
-                plan,
-                target,
-                layout=layout,
-                force=force,
+    def action() -> SplitResult:
+        options = _tp_options(tp, devices, config)
+        chosen = _chosen_ranks(rank, ranks, options["tp"])
+        max_bytes = reshard.parse_size(max_shard_size) if max_shard_size is not None else None
+        with _progress("split", quiet) as progress:
+            return reshard.split(
+                _locate(model, revision, quiet), **options, out=out, arch=arch, replicate_unknown=replicate_unknown,
+                rules=rules, max_shard_size=max_bytes, ranks=chosen, format=format, checksum=checksum, force=force,
                 progress=progress,
-                max_shard_size=max_bytes,
-                ranks=chosen,
-                checksum=checksum,
-            )
-        return target, plan, manifest, chosen
+            )  # fmt: skip
 
-    _print_split(*_run(action, writes=True, as_json=as_json), as_json=as_json)
-
-
-def _print_split(target: Path, plan: Plan, manifest: Manifest, chosen: Optional[list[int]], *, as_json: bool) -> None:
-    from reshard.report import rank_table
+    result = _run(action, writes=True, as_json=as_json)
+    import reshard.report as report
 
     if as_json:
-        written = [
-            {"rank": r, "device": plan.tp_config.device(r), "files": list(manifest.rank_files[r]), "bytes": plan.rank_nbytes(r)}
-            for r in (range(plan.tp) if chosen is None else chosen)
-        ]
-        data = {"out": str(target), "family": plan.family, "tp": plan.tp, "format": manifest.packing.format, "checksum": manifest.checksum}
-        _emit(data | {"ranks": written})
-        return
-    which = "" if chosen is None else f", rank{'s' if len(chosen) > 1 else ''} {', '.join(map(str, chosen))} of 0..{plan.tp - 1}"
-    console = _console()
-    console.print(f"Wrote {target}: {plan.family} family, tp {plan.tp}{which}, {len(plan.tensors)} tensors per rank")
-    console.print(rank_table(plan, files=manifest, only=chosen))
+        _emit(report.split_document(result))
+    else:
+        _show(*report.split_view(result))
 
 
 @app.command("merge", cls=_Command)
@@ -496,27 +387,18 @@ def merge_command(
     """Rebuild the original checkpoint from a split folder, bit for bit, in the source's own files (default output
     folder: <DIR>-merged)."""
 
-    def action() -> tuple[Path, list[str], Optional[str], SplitFolder]:
-        from reshard.engine.merge import default_merge_dir, write_merge
-        from reshard.formats.split_folder import SplitFolder
+    def action() -> MergeResult:
+        max_bytes = reshard.parse_size(max_shard_size) if max_shard_size is not None else None
+        with _progress("merge", quiet) as progress:
+            return reshard.merge(split_dir, out=out, force=force, progress=progress, max_shard_size=max_bytes)
 
-        max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
-        folder = SplitFolder(split_dir)
-        target = out if out is not None else default_merge_dir(split_dir)
-        total = sum(t.nbytes for t in folder.manifest.tensors)
-        with _progress(total, "merge", quiet) as progress:
-            names, index = write_merge(folder, target, force=force, progress=progress, max_shard_size=max_bytes)
-        return target, names, index, folder
+    result = _run(action, writes=True, as_json=as_json)
+    import reshard.report as report
 
-    target, names, index, folder = _run(action, writes=True, as_json=as_json)
-    tensors, total = len(folder.manifest.tensors), sum(t.nbytes for t in folder.manifest.tensors)
     if as_json:
-        _emit({"out": str(target), "files": names, "index": index, "tensors": tensors, "bytes": total, "tp": folder.tp})
-        return
-    from reshard.report import human_bytes
-
-    files = names[0] if len(names) == 1 else f"{len(names)} files with {index or 'no index'}"
-    _console().print(f"Wrote {target}: {files} ({tensors} tensors, {human_bytes(total)}) and config.json, from tp {folder.tp}")
+        _emit(report.merge_document(result))
+    else:
+        _show(report.merge_line(result))
 
 
 @app.command("verify", cls=_Command)
@@ -550,86 +432,29 @@ def verify_command(
 ) -> None:
     """Check every file against the sizes and checksums in the manifest and, with --against, every tensor against
     the source."""
-    report = _run(lambda: _verify(split_dir, against, quiet), writes=False, as_json=as_json)
+
+    def check() -> VerifyReport:
+        with _progress("verify", quiet) as progress:
+            return reshard.verify(split_dir, against=against, progress=progress)
+
+    found = _run(check, writes=False, as_json=as_json)
     # The products run even when --against found problems (they show where it matters), not on bad checksums.
-    run_forward = forward and report.files_ok
+    run_forward = forward and found.files_ok
     errors = _run(lambda: _forward(split_dir, against, device, rules), writes=False, as_json=as_json) if run_forward else []
-    problems = report.problems + _forward_problems(errors, tolerance)
+    import reshard.report as report
+
+    problems = found.problems + report.forward_problems(errors, tolerance)
     if as_json:
-        _emit(_verify_document(report, errors if forward else None, problems))
+        _emit(report.verify_document(found, errors if forward else None, problems))
         raise typer.Exit(1 if problems else 0)
-    _print_verify(report, split_dir, against, errors, problems, forward=forward, tolerance=tolerance)
-
-
-def _verify_document(report: Report, errors: Optional[Sequence[KindError]], problems: list[str]) -> dict[str, Any]:
-    manifest = report.manifest
-    document: dict[str, Any] = {
-        "ok": not problems,
-        "checksum": manifest.checksum,
-        "files": report.files,
-        "file_bytes": report.file_bytes,
-        "ranks": list(manifest.ranks_present),
-        "tensors": report.tensors,
-        "tensor_bytes": report.tensor_bytes,
-    }
-    if errors is not None:
-        document["forward"] = [{"kind": e.kind, "how": e.how, "tensors": e.tensors, "worst": e.worst, "in": e.worst_tensor} for e in errors]
-    return document | {"problems": [one_line(p) for p in problems]}
-
-
-def _print_verify(
-    report: Report,
-    split_dir: Path,
-    against: Optional[Path],
-    errors: Sequence[KindError],
-    problems: list[str],
-    *,
-    forward: bool,
-    tolerance: float,
-) -> None:
-    from reshard.report import forward_table, human_bytes
-
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
-    console = _console()
-    if lead and report.files_ok:
-        manifest = report.manifest
-        held = (
-            ""
-            if manifest.complete
-            else f" (ranks {', '.join(map(str, manifest.ranks_present)) or 'none'} of 0..{manifest.tp_config.tp - 1})"
-        )
-        what = "sizes (no checksums: split with --checksum none)" if manifest.checksum == NONE else f"sizes and {manifest.checksum}"
-        console.print(f"{report.files} files ({human_bytes(report.file_bytes)}) match the {what} in {split_dir / MANIFEST_NAME}{held}")
-    if lead and against is not None and report.ok:
-        console.print(f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}")
-    if errors and lead:
-        console.print(forward_table(errors, tolerance))
+    if lead:
+        _show(*report.verify_view(found, split_dir, against, errors, tolerance))
     if problems:
         shown = problems[:MAX_PROBLEMS] + ([f"{len(problems) - MAX_PROBLEMS} more problems"] if len(problems) > MAX_PROBLEMS else [])
         _fail(CheckFailed(shown), shown, 1)
     if lead and forward:
-        worst = max((e.worst for e in errors), default=0.0)
-        reference = against if against is not None else "the weights rebuilt from the rank files"
-        console.print(f"tensor-parallel products match {reference}: worst relative error {worst:.1e} <= {tolerance:g}")
-
-
-def _verify(split_dir: Path, against: Optional[Path], quiet: bool) -> Report:
-    from reshard.engine.verify import verify
-    from reshard.formats.split_folder import SplitFolder
-
-    folder = SplitFolder(split_dir)
-    total = sum(r.bytes for r in folder.manifest.files.values()) + (sum(t.nbytes for t in folder.manifest.tensors) if against else 0)
-    with _progress(total, "verify", quiet) as progress:
-        return verify(split_dir, against=against, progress=progress)
-
-
-def _forward_problems(errors: Sequence[KindError], tolerance: float) -> list[str]:
-    return [
-        f"{e.kind}: relative error {e.worst:.2e} in {e.worst_tensor} is above --tolerance {tolerance:g}; "
-        "the tensor is cut wrongly, split again"
-        for e in errors
-        if not e.worst <= tolerance
-    ]
+        _show(report.forward_line(errors, against, tolerance))
 
 
 def _forward(split_dir: Path, against: Optional[Path], device: Optional[str], rules: Optional[Path]) -> list[KindError]:
@@ -637,9 +462,7 @@ def _forward(split_dir: Path, against: Optional[Path], device: Optional[str], ru
         import torch  # noqa: F401  (the products need it; reshard itself does not)
     except ImportError:
         raise UsageError("verify --forward needs torch; install the torch extra: pip install -e '.[torch]' in reshard's folder") from None
-    from reshard.runtime.forward import run_forward
-
-    return run_forward(split_dir, device=device, source=against, rules=rules)
+    return reshard.run_forward(split_dir, device=device, source=against, rules=rules)
 
 
 def _version(value: bool) -> None:

@@ -1,20 +1,31 @@
-"""Rich tables for plans and results. Builds renderables only; the CLI decides where they go (with markup off,
-so a tensor or file name is shown as it is)."""
+"""What each command shows of its result: rich tables and lines for a person, and the documents `--json` prints.
+Builds renderables and data only; the CLI decides where they go (with markup off, so a tensor or file name is
+shown as it is)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 from tqdm import tqdm
 
-from reshard.formats.export import Layout
+from reshard.errors import one_line
+from reshard.formats.export import Layout, engine_data
+from reshard.formats.layout import MANIFEST_NAME, NONE
 from reshard.formats.manifest import Manifest
 from reshard.model.rules import Family
 from reshard.plan.cut import Plan, TensorCut
 from reshard.runtime.forward import KindError
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from reshard.engine.merge import MergeResult
+    from reshard.engine.planning import Planned
+    from reshard.engine.split import SplitResult
+    from reshard.engine.verify import VerifyReport
 
 # A tensor name keeps this many columns before the others wrap; a longer one folds.
 TENSOR_NAME_WIDTH = 48
@@ -197,3 +208,119 @@ def forward_table(errors: Sequence[KindError], tolerance: float) -> Table:
         flag = "" if e.worst <= tolerance else "  FAIL"
         table.add_row(e.kind, e.how, str(e.tensors), f"{e.worst:.1e}{flag}", e.worst_tensor)
     return table
+
+
+def plan_document(planned: Planned, *, gpu_memory: int | None = None) -> dict[str, Any]:
+    """`plan --json`: the plan, the rank files' tensors for an engine's format, and whether each rank fits."""
+    plan, layout = planned.plan, planned.layout
+    data = plan.to_dict() | ({"format": layout.format, "layout": layout_entries(layout, plan)} if layout.format != "reshard" else {})
+    for entry in data["ranks"] if gpu_memory is not None else []:
+        entry["fits"] = entry["bytes"] <= gpu_memory
+    return data
+
+
+def plan_view(planned: Planned, model: Path, *, gpu_memory: int | None = None, tensors: bool = False) -> list[RenderableType]:
+    """`plan`: the summary line, a row per rule (or per tensor), an engine layout's tensors, the ranks."""
+    plan, layout = planned.plan, planned.layout
+    shown: list[RenderableType] = [plan_summary(plan, model), tensor_table(plan) if tensors else rule_table(plan)]
+    if layout.format != "reshard":
+        data = engine_data(layout.format)
+        shown.append(f"Layout: {layout.format} {data['version']}, loaded with {data['loader']}: {len(layout.tensors)} tensors per rank")
+        if tensors:
+            shown.append(layout_table(layout, plan))
+    shown.append(rank_table(plan, gpu_memory=gpu_memory))
+    over = [r for r in range(plan.tp) if gpu_memory is not None and plan.rank_nbytes(r) > gpu_memory]
+    if over:
+        shown.append(
+            f"{len(over)} of {plan.tp} ranks need more than {human_bytes(gpu_memory or 0)} for their weights alone; use a larger --tp"
+        )
+    return shown
+
+
+def families_document(families: Sequence[Family]) -> list[dict[str, Any]]:
+    return [{"family": f.name, "extends": f.extends, "model_types": list(f.model_types), "notes": f.notes} for f in families]
+
+
+def split_document(result: SplitResult) -> dict[str, Any]:
+    plan, manifest = result.plan, result.manifest
+    written = [
+        {"rank": r, "device": plan.tp_config.device(r), "files": list(manifest.rank_files[r]), "bytes": plan.rank_nbytes(r)}
+        for r in result.ranks
+    ]
+    data = {"out": str(result.out), "family": plan.family, "tp": plan.tp, "format": manifest.packing.format, "checksum": manifest.checksum}
+    return data | {"ranks": written}
+
+
+def split_view(result: SplitResult) -> list[RenderableType]:
+    plan, chosen = result.plan, result.ranks
+    every = len(chosen) == plan.tp
+    which = "" if every else f", rank{'s' if len(chosen) > 1 else ''} {', '.join(map(str, chosen))} of 0..{plan.tp - 1}"
+    return [
+        f"Wrote {result.out}: {plan.family} family, tp {plan.tp}{which}, {len(plan.tensors)} tensors per rank",
+        rank_table(plan, files=result.manifest, only=None if every else chosen),
+    ]
+
+
+def merge_document(result: MergeResult) -> dict[str, Any]:
+    return {
+        "out": str(result.out),
+        "files": result.files,
+        "index": result.index,
+        "tensors": result.tensors,
+        "bytes": result.nbytes,
+        "tp": result.tp,
+    }
+
+
+def merge_line(result: MergeResult) -> str:
+    files = result.files[0] if len(result.files) == 1 else f"{len(result.files)} files with {result.index or 'no index'}"
+    return f"Wrote {result.out}: {files} ({result.tensors} tensors, {human_bytes(result.nbytes)}) and config.json, from tp {result.tp}"
+
+
+def forward_problems(errors: Sequence[KindError], tolerance: float) -> list[str]:
+    """`verify --forward`: a problem for each kind of tensor whose products are off by more than the tolerance."""
+    return [
+        f"{e.kind}: relative error {e.worst:.2e} in {e.worst_tensor} is above --tolerance {tolerance:g}; the tensor is cut wrongly, split again"
+        for e in errors
+        if not e.worst <= tolerance
+    ]
+
+
+def verify_document(report: VerifyReport, errors: Sequence[KindError] | None, problems: Sequence[str]) -> dict[str, Any]:
+    manifest = report.manifest
+    document: dict[str, Any] = {
+        "ok": not problems,
+        "checksum": manifest.checksum,
+        "files": report.files,
+        "file_bytes": report.file_bytes,
+        "ranks": list(manifest.ranks_present),
+        "tensors": report.tensors,
+        "tensor_bytes": report.tensor_bytes,
+    }
+    if errors is not None:
+        document["forward"] = [{"kind": e.kind, "how": e.how, "tensors": e.tensors, "worst": e.worst, "in": e.worst_tensor} for e in errors]
+    return document | {"problems": [one_line(p) for p in problems]}
+
+
+def verify_view(
+    report: VerifyReport, split_dir: Path, against: Path | None, errors: Sequence[KindError], tolerance: float
+) -> list[RenderableType]:
+    """`verify`: what was found right (files, tensors) and the products' table; the problems are the CLI's."""
+    shown: list[RenderableType] = []
+    manifest = report.manifest
+    if report.files_ok:
+        present = ", ".join(map(str, manifest.ranks_present)) or "none"
+        held = "" if manifest.complete else f" (ranks {present} of 0..{manifest.tp_config.tp - 1})"
+        what = "sizes (no checksums: split with --checksum none)" if manifest.checksum == NONE else f"sizes and {manifest.checksum}"
+        shown.append(f"{report.files} files ({human_bytes(report.file_bytes)}) match the {what} in {split_dir / MANIFEST_NAME}{held}")
+    if against is not None and report.ok:
+        shown.append(f"{report.tensors} tensors ({human_bytes(report.tensor_bytes)}): every rank holds exactly its slice of {against}")
+    if errors:
+        shown.append(forward_table(errors, tolerance))
+    return shown
+
+
+def forward_line(errors: Sequence[KindError], against: Path | None, tolerance: float) -> str:
+    worst = max((e.worst for e in errors), default=0.0)
+    reference = against if against is not None else "the weights rebuilt from the rank files"
+    return f"tensor-parallel products match {reference}: worst relative error {worst:.1e} <= {tolerance:g}"

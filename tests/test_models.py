@@ -36,7 +36,7 @@ def test_split_and_merge_transformers_checkpoint(hf_models: dict[str, Path], tmp
     if name == "qwen3":
         assert "model.layers.0.self_attn.q_norm.weight" in source
 
-    out = split(model, tp=tp, out=tmp_path / "split")
+    out = split(model, tp=tp, out=tmp_path / "split").out
     manifest = json.loads((out / "reshard.json").read_text())
     kv_heads = manifest["source"]["config"]["num_key_value_heads"]
     assert manifest["source"]["config"]["model_type"] == name
@@ -46,7 +46,7 @@ def test_split_and_merge_transformers_checkpoint(hf_models: dict[str, Path], tmp
         for tensor_name, tensor in source.items():
             assert raw_bytes(got[tensor_name]) == raw_bytes(reference_slice(tensor, tensor_name, rank, tp, kv_heads)), tensor_name
 
-    merged = merge(out, out=tmp_path / "merged")
+    merged = merge(out, out=tmp_path / "merged").out
     back = source_tensors(merged)
     assert set(back) == set(source)
     assert all(raw_bytes(back[k]) == raw_bytes(source[k]) and back[k].dtype == source[k].dtype for k in source)
@@ -61,7 +61,7 @@ def test_merged_checkpoint_loads_in_transformers_with_same_logits(hf_models: dic
     from transformers import AutoModelForCausalLM
 
     model_dir = hf_models["qwen2-sharded"]
-    merged = merge(split(model_dir, tp=4, out=tmp_path / "split"), out=tmp_path / "merged")
+    merged = merge(split(model_dir, tp=4, out=tmp_path / "split").out, out=tmp_path / "merged").out
     tokens = torch.tensor([[1, 5, 9, 200, 3]])
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(model_dir).eval()(tokens).logits

@@ -45,7 +45,7 @@ def fp8_llama(folder: Path, block: int = 4) -> Path:
 def test_fp8_scales_follow_their_weights(tmp_path: Path, tp: int) -> None:
     model = fp8_llama(tmp_path / "fp8")
     source = load_file(str(model / "model.safetensors"))
-    out = split(model, tp=tp)
+    out = split(model, tp=tp).out
     cuts = json.loads((out / "reshard.json").read_text())["tensors"]
     p = "model.layers.0"
     assert (cuts[f"{p}.self_attn.q_proj.weight_scale"]["style"], cuts[f"{p}.self_attn.q_proj.weight_scale"]["rule"]) == (
@@ -81,7 +81,7 @@ def test_fp8_scales_follow_their_weights(tmp_path: Path, tp: int) -> None:
                 want = tensor
             assert torch.equal(got[name].view(torch.uint8) if got[name].dtype == F8 else got[name],
                                want.view(torch.uint8) if want.dtype == F8 else want), (rank, name)  # fmt: skip
-    merged = merge(out)
+    merged = merge(out).out
     assert (merged / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
 
 
@@ -145,7 +145,7 @@ def test_deepseek_fp8_block_scales_are_cut_with_their_blocks(family_models: dict
             tensors[name] = tensor
     config = json.loads((family_models["deepseek_v3"] / "config.json").read_text())
     model = write_checkpoint(tmp_path / "fp8", tensors, config)
-    out = split(model, tp=tp)
+    out = split(model, tp=tp).out
     cuts = json.loads((out / "reshard.json").read_text())["tensors"]
     scales = [n for n in cuts if n.endswith("weight_scale_inv")]
     assert {cuts[n.replace("_scale_inv", "")]["rule"] for n in scales} >= {"mla_q", "mla_kv_b", "mla_o", "expert_gate_up", "shared_down"}
@@ -153,5 +153,5 @@ def test_deepseek_fp8_block_scales_are_cut_with_their_blocks(family_models: dict
         weight = cuts[name.replace("_scale_inv", "")]
         assert cuts[name]["style"] == weight["style"] and cuts[name].get("dim") == weight.get("dim"), name
         assert cuts[name]["slices"] == [[[a // block, b // block] for a, b in ranges] for ranges in weight["slices"]], name
-    merged = merge(out)
+    merged = merge(out).out
     assert (merged / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()

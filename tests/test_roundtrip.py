@@ -43,12 +43,12 @@ def assert_ranks_match_reference(source: dict[str, torch.Tensor], split_dir: Pat
 def test_round_trip_is_bit_exact(tmp_path: Path, dtype: str, tp: int) -> None:
     model = synthetic_llama(tmp_path / "model", DTYPES[dtype])
     before = snapshot(model)
-    out = split(model, tp=tp)
+    out = split(model, tp=tp).out
     assert out == tmp_path / f"model-tp{tp}"
     source = load_file(str(model / "model.safetensors"))
     assert_ranks_match_reference(source, out, tp)
 
-    merged = merge(out)
+    merged = merge(out).out
     assert merged == tmp_path / f"model-tp{tp}-merged"
     # Same tensors, same order, same header: the whole file comes back byte for byte.
     assert (merged / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
@@ -58,7 +58,7 @@ def test_round_trip_is_bit_exact(tmp_path: Path, dtype: str, tp: int) -> None:
 
 def test_rank_files_carry_rank_tp_device_and_format(tmp_path: Path) -> None:
     model = synthetic_llama(tmp_path / "model", torch.bfloat16)
-    out = split(model, tp=2, device_ids=[3, 5])
+    out = split(model, tp=2, device_ids=[3, 5]).out
     manifest = json.loads((out / "reshard.json").read_text())
     assert manifest["device_ids"] == [3, 5]
     assert [r["device"] for r in manifest["ranks"]] == ["cuda:3", "cuda:5"]
@@ -83,9 +83,9 @@ def test_large_tensors_stream_in_blocks(tmp_path: Path, monkeypatch: pytest.Monk
     rank boundaries (embeddings, q/k/v, norms)."""
     monkeypatch.setattr(split_module, "BLOCK_BYTES", 300)  # merge runs the same engine
     model = synthetic_llama(tmp_path / "model", torch.float32, vocab=96, ffn=24)
-    out = split(model, tp=4)
+    out = split(model, tp=4).out
     assert_ranks_match_reference(load_file(str(model / "model.safetensors")), out, 4)
-    merged = merge(out)
+    merged = merge(out).out
     assert (merged / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
 
 
@@ -111,11 +111,11 @@ def test_failure_midway_leaves_no_output(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_force_replaces_an_earlier_output_of_reshard(tmp_path: Path) -> None:
     model = synthetic_llama(tmp_path / "model", torch.bfloat16)
-    out = split(model, tp=2, out=tmp_path / "out")
+    out = split(model, tp=2, out=tmp_path / "out").out
     split(model, tp=4, out=out, force=True)
     assert json.loads((out / "reshard.json").read_text())["tp"] == 4
     assert not (out / "model-rank-0-part-0.safetensors").exists() or (out / "reshard-rank-3.json").exists()
-    merged = merge(out, out=tmp_path / "merged")
+    merged = merge(out, out=tmp_path / "merged").out
     merge(out, out=merged, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "model", "out"]
 
@@ -123,7 +123,7 @@ def test_force_replaces_an_earlier_output_of_reshard(tmp_path: Path) -> None:
 def test_max_shard_size_cuts_rank_files_into_parts(tmp_path: Path) -> None:
     model = synthetic_llama(tmp_path / "model", torch.float32)
     source = load_file(str(model / "model.safetensors"))
-    out = split(model, tp=2, max_shard_size=5000)
+    out = split(model, tp=2, max_shard_size=5000).out
     manifest = json.loads((out / "reshard.json").read_text())
     for rank in range(2):
         files = manifest["ranks"][rank]["files"]
@@ -137,7 +137,7 @@ def test_max_shard_size_cuts_rank_files_into_parts(tmp_path: Path) -> None:
         # No part holds more than 5000 bytes of tensors unless one tensor alone is larger (the embeddings: 4096).
         assert all(size <= 5000 for size in sizes)
     assert_ranks_match_reference(source, out, 2)
-    merged = merge(out)
+    merged = merge(out).out
     assert (merged / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
 
 
@@ -145,7 +145,7 @@ def test_merge_with_max_shard_size_writes_an_index_transformers_reads(hf_models:
     from transformers import AutoModelForCausalLM
 
     model_dir = hf_models["llama"]
-    merged = merge(split(model_dir, tp=2, out=tmp_path / "split"), out=tmp_path / "merged", max_shard_size=60_000)
+    merged = merge(split(model_dir, tp=2, out=tmp_path / "split").out, out=tmp_path / "merged", max_shard_size=60_000).out
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
@@ -172,8 +172,8 @@ def test_merge_gives_back_a_sharded_checkpoint_in_its_own_files(hf_models: dict[
     AutoModelForCausalLM.from_pretrained(hf_models["llama"]).save_pretrained(sharded, max_shard_size="60KB")
     names = sorted(p.name for p in sharded.iterdir() if p.name.startswith("model"))
     assert len(names) > 3 and "model.safetensors.index.json" in names
-    first = merge(split(sharded, tp=2, out=tmp_path / "tp2"), out=tmp_path / "merged")
-    second = merge(split(tmp_path / "tp2", tp=4, out=tmp_path / "tp4"), out=tmp_path / "merged4")
+    first = merge(split(sharded, tp=2, out=tmp_path / "tp2").out, out=tmp_path / "merged").out
+    second = merge(split(tmp_path / "tp2", tp=4, out=tmp_path / "tp4").out, out=tmp_path / "merged4").out
     for merged in (first, second):
         assert sorted(p.name for p in merged.iterdir() if p.name.startswith("model")) == names
         for name in names:

@@ -98,7 +98,7 @@ def test_gpu_memory_marks_ranks_that_do_not_fit(model: Path) -> None:
 
 
 def test_load_rank_on_cpu(model: Path, tmp_path: Path) -> None:
-    out = reshard.split(model, tp=2, out=tmp_path / "split", device_ids=[1, 0])
+    out = reshard.split(model, tp=2, out=tmp_path / "split", device_ids=[1, 0]).out
     for rank in range(2):
         weights = reshard.load_rank(out, rank, device="cpu")
         stored = load_file(out / f"model-rank-{rank}-part-0.safetensors")
@@ -117,7 +117,7 @@ def test_load_rank_on_cpu(model: Path, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_load_rank_without_cuda_says_how(model: Path, tmp_path: Path) -> None:
-    out = reshard.split(model, tp=2, out=tmp_path / "split")
+    out = reshard.split(model, tp=2, out=tmp_path / "split").out
     with pytest.raises(
         InputError, match=r"rank 1 goes on cuda:1 \(its manifest device\), but torch sees no CUDA device; pass device='cpu'"
     ):
@@ -128,7 +128,7 @@ def test_load_rank_without_cuda_says_how(model: Path, tmp_path: Path) -> None:
 def test_load_rank_places_each_rank_on_its_manifest_gpu(model: Path, tmp_path: Path) -> None:
     count = torch.cuda.device_count()
     ids = list(reversed(range(count)))[:2] if count > 1 else [0]
-    out = reshard.split(model, tp=len(ids), out=tmp_path / "split", device_ids=ids)
+    out = reshard.split(model, tp=len(ids), out=tmp_path / "split", device_ids=ids).out
     for rank, gpu in enumerate(ids):
         weights = reshard.load_rank(out, rank)
         assert {w.device for w in weights.values()} == {torch.device("cuda", gpu)}

@@ -36,10 +36,12 @@ def attempt(make) -> Path | str:
 def split_attempts(family_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path | str]:
     root = tmp_path_factory.mktemp("splits")
     result = {
-        (name, tp): attempt(lambda: split(model, tp=tp, out=root / f"{name}-tp{tp}")) for name, model in family_models.items() for tp in TPS
+        (name, tp): attempt(lambda: split(model, tp=tp, out=root / f"{name}-tp{tp}").out)
+        for name, model in family_models.items()
+        for tp in TPS
     }
     (root / "naive.json").write_text(json.dumps(NAIVE_QKV))
-    result[("phi3-naive", 2)] = attempt(lambda: split(family_models["phi3"], tp=2, out=root / "phi3-naive", rules=root / "naive.json"))
+    result[("phi3-naive", 2)] = attempt(lambda: split(family_models["phi3"], tp=2, out=root / "phi3-naive", rules=root / "naive.json").out)
     return result
 
 
@@ -95,7 +97,7 @@ def test_a_naive_cut_of_fused_qkv_is_caught(tp_errors: dict[int, dict], splits: 
 def test_merge_gives_back_every_family_bit_for_bit(
     family_models: dict[str, Path], splits: dict, tmp_path: Path, family: str, tp: int
 ) -> None:
-    merged = merge(splits[(family, tp)], out=tmp_path / "merged")
+    merged = merge(splits[(family, tp)], out=tmp_path / "merged").out
     assert (merged / "model.safetensors").read_bytes() == (family_models[family] / "model.safetensors").read_bytes()
 
 
@@ -179,7 +181,7 @@ def test_verify_forward_derives_the_cuts_again(family_models: dict[str, Path], t
 
     rules = tmp_path / "wrong.json"
     rules.write_text(json.dumps({"rules": [{"name": "c_fc_bias", "match": "transformer.h.*.mlp.c_fc.bias", "style": "replicate"}]}))
-    out = split(family_models["gpt2"], tp=2, out=tmp_path / "wrong", rules=rules)
+    out = split(family_models["gpt2"], tp=2, out=tmp_path / "wrong", rules=rules).out
     assert json.loads((out / "reshard.json").read_text())["tensors"]["transformer.h.0.mlp.c_fc.bias"]["style"] == "replicate"
     with pytest.raises(InputError) as e:
         run_forward(out, source=family_models["gpt2"])

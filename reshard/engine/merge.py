@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from reshard.engine.sources import Contiguous, Stitched, TensorBytes
 from reshard.engine.split import split_tensor
 from reshard.engine.staging import staged_output
 from reshard.engine.workers import WORKERS, run_all
-from reshard.formats.io import Buffers, ByteReader, Progress, copy_durably, thread_buffers, write_durably
+from reshard.formats.io import Buffers, ByteReader, Progress, Watch, copy_durably, counting, thread_buffers, write_durably
 from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, NONE, merged_file_names
 from reshard.formats.manifest import Manifest, SourceIndex
 from reshard.formats.safetensors import Entry, TensorInfo, entry_nbytes
@@ -24,35 +24,49 @@ from reshard.formats.writer import PartedWriter, Region, partition
 from reshard.plan.cut import TensorCut
 
 
+@dataclass(frozen=True)
+class MergeResult:
+    """What `merge` wrote: the folder, its safetensors files and index (None for one file), and how many tensors
+    and bytes of tensor data they hold, rebuilt from tp ranks."""
+
+    out: Path
+    files: list[str]
+    index: str | None
+    tensors: int
+    nbytes: int
+    tp: int
+
+
 def merge(
     split_dir: Path,
     *,
     out: Path | None = None,
     force: bool = False,
-    progress: Progress | None = None,
+    progress: Watch | None = None,
     max_shard_size: int | None = None,
-) -> Path:
+) -> MergeResult:
     """Rebuild the original checkpoint from a split folder, bit for bit.
 
     Args:
         split_dir: a folder written by `split`, holding reshard.json and the rank files.
         out: output folder; defaults to `<split_dir>-merged` beside it.
         force: replace an existing output folder.
-        progress: called with the number of output bytes just written.
+        progress: called with the number of output bytes just written and the number to write in all.
         max_shard_size: write numbered files of at most this many bytes of tensor data, plus
-            model.safetensors.index.json, as transformers does.
+            model.safetensors.index.json, as transformers does; by default the source's own files and index.
 
     Returns:
-        The output folder, holding model.safetensors (or numbered files and an index) and config.json.
+        The output folder (its safetensors files, their index if any, and config.json) and what it holds.
 
     Example:
-        >>> merge(Path("/tmp/tiny-tp2"), out=Path("/tmp/tiny-merged"))
-        PosixPath('/tmp/tiny-merged')
+        >>> merge(Path("/tmp/tiny-tp2"), out=Path("/tmp/tiny-merged")).files
+        ['model.safetensors']
     """
     folder = SplitFolder(split_dir)
     out = Path(out) if out is not None else default_merge_dir(folder.path)
-    write_merge(folder, out, force=force, progress=progress, max_shard_size=max_shard_size)
-    return out
+    nbytes = sum(t.nbytes for t in folder.manifest.tensors)
+    files, index = write_merge(folder, out, force=force, progress=counting(progress, nbytes), max_shard_size=max_shard_size)
+    return MergeResult(out, files, index, len(folder.manifest.tensors), nbytes, folder.tp)
 
 
 def default_merge_dir(split_dir: Path) -> Path:

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from reshard.engine.sources import Source, open_source
 from reshard.errors import UsageError
-from reshard.formats.export import FORMATS, build_layout, vocab_multiple
+from reshard.formats.export import FORMATS, Layout, build_layout, vocab_multiple
 from reshard.model.config import ModelConfig, TPConfig
 from reshard.model.rules import detect_family
 from reshard.plan.build import build_plan
 from reshard.plan.cut import Plan
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A checkpoint planned for a split: the opened source, its model config, each tensor's cut, and the tensors
+    each rank file holds in the chosen format (`layout`)."""
+
+    source: Source
+    model_config: ModelConfig
+    plan: Plan
+    layout: Layout
 
 
 def make_plan(
@@ -25,7 +37,7 @@ def make_plan(
     replicate_unknown: bool = False,
     rules: Path | None = None,
     format: str = "reshard",
-) -> tuple[Source, ModelConfig, Plan]:
+) -> Planned:
     """Read a checkpoint's headers and config and plan its split.
 
     Args:
@@ -42,11 +54,12 @@ def make_plan(
         format: the layout the plan is for: "reshard", or "vllm" (whose vocabulary is padded to 64 rows first).
 
     Returns:
-        The opened source (checkpoint or split folder), its model config, and the plan.
+        The opened source (checkpoint or split folder), its model config, the plan and the rank files' layout; a
+        family the format has no layout for is refused.
 
     Example:
-        >>> source, config, plan = make_plan(Path("examples/tiny-llama"), tp=2)
-        >>> plan.rank_nbytes(0) < plan.nbytes
+        >>> planned = make_plan(Path("examples/tiny-llama"), tp=2)
+        >>> planned.plan.rank_nbytes(0) < planned.plan.nbytes
         True
     """
     tp_config = TPConfig.create(tp, device_ids=device_ids)
@@ -57,5 +70,4 @@ def make_plan(
         raise UsageError(f"--format {format}: unknown; use one of {', '.join(FORMATS)}")
     multiple = vocab_multiple(format)
     plan = build_plan(source.tensors, model_config, tp_config, family, replicate_unknown=replicate_unknown, vocab_multiple=multiple)
-    build_layout(plan, model_config, format=format)  # a family the format has no layout for is refused here
-    return source, model_config, plan
+    return Planned(source, model_config, plan, build_layout(plan, model_config, format=format))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,17 +20,29 @@ from reshard.engine.planning import make_plan
 from reshard.engine.sources import Source, TensorBytes, TensorSource
 from reshard.engine.staging import staged_output, staged_ranks
 from reshard.engine.workers import run_all
+from reshard.errors import UsageError
 from reshard.formats.checksums import record
-from reshard.formats.export import Layout, OutTensor, build_layout, own_layout
+from reshard.formats.export import Layout, OutTensor, own_layout
 from reshard.formats.hub import cached_repo_name
-from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, Reorder, copy_durably, thread_buffers
-from reshard.formats.layout import CONFIG_NAME, DEFAULT_CHECKSUM, MANIFEST_NAME, rank_file_name
+from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, Reorder, Watch, copy_durably, counting, thread_buffers
+from reshard.formats.layout import CHECKSUMS, CONFIG_NAME, DEFAULT_CHECKSUM, MANIFEST_NAME, rank_file_name
 from reshard.formats.manifest import Manifest, write_manifest
 from reshard.formats.safetensors import Entry
 from reshard.formats.writer import PartedWriter, Region, partition
 from reshard.model.config import ModelConfig
 from reshard.plan.cut import Plan, Span, TensorCut, rank_spans
 from reshard.timing import clock, spent
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """What `split` wrote: the folder, the plan it followed, the manifest it wrote, and the ranks it wrote (every
+    rank, or those asked for)."""
+
+    out: Path
+    plan: Plan
+    manifest: Manifest
+    ranks: list[int]
 
 
 def split(
@@ -44,13 +56,13 @@ def split(
     arch: str | None = None,
     replicate_unknown: bool = False,
     force: bool = False,
-    progress: Progress | None = None,
+    progress: Watch | None = None,
     rules: Path | None = None,
     max_shard_size: int | None = None,
     ranks: Sequence[int] | None = None,
     format: str = "reshard",
     checksum: str = DEFAULT_CHECKSUM,
-) -> Path:
+) -> SplitResult:
     """Split a checkpoint into per-rank safetensors files plus reshard.json.
 
     Args:
@@ -65,48 +77,46 @@ def split(
         arch: force a rules family instead of detecting it from the config.
         replicate_unknown: copy tensors that match no rule whole to every rank instead of refusing.
         force: replace an existing output folder.
-        progress: called with the number of source bytes just processed.
+        progress: called with the number of source bytes just processed and the number to process in all.
         rules: a rules file whose rules are tried before the family's.
         max_shard_size: cut each rank's output into files of at most this many bytes of tensor data.
         ranks: write only these ranks, into `out` beside any ranks already there (one node's share).
         format: "reshard" (each tensor under its own name) or "vllm" (vLLM's sharded_state layout: its fused
             names, vocabulary padding and buffers, loaded with `load_format="sharded_state"`).
-        checksum: what the manifest records of every file beside its size: "sha256", "xxh128" (XXH3-128, many
-            times faster to compute) or "none".
+        checksum: what the manifest records of every file beside its size: "xxh128" (XXH3-128), "sha256" (many
+            times slower to compute) or "none".
 
     Returns:
-        The output folder.
+        The output folder, the plan, the manifest written and the ranks written.
 
     Example:
-        >>> split(Path("examples/tiny-llama"), tp=2, out=Path("/tmp/tiny-tp2"))
+        >>> split(Path("examples/tiny-llama"), tp=2, out=Path("/tmp/tiny-tp2")).out
         PosixPath('/tmp/tiny-tp2')
     """
-    source, model_config, plan = make_plan(
-        model,
-        revision=revision,
-        tp=tp,
-        device_ids=device_ids,
-        config=config,
-        arch=arch,
-        replicate_unknown=replicate_unknown,
-        rules=rules,
-        format=format,
-    )
-    out = Path(out) if out is not None else default_split_dir(source.root, tp, format=format)
-    layout = build_layout(plan, model_config, format=format)
-    write_split(
-        source,
-        model_config,
+    if checksum not in CHECKSUMS:
+        raise UsageError(f"--checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
+    planned = make_plan(
+        model, revision=revision, tp=tp, device_ids=device_ids, config=config, arch=arch, replicate_unknown=replicate_unknown,
+        rules=rules, format=format,
+    )  # fmt: skip
+    plan, chosen = planned.plan, sorted(set(range(tp) if ranks is None else ranks))
+    outside = [r for r in chosen if not 0 <= r < tp]
+    if outside:
+        raise UsageError(f"rank {outside[0]} is outside 0..{tp - 1} for tp {tp}")
+    out = Path(out) if out is not None else default_split_dir(planned.source.root, tp, format=format)
+    manifest = write_split(
+        planned.source,
+        planned.model_config,
         plan,
         out,
-        layout=layout,
+        layout=planned.layout,
         force=force,
-        progress=progress,
+        progress=counting(progress, read_nbytes(plan, ranks=chosen)),
         max_shard_size=max_shard_size,
-        ranks=ranks,
+        ranks=None if ranks is None else chosen,
         checksum=checksum,
     )
-    return out
+    return SplitResult(out, plan, manifest, chosen)
 
 
 def default_split_dir(model_root: Path, tp: int, *, format: str = "reshard") -> Path:

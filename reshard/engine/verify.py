@@ -17,7 +17,7 @@ import numpy as np
 from reshard.engine.sources import source_file
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
 from reshard.formats.hub import locate_model
-from reshard.formats.io import BLOCK_BYTES, Buffers, ByteReader, Progress
+from reshard.formats.io import BLOCK_BYTES, Buffers, ByteReader, Progress, Watch, counting
 from reshard.formats.layout import MANIFEST_NAME
 from reshard.formats.manifest import Manifest
 from reshard.formats.safetensors import TensorInfo
@@ -26,7 +26,9 @@ from reshard.plan.cut import TensorCut, rank_spans
 
 
 @dataclass
-class Report:
+class VerifyReport:
+    """What `verify` found: how many files and tensors it checked, and every problem, one line each."""
+
     manifest: Manifest
     files: int = 0  # files whose size and checksum were checked
     file_bytes: int = 0
@@ -40,10 +42,17 @@ class Report:
         return not self.problems
 
 
-def verify(split_dir: Path, *, against: Path | str | None = None, progress: Progress | None = None) -> Report:
+def verify(split_dir: Path, *, against: Path | str | None = None, progress: Watch | None = None) -> VerifyReport:
     """Check a split folder against its manifest and, with `against`, against the checkpoint it came from.
 
-    Returns a report listing every problem found; a folder that cannot be read at all raises InputError.
+    Args:
+        split_dir: a folder written by `split`.
+        against: the checkpoint it was split from (a path or a Hub repo id): every rank tensor is compared with its
+            slice of it.
+        progress: called with the number of bytes just checked and the number to check in all.
+
+    Returns:
+        A report listing every problem found; a folder that cannot be read at all raises InputError.
 
     Example:
         >>> verify(Path("/tmp/tiny-tp2"), against=Path("examples/tiny-llama")).ok
@@ -51,16 +60,18 @@ def verify(split_dir: Path, *, against: Path | str | None = None, progress: Prog
     """
     folder = SplitFolder(split_dir)
     manifest = folder.manifest
-    report = Report(manifest)
+    report = VerifyReport(manifest)
     ranks = None if against is not None else manifest.ranks_present
+    names = folder.file_names(manifest.ranks_present)
+    total = sum(manifest.files[n].bytes for n in names) + (sum(t.nbytes for t in manifest.tensors) if against is not None else 0)
+    step = counting(progress, total)
     if ranks is not None:
         report.problems.extend(folder.unfinished(range(folder.tp)))
-    report.problems.extend(folder.check(ranks=ranks, purpose="verify --against", checksums=True, progress=progress))
-    names = folder.file_names(manifest.ranks_present)
+    report.problems.extend(folder.check(ranks=ranks, purpose="verify --against", checksums=True, progress=step))
     report.files, report.file_bytes = len(names), sum(manifest.files[n].bytes for n in names)
     report.files_ok = report.ok
     if against is not None and report.ok:
-        _check_against(folder, locate_model(against), report, progress)  # a path, or a Hub repo id
+        _check_against(folder, locate_model(against), report, step)  # a path, or a Hub repo id
     return report
 
 
@@ -76,7 +87,7 @@ def _source_problems(manifest: Manifest, model: Path, ckpt: Checkpoint) -> Itera
             )
 
 
-def _check_against(folder: SplitFolder, model: Path, report: Report, progress: Progress | None) -> None:
+def _check_against(folder: SplitFolder, model: Path, report: VerifyReport, progress: Progress | None) -> None:
     ckpt = open_checkpoint(model)
     report.problems.extend(_source_problems(folder.manifest, model, ckpt))
     if report.problems:

@@ -18,7 +18,13 @@ from reshard.timing import clock, spent
 BLOCK_BYTES = 32 << 20
 
 # Called with the number of bytes just processed (from several threads: the callee locks if it must).
-Progress = Callable[[int], object]
+Progress = Callable[[int], object]  # the engines' callback: bytes just processed
+Watch = Callable[[int, int], object]  # the API's: bytes just processed, and the total to process
+
+
+def counting(watch: Watch | None, total: int) -> Progress | None:
+    """The engines' callback for an API caller's `progress`, which is told the total with every step."""
+    return None if watch is None else lambda n: watch(n, total)
 
 
 class Buffers:

@@ -189,3 +189,30 @@ def check_visible_gpus(ids: Sequence[int]) -> None:
     beyond = [i for i in ids if i >= count]
     if beyond:
         raise UsageError(f"device id {beyond[0]} is not a GPU here: torch sees {count} CUDA device(s), ids 0..{count - 1}")
+
+
+def resolve_tp(
+    *, tp: int | None = None, device_ids: Sequence[int] | None = None, configs: Sequence[Path] = ()
+) -> tuple[int, list[int] | None, Path | None]:
+    """The ranks and GPUs of a split from --tp, --devices and the --config files together (a TP config, the
+    model's config.json, or both): flags override the TP config. Returns tp, the device ids (None: 0..tp-1) and
+    the model config given, if any; the ids are checked against the GPUs here before any work starts."""
+    model_config: Path | None = None
+    settings, tp_file = TPSettings(), None
+    for path in configs:
+        if is_tp_config(path):
+            settings, tp_file = load_tp_config(path), path
+        elif model_config is None:
+            model_config = path
+        else:
+            raise UsageError(f"--config {path}: a model config was already given ({model_config}); pass one")
+    ids = list(device_ids) if device_ids is not None else (list(settings.device_ids) if settings.device_ids is not None else None)
+    count = tp if tp is not None else settings.tp if settings.tp is not None else (len(ids) if ids else None)
+    if count is None:
+        raise UsageError("Missing option '--tp' (or a TP config giving tp, through --config)")
+    if device_ids is None and ids is not None and len(ids) != count:
+        raise UsageError(f"{tp_file}: device_ids lists {len(ids)} ids but --tp is {count}; pass --devices as well, or fix the TP config")
+    if ids is not None:
+        TPConfig.create(count, device_ids=ids)  # one id per rank, distinct, non-negative: before any GPU is asked
+        check_visible_gpus(ids)
+    return count, ids, model_config
