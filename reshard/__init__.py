@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from reshard.engine.split import SplitResult, split
     from reshard.engine.verify import VerifyReport, verify
     from reshard.formats.hub import locate_model
-    from reshard.formats.layout import CHECKSUMS, DEFAULT_CHECKSUM
+    from reshard.formats.names import CHECKSUMS, DEFAULT_CHECKSUM
     from reshard.model.config import ModelConfig, TPConfig, parse_size, resolve_tp
     from reshard.model.rules import Family, builtin_families
     from reshard.plan.build import build_plan
@@ -41,8 +41,8 @@ _LAZY = {
     "verify": "reshard.engine.verify",
     "VerifyReport": "reshard.engine.verify",
     "locate_model": "reshard.formats.hub",
-    "CHECKSUMS": "reshard.formats.layout",
-    "DEFAULT_CHECKSUM": "reshard.formats.layout",
+    "CHECKSUMS": "reshard.formats.names",
+    "DEFAULT_CHECKSUM": "reshard.formats.names",
     "ModelConfig": "reshard.model.config",
     "TPConfig": "reshard.model.config",
     "parse_size": "reshard.model.config",

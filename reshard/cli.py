@@ -281,7 +281,7 @@ def plan_command(
     replicate_unknown: ReplicateOpt = False,
     rules: RulesOpt = None,
     gpu_memory: GpuMemoryOpt = None,
-    format: FormatOpt = "reshard",
+    output_format: FormatOpt = "reshard",
     revision: RevisionOpt = None,
     tensors: TensorsOpt = False,
     as_json: JsonOpt = False,
@@ -293,7 +293,9 @@ def plan_command(
         limit = reshard.parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
         options = _tp_options(tp, devices, config)
         located = _locate(model, revision, False)
-        return reshard.make_plan(located, **options, arch=arch, replicate_unknown=replicate_unknown, rules=rules, format=format), limit
+        return reshard.make_plan(
+            located, **options, arch=arch, replicate_unknown=replicate_unknown, rules=rules, output_format=output_format
+        ), limit
 
     planned, limit = _run(action, writes=False, as_json=as_json)
     import reshard.report as report
@@ -344,7 +346,7 @@ def split_command(
     ranks: Annotated[
         Optional[str], typer.Option("--ranks", metavar="R,R", help="Write only these ranks, comma-separated, e.g. 0,2.", show_default=False)
     ] = None,
-    format: FormatOpt = "reshard",
+    output_format: FormatOpt = "reshard",
     revision: RevisionOpt = None,
     checksum: ChecksumOpt = reshard.DEFAULT_CHECKSUM,
     force: ForceOpt = False,
@@ -362,7 +364,7 @@ def split_command(
         with _progress("split", quiet) as progress:
             return reshard.split(
                 _locate(model, revision, quiet), **options, out=out, arch=arch, replicate_unknown=replicate_unknown,
-                rules=rules, max_shard_size=max_bytes, ranks=chosen, format=format, checksum=checksum, force=force,
+                rules=rules, max_shard_size=max_bytes, ranks=chosen, output_format=output_format, checksum=checksum, force=force,
                 progress=progress,
             )  # fmt: skip
 

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from reshard.errors import one_line
 from reshard.formats.export import Layout, engine_data
-from reshard.formats.layout import MANIFEST_NAME, NONE
 from reshard.formats.manifest import Manifest
+from reshard.formats.names import MANIFEST_NAME, NONE
 from reshard.model.rules import Family
 from reshard.plan.cut import Plan, TensorCut
 from reshard.runtime.forward import KindError
@@ -211,7 +211,7 @@ def forward_table(errors: Sequence[KindError], tolerance: float) -> Table:
 
 
 def plan_document(planned: Planned, *, gpu_memory: int | None = None) -> dict[str, Any]:
-    """`plan --json`: the plan, the rank files' tensors for an engine's format, and whether each rank fits."""
+    """`plan --json`: the plan, the rank files' tensors for an engine's output_format, and whether each rank fits."""
     plan, layout = planned.plan, planned.layout
     data = plan.to_dict() | ({"format": layout.format, "layout": layout_entries(layout, plan)} if layout.format != "reshard" else {})
     for entry in data["ranks"] if gpu_memory is not None else []:
@@ -247,7 +247,7 @@ def split_document(result: SplitResult) -> dict[str, Any]:
         {"rank": r, "device": plan.tp_config.device(r), "files": list(manifest.rank_files[r]), "bytes": plan.rank_nbytes(r)}
         for r in result.ranks
     ]
-    data = {"out": str(result.out), "family": plan.family, "tp": plan.tp, "format": manifest.packing.format, "checksum": manifest.checksum}
+    data = {"out": str(result.out), "family": plan.family, "tp": plan.tp, "format": manifest.layout.format, "checksum": manifest.checksum}
     return data | {"ranks": written}
 
 

@@ -125,7 +125,7 @@ def test_the_vllm_layout_refuses_scales_without_a_quantization_config(tmp_path: 
     with pytest.raises(
         InputError, match=r"--format vllm: tensor model.layers.0.\S+ is a quantization scale, but config.json has no quantization_config"
     ):
-        split(model, tp=2, out=tmp_path / "out", format="vllm")
+        split(model, tp=2, out=tmp_path / "out", output_format="vllm")
     assert not (tmp_path / "out").exists()
 
 

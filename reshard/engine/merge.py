@@ -16,8 +16,8 @@ from reshard.engine.split import split_tensor
 from reshard.engine.staging import staged_output
 from reshard.engine.workers import WORKERS, run_all
 from reshard.formats.io import Buffers, ByteReader, Progress, Watch, copy_durably, counting, thread_buffers, write_durably
-from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, NONE, merged_file_names
 from reshard.formats.manifest import Manifest, SourceIndex
+from reshard.formats.names import CONFIG_NAME, INDEX_NAME, NONE, merged_file_names
 from reshard.formats.safetensors import Entry, TensorInfo, entry_nbytes
 from reshard.formats.split_folder import SplitFolder
 from reshard.formats.writer import PartedWriter, Region, partition

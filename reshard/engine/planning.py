@@ -36,7 +36,7 @@ def make_plan(
     arch: str | None = None,
     replicate_unknown: bool = False,
     rules: Path | None = None,
-    format: str = "reshard",
+    output_format: str = "reshard",
 ) -> Planned:
     """Read a checkpoint's headers and config and plan its split.
 
@@ -51,7 +51,7 @@ def make_plan(
         arch: force a rules family instead of detecting it from the config.
         replicate_unknown: copy tensors that match no rule whole to every rank instead of refusing.
         rules: a rules file whose rules are tried before the family's.
-        format: the layout the plan is for: "reshard", or "vllm" (whose vocabulary is padded to 64 rows first).
+        output_format: the layout the plan is for: "reshard", or "vllm" (whose vocabulary is padded to 64 rows first).
 
     Returns:
         The opened source (checkpoint or split folder), its model config, the plan and the rank files' layout; a
@@ -66,8 +66,8 @@ def make_plan(
     source = open_source(model, revision=revision)
     model_config = source.model_config(config)
     family = detect_family(model_config, arch=arch, rules=rules, names=[t.name for t in source.tensors])
-    if format not in FORMATS:
-        raise UsageError(f"--format {format}: unknown; use one of {', '.join(FORMATS)}")
-    multiple = vocab_multiple(format)
+    if output_format not in FORMATS:
+        raise UsageError(f"--format {output_format}: unknown; use one of {', '.join(FORMATS)}")
+    multiple = vocab_multiple(output_format)
     plan = build_plan(source.tensors, model_config, tp_config, family, replicate_unknown=replicate_unknown, vocab_multiple=multiple)
-    return Planned(source, model_config, plan, build_layout(plan, model_config, format=format))
+    return Planned(source, model_config, plan, build_layout(plan, model_config, output_format=output_format))

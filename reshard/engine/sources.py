@@ -21,8 +21,8 @@ from reshard.formats.checkpoint import Checkpoint, open_checkpoint
 from reshard.formats.checksums import sampled_sha256
 from reshard.formats.hub import inside_cached_repo, locate_model
 from reshard.formats.io import Buffers, ByteReader
-from reshard.formats.layout import CONFIG_NAME, ENGINE_FILES, MANIFEST_NAME
 from reshard.formats.manifest import SourceFile, SourceIndex
+from reshard.formats.names import CONFIG_NAME, ENGINE_FILES, MANIFEST_NAME
 from reshard.formats.safetensors import SafetensorsFile, TensorInfo
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.config import ModelConfig
@@ -46,7 +46,7 @@ class Contiguous:
     """A tensor stored whole in one file."""
 
     def __init__(self, reader: ByteReader, base: int, cut: TensorCut) -> None:
-        _, length, inner = cut.layout
+        _, length, inner = cut.geometry
         self._reader, self._base, self._row, self._inner = reader, base, length * inner, inner
 
     def runs(self, o: int, a: int, b: int) -> Iterator[Run]:
@@ -64,7 +64,7 @@ class Stitched:
     def __init__(
         self, old: TensorCut, readers: Sequence[ByteReader], infos: Sequence[TensorInfo], buffers: Buffers, *, whole: bool = False
     ) -> None:
-        self._outer, self._length, self._inner = old.layout
+        self._outer, self._length, self._inner = old.geometry
         self._pieces: tuple[Piece, ...] = coverage(old)
         self._readers, self._infos, self._buffers, self._whole = readers, infos, buffers, whole
         self._rank_rows = [i.nbytes // self._outer if self._outer else 0 for i in infos]

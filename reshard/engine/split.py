@@ -25,8 +25,8 @@ from reshard.formats.checksums import record
 from reshard.formats.export import Layout, OutTensor, own_layout
 from reshard.formats.hub import cached_repo_name
 from reshard.formats.io import BLOCK_BYTES, Buffers, Progress, Reorder, Watch, copy_durably, counting, thread_buffers
-from reshard.formats.layout import CHECKSUMS, CONFIG_NAME, DEFAULT_CHECKSUM, MANIFEST_NAME, rank_file_name
 from reshard.formats.manifest import Manifest, write_manifest
+from reshard.formats.names import CHECKSUMS, CONFIG_NAME, DEFAULT_CHECKSUM, MANIFEST_NAME, rank_file_name
 from reshard.formats.safetensors import Entry
 from reshard.formats.writer import PartedWriter, Region, partition
 from reshard.model.config import ModelConfig
@@ -60,7 +60,7 @@ def split(
     rules: Path | None = None,
     max_shard_size: int | None = None,
     ranks: Sequence[int] | None = None,
-    format: str = "reshard",
+    output_format: str = "reshard",
     checksum: str = DEFAULT_CHECKSUM,
 ) -> SplitResult:
     """Split a checkpoint into per-rank safetensors files plus reshard.json.
@@ -81,7 +81,7 @@ def split(
         rules: a rules file whose rules are tried before the family's.
         max_shard_size: cut each rank's output into files of at most this many bytes of tensor data.
         ranks: write only these ranks, into `out` beside any ranks already there (one node's share).
-        format: "reshard" (each tensor under its own name) or "vllm" (vLLM's sharded_state layout: its fused
+        output_format: "reshard" (each tensor under its own name) or "vllm" (vLLM's sharded_state layout: its fused
             names, vocabulary padding and buffers, loaded with `load_format="sharded_state"`).
         checksum: what the manifest records of every file beside its size: "xxh128" (XXH3-128), "sha256" (many
             times slower to compute) or "none".
@@ -97,13 +97,13 @@ def split(
         raise UsageError(f"--checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
     planned = make_plan(
         model, revision=revision, tp=tp, device_ids=device_ids, config=config, arch=arch, replicate_unknown=replicate_unknown,
-        rules=rules, format=format,
+        rules=rules, output_format=output_format,
     )  # fmt: skip
     plan, chosen = planned.plan, sorted(set(range(tp) if ranks is None else ranks))
     outside = [r for r in chosen if not 0 <= r < tp]
     if outside:
         raise UsageError(f"rank {outside[0]} is outside 0..{tp - 1} for tp {tp}")
-    out = Path(out) if out is not None else default_split_dir(planned.source.root, tp, format=format)
+    out = Path(out) if out is not None else default_split_dir(planned.source.root, tp, output_format=output_format)
     manifest = write_split(
         planned.source,
         planned.model_config,
@@ -119,11 +119,11 @@ def split(
     return SplitResult(out, plan, manifest, chosen)
 
 
-def default_split_dir(model_root: Path, tp: int, *, format: str = "reshard") -> Path:
+def default_split_dir(model_root: Path, tp: int, *, output_format: str = "reshard") -> Path:
     """`<model>-tp<N>` beside the model folder (`<model>-vllm-tp<N>` for vLLM's layout); a split folder
     `<model>-tp8` or `<model>-vllm-tp8` gives `<model>-tp4`. A model in the Hugging Face cache gets
     `./<name>-tp<N>` in the working folder: nothing is ever written into the cache."""
-    suffix = f"-{format}-tp{tp}" if format != "reshard" else f"-tp{tp}"
+    suffix = f"-{output_format}-tp{tp}" if output_format != "reshard" else f"-tp{tp}"
     cached = cached_repo_name(model_root)
     if cached is not None:
         return Path(cached + suffix)
@@ -215,11 +215,9 @@ def _write_ranks(
             paths = [staging / f for f in manifest.rank_files[r]]
             writers[r] = stack.enter_context(PartedWriter(paths, groups[r], rank_metadata(plan, r), checksum=manifest.checksum))
         tensor_bytes = source.open(stack)
-        packing = manifest.packing
-        stored = [
-            _Stored(packing.placements(plan.tensors, r), packing.reorders(plan.tensors, r), packing.zeroed(r)) for r in range(plan.tp)
-        ]
-        constants = [out for out in packing.tensors if not out.pieces]
+        layout = manifest.layout
+        stored = [_Stored(layout.placements(plan.tensors, r), layout.reorders(plan.tensors, r), layout.zeroed(r)) for r in range(plan.tp)]
+        constants = [out for out in layout.tensors if not out.pieces]
         run_all(
             [
                 *(_task(tensor_bytes, cut, _regions(cut, writers, stored), progress) for cut in source.in_read_order(plan.tensors)),
@@ -280,7 +278,7 @@ def read_nbytes(plan: Plan, *, ranks: Sequence[int] | None = None) -> int:
     chosen = range(plan.tp) if ranks is None else ranks
     total = 0
     for cut in plan.tensors:
-        outer, length, inner = cut.layout
+        outer, length, inner = cut.geometry
         if _by_runs(cut):
             held = {(s.start, s.stop) for r in chosen for s in rank_spans(cut, r) if not s.zeros}
             total += outer * inner * sum(b - a for a, b in held)
@@ -296,7 +294,7 @@ def rank_metadata(plan: Plan, rank: int) -> dict[str, str]:
 
 def _by_runs(cut: TensorCut) -> bool:
     """Rows too long for a block, or a tensor that is one row: copied as runs rather than gathered in blocks."""
-    outer, length, inner = cut.layout
+    outer, length, inner = cut.geometry
     return outer == 1 or length * inner > BLOCK_BYTES
 
 
@@ -313,7 +311,7 @@ def split_tensor(
     A target of None is a rank not being written: its spans are not read. Spans past the end of the cut dim are
     padding (a vocabulary tp does not divide) and are written as zeros.
     """
-    outer, length, inner = cut.layout
+    outer, length, inner = cut.geometry
     if length * inner == 0 or outer == 0:
         return
     spans = [rank_spans(cut, r) if target is not None else () for r, target in enumerate(targets)]
@@ -327,7 +325,7 @@ def _split_rows(
     source: TensorBytes, cut: TensorCut, targets: list[tuple[Region | None, tuple[Span, ...]]], progress: Progress | None, buffers: Buffers
 ) -> None:
     """Blocks of whole rows, each rank's columns gathered from them."""
-    outer, length, inner = cut.layout
+    outer, length, inner = cut.geometry
     row = length * inner
     rows = max(1, BLOCK_BYTES // row)
     for first in range(0, outer, rows):
@@ -360,7 +358,7 @@ def _split_runs(
     source: TensorBytes, cut: TensorCut, targets: list[tuple[Region | None, tuple[Span, ...]]], progress: Progress | None
 ) -> None:
     """Each span of each row is a run (or a few) of the source: copied in the kernel, row by row."""
-    outer, _, inner = cut.layout
+    outer, _, inner = cut.geometry
     for o in range(outer):
         counted: set[tuple[int, int]] = set()  # a replicated span is progress once
         for target, spans in targets:

@@ -26,8 +26,8 @@ from reshard.engine.target import (
 )
 from reshard.errors import OutputError
 from reshard.formats.io import copy_durably, fsync_dir
-from reshard.formats.layout import MANIFEST_NAME, rank_record_name
 from reshard.formats.manifest import Manifest, dumps
+from reshard.formats.names import MANIFEST_NAME, rank_record_name
 
 RANKS_STAGING = re.compile(r"\.ranks-[a-z0-9_]{8}\.partial")
 

@@ -17,8 +17,8 @@ from functools import cache
 from pathlib import Path
 
 from reshard.errors import InputError, OutputError
-from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, rank_record_name
 from reshard.formats.manifest import read_manifest
+from reshard.formats.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, rank_record_name
 
 Identity = tuple[int, int]  # st_dev, st_ino
 

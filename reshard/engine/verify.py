@@ -18,8 +18,8 @@ from reshard.engine.sources import source_file
 from reshard.formats.checkpoint import Checkpoint, open_checkpoint
 from reshard.formats.hub import locate_model
 from reshard.formats.io import BLOCK_BYTES, Buffers, ByteReader, Progress, Watch, counting
-from reshard.formats.layout import MANIFEST_NAME
 from reshard.formats.manifest import Manifest
+from reshard.formats.names import MANIFEST_NAME
 from reshard.formats.safetensors import TensorInfo
 from reshard.formats.split_folder import SplitFolder
 from reshard.plan.cut import TensorCut, rank_spans
@@ -124,7 +124,7 @@ def _first_difference(
 ) -> int | None:
     """The first rank whose bytes are not what the range walk over the source says (zeros on the ranks an engine
     layout leaves without this replicated tensor), or None."""
-    outer, length, inner = cut.layout
+    outer, length, inner = cut.geometry
     if outer > 1 and 0 < length * inner <= BLOCK_BYTES and not zeroed:
         return _compare_rows(cut, source, info, ranks, infos, buffers)
     for rank, (reader, rank_info) in enumerate(zip(ranks, infos, strict=True)):
@@ -147,7 +147,7 @@ def _compare_rows(
     cut: TensorCut, source: ByteReader, info: TensorInfo, ranks: list[ByteReader], infos: list[TensorInfo], buffers: Buffers
 ) -> int | None:
     """Short rows (column cuts): blocks of whole source rows against the same rows of every rank."""
-    outer, length, inner = cut.layout
+    outer, length, inner = cut.geometry
     row = length * inner
     rows = max(1, BLOCK_BYTES // row)
     rank_rows = [i.nbytes // outer for i in infos]
@@ -187,7 +187,7 @@ def _expected_runs(cut: TensorCut, rank: int, base: int) -> Iterator[tuple[int |
     """A rank's bytes in order, as runs of the source file (offset, length); offset None is zero padding.
 
     Consecutive rows that are one contiguous stretch of the source are joined into one run."""
-    outer, length, inner = cut.layout
+    outer, length, inner = cut.geometry
     row = length * inner
     spans = rank_spans(cut, rank)
     pending: tuple[int | None, int] | None = None

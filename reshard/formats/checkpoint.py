@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reshard.errors import InputError, shown
-from reshard.formats.layout import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
+from reshard.formats.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME
 from reshard.formats.safetensors import SafetensorsFile, TensorInfo, read_header
 from reshard.jsonfile import DuplicateKey, read_json
 

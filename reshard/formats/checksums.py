@@ -20,7 +20,7 @@ import xxhash
 
 from reshard.errors import InputError, OutputError
 from reshard.formats.io import ByteReader
-from reshard.formats.layout import DEFAULT_CHECKSUM, NONE
+from reshard.formats.names import DEFAULT_CHECKSUM, NONE
 from reshard.timing import clock, spent
 
 # A hash thread wakes for this many newly written bytes, and reads a file to hash it this many at a time (small,

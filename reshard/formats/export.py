@@ -146,19 +146,19 @@ def engine_data(name: str) -> dict[str, Any]:
     return data
 
 
-def vocab_multiple(format: str) -> int | None:
+def vocab_multiple(output_format: str) -> int | None:
     """How the format pads the vocabulary before dividing it by tp (None: to a multiple of tp)."""
-    if format == "reshard":
+    if output_format == "reshard":
         return None
-    multiple: int = engine_data(format)["vocab_multiple"]
+    multiple: int = engine_data(output_format)["vocab_multiple"]
     return multiple
 
 
 @cache
-def engine_layouts(format: str) -> dict[str, dict[str, Any]]:
+def engine_layouts(output_format: str) -> dict[str, dict[str, Any]]:
     """The engine's layouts, each with its parts folded in (read once; not to be changed): `fuse`, `stack`,
     `constants`, `transpose`, `rotary_halves` and `first_rank_only` lists and a `tied` map."""
-    data = engine_data(format)
+    data = engine_data(output_format)
     found: dict[str, dict[str, Any]] = {}
     for name, spec in data["layouts"].items():
         parts = [data["parts"][p] for p in spec.get("use", [])] + [spec]
@@ -176,47 +176,47 @@ def engine_layouts(format: str) -> dict[str, dict[str, Any]]:
     return found
 
 
-def model_types_with_layout(format: str) -> list[str]:
-    return sorted(t for spec in engine_layouts(format).values() for t in spec["model_types"])
+def model_types_with_layout(output_format: str) -> list[str]:
+    return sorted(t for spec in engine_layouts(output_format).values() for t in spec["model_types"])
 
 
-def build_layout(plan: Plan, config: ModelConfig, *, format: str) -> Layout:
+def build_layout(plan: Plan, config: ModelConfig, *, output_format: str) -> Layout:
     """The layout of `format` for this plan; an engine layout refuses a model type it was not proven with and a
     quantization it does not describe."""
-    if format == "reshard":
+    if output_format == "reshard":
         return own_layout(plan.tensors)
-    data = engine_data(format)
-    layouts = engine_layouts(format)
+    data = engine_data(output_format)
+    layouts = engine_layouts(output_format)
     spec = next((s for s in layouts.values() if s["family"] == plan.family and config.model_type in s["model_types"]), None)
     if spec is None:
         what = f"model_type {config.model_type or 'none'!r} ({plan.family} family)"
         raise InputError(
-            f"--format {format}: {what} has no {format} {data['version']} layout in reshard; model types with one: "
-            f"{', '.join(model_types_with_layout(format))} (split with the default format instead)"
+            f"--format {output_format}: {what} has no {output_format} {data['version']} layout in reshard; model types with one: "
+            f"{', '.join(model_types_with_layout(output_format))} (split with the default format instead)"
         )
-    quantization = _quantization(plan, config, format)
+    quantization = _quantization(plan, config, output_format)
     tensors = _engine_tensors(
         plan, config, spec | {"constants": spec["constants"] + quantization.get("constants", [])}, tuple(data["linear_parameters"])
     )
-    return Layout(format, str(data["version"]), tensors, data["vocab_multiple"])
+    return Layout(output_format, str(data["version"]), tensors, data["vocab_multiple"])
 
 
-def _quantization(plan: Plan, config: ModelConfig, format: str) -> dict[str, Any]:
+def _quantization(plan: Plan, config: ModelConfig, output_format: str) -> dict[str, Any]:
     """What the engine layout adds for the checkpoint's quantization ({} for none); a quantization it does not
     describe is refused by name."""
-    data = engine_data(format)
+    data = engine_data(output_format)
     quant = config.raw.get("quantization_config")
     kv = next((t.name for t in plan.tensors if t.name.endswith(tuple(data["kv_cache_scales"]))), None)
     if kv is not None:
         raise InputError(
-            f"--format {format}: tensor {shown(kv)} is a kv-cache scale, and reshard has no {format} {data['version']} layout for "
+            f"--format {output_format}: tensor {shown(kv)} is a kv-cache scale, and reshard has no {output_format} {data['version']} layout for "
             "quantized kv caches (split with the default format instead)"
         )
     scaled = next((t.name for t in plan.tensors if t.name.endswith(SCALE_SUFFIXES)), None)
     if not isinstance(quant, dict):
         if scaled is not None:
             raise InputError(
-                f"--format {format}: tensor {shown(scaled)} is a quantization scale, but config.json has no quantization_config; "
+                f"--format {output_format}: tensor {shown(scaled)} is a quantization scale, but config.json has no quantization_config; "
                 "add the one the checkpoint was made with, or split with the default format"
             )
         return {}
@@ -224,18 +224,18 @@ def _quantization(plan: Plan, config: ModelConfig, format: str) -> dict[str, Any
     known = data["quantization"].get(method)
     if known is None:
         raise InputError(
-            f"--format {format}: quantization {method!r} (config.json quantization_config) has no {format} {data['version']} layout "
+            f"--format {output_format}: quantization {method!r} (config.json quantization_config) has no {output_format} {data['version']} layout "
             f"in reshard; quantizations with one: {', '.join(sorted(data['quantization']))} (split with the default format instead)"
         )
     given = quant.get("format")
     if "formats" in known and given not in known["formats"]:
         raise InputError(
-            f"--format {format}: {method} format {given!r} has no {format} {data['version']} layout in reshard; formats with one: "
+            f"--format {output_format}: {method} format {given!r} has no {output_format} {data['version']} layout in reshard; formats with one: "
             f"{', '.join(known['formats'])} (split with the default format instead)"
         )
     if quant.get("kv_cache_scheme"):
         raise InputError(
-            f"--format {format}: config.json quantization_config has a kv_cache_scheme, and reshard has no {format} "
+            f"--format {output_format}: config.json quantization_config has a kv_cache_scheme, and reshard has no {output_format} "
             f"{data['version']} layout for quantized kv-cache scales (split with the default format instead)"
         )
     found: dict[str, Any] = known

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from reshard.errors import InputError, UsageError
-from reshard.formats.layout import CONFIG_NAME, ENGINE_FILES, INDEX_NAME, SINGLE_NAME
+from reshard.formats.names import CONFIG_NAME, ENGINE_FILES, INDEX_NAME, SINGLE_NAME
 from reshard.jsonfile import read_json
 
 # `org/name` as the Hub spells repo ids; a path that exists on disk is always read as a path.

@@ -14,7 +14,7 @@ from reshard.errors import InputError, ReshardError
 from reshard.formats.checksums import FileRecord, is_digest
 from reshard.formats.export import Layout, layout_from_dict, own_layout
 from reshard.formats.io import write_durably
-from reshard.formats.layout import CHECKSUMS, CONFIG_NAME, DEFAULT_CHECKSUM, EARLIER_CHECKSUM, MANIFEST_NAME, NONE, rank_record_name
+from reshard.formats.names import CHECKSUMS, CONFIG_NAME, DEFAULT_CHECKSUM, EARLIER_CHECKSUM, MANIFEST_NAME, NONE, rank_record_name
 from reshard.jsonfile import read_json, read_text
 from reshard.model.config import TPConfig
 from reshard.model.rules import STYLES
@@ -62,13 +62,14 @@ class Manifest:
     files: dict[str, FileRecord] = field(default_factory=dict)  # every file of the folder but the manifests
     ranks_present: tuple[int, ...] = ()  # ranks whose record file is in the folder (all, unless extracted with --rank)
     rules: dict[str, Any] | None = None  # the --rules file's JSON, when one shaped the family
-    layout: Layout | None = None  # how the rank files name and pack the tensors; None for reshard's own
+    engine_layout: Layout | None = None  # an engine's layout the rank files follow, as recorded; None for reshard's own
     checksum: str = DEFAULT_CHECKSUM  # what the file records hold beside each size: sha256, xxh128 or none
     source_index: SourceIndex | None = None  # the source's index file, when it had one
 
     @property
-    def packing(self) -> Layout:
-        return self.layout if self.layout is not None else own_layout(self.tensors)
+    def layout(self) -> Layout:
+        """How the rank files name and pack the tensors: the engine's, or reshard's own."""
+        return self.engine_layout if self.engine_layout is not None else own_layout(self.tensors)
 
     @property
     def complete(self) -> bool:
@@ -94,7 +95,7 @@ class Manifest:
             "family": self.family,
             "checksum": self.checksum,
             **({"rules": self.rules} if self.rules is not None else {}),
-            **({"layout": self.layout.to_dict()} if self.layout is not None and not self.layout.own else {}),
+            **({"layout": self.engine_layout.to_dict()} if self.engine_layout is not None else {}),
             "ranks": [{"rank": r, "device": self.tp_config.device(r), "files": list(files)} for r, files in enumerate(self.rank_files)],
             "files": {name: r.to_dict() for name, r in self.files.items() if name not in self._rank_names},
             "source": {
@@ -139,7 +140,7 @@ class Manifest:
             source_metadata=metadata,
             source_config=config,
             rules=plan.rules,
-            layout=layout if layout is not None and not layout.own else None,
+            engine_layout=layout if layout is not None and not layout.own else None,
             checksum=checksum,
             source_index=index,
         )
@@ -280,7 +281,7 @@ def _parse(data: Any) -> Manifest:
         source_config=dict(source["config"]),
         files=files,
         rules=rules,
-        layout=layout_from_dict(data["layout"], tensors) if "layout" in data else None,
+        engine_layout=layout_from_dict(data["layout"], tensors) if "layout" in data else None,
         checksum=checksum,
         source_index=_source_index(source["index"]) if "index" in source else None,
     )

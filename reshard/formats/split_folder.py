@@ -16,8 +16,8 @@ from reshard.errors import InputError, shown
 from reshard.formats.checksums import BackgroundHashes, HashedReader, file_digest
 from reshard.formats.export import build_layout, engine_data
 from reshard.formats.io import ByteReader, Progress, ReorderedReader
-from reshard.formats.layout import MANIFEST_NAME, NONE, rank_record_name
 from reshard.formats.manifest import Manifest, read_manifest
+from reshard.formats.names import MANIFEST_NAME, NONE, rank_record_name
 from reshard.formats.safetensors import TensorInfo, read_header
 from reshard.model.config import ModelConfig
 from reshard.plan.build import first_difference, replan
@@ -142,8 +142,8 @@ class SplitFolder:
                 f"{where}: tensor {shown(recorded.name)} is recorded {recorded.describe()}, but the {manifest.family} "
                 f"rules cut it {derived.describe()}; the manifest was changed, split again"
             )
-        elif not manifest.packing.own:
-            yield from self._packing(plan, config)
+        elif not manifest.layout.own:
+            yield from self._layout_problems(plan, config)
 
     def replan(self, *, rules: dict[str, Any] | None) -> Plan:
         """The plan the family's rules (with `rules`, the JSON of a rules file) give for the recorded tensors,
@@ -156,17 +156,17 @@ class SplitFolder:
             family=manifest.family,
             rules=rules,
             where=str(self.path / MANIFEST_NAME),
-            vocab_multiple=manifest.packing.vocab_multiple,
+            vocab_multiple=manifest.layout.vocab_multiple,
         )
 
-    def _packing(self, plan: Plan, config: ModelConfig) -> Iterator[str]:
+    def _layout_problems(self, plan: Plan, config: ModelConfig) -> Iterator[str]:
         """An engine layout is the one reshard makes for this plan: names and packing order included."""
-        recorded, where = self.manifest.packing, self.path / MANIFEST_NAME
+        recorded, where = self.manifest.layout, self.path / MANIFEST_NAME
         if recorded.version != engine_data(recorded.format)["version"]:
             yield f"{where}: made for {recorded.format} {recorded.version}, and this reshard writes {engine_data(recorded.format)['version']}; split again"
             return
         try:
-            derived = build_layout(plan, config, format=recorded.format)
+            derived = build_layout(plan, config, output_format=recorded.format)
         except InputError as e:
             yield f"{where}: {e}"
             return
@@ -252,7 +252,7 @@ class SplitFolder:
     def _against_manifest(self, rank: int, tensors: dict[str, TensorInfo]) -> Iterator[str]:
         """The rank files hold exactly the layout's tensors, with their dtypes and rank shapes."""
         first = self.path / self.manifest.rank_files[rank][0]
-        entries = self.manifest.packing.rank_entries(self.manifest.tensors, rank)
+        entries = self.manifest.layout.rank_entries(self.manifest.tensors, rank)
         expected = {name for name, _, _ in entries}
         for extra in [n for n in tensors if n not in expected][:1]:
             yield f"{tensors[extra].path}: tensor {shown(extra)} is not in the manifest; the rank file does not belong to this split"
@@ -269,8 +269,8 @@ class SplitFolder:
     def _sources(self, rank: int, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
         """Where each source tensor's slice lies in the rank's files: inside the output tensor that holds it."""
         found = {}
-        places = self.manifest.packing.placements(self.manifest.tensors, rank)
-        reorders = self.manifest.packing.reorders(self.manifest.tensors, rank)
+        places = self.manifest.layout.placements(self.manifest.tensors, rank)
+        reorders = self.manifest.layout.reorders(self.manifest.tensors, rank)
         for cut in self.manifest.tensors:
             name, offset = places[cut.name]
             out = tensors[name]
@@ -285,4 +285,4 @@ class SplitFolder:
 
     def zeroed(self, rank: int) -> set[str]:
         """The source tensors the rank holds as zeros (an engine that keeps them on rank 0 alone)."""
-        return self.manifest.packing.zeroed(rank)
+        return self.manifest.layout.zeroed(rank)

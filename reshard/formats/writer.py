@@ -21,7 +21,7 @@ import numpy as np
 from reshard.errors import OutputError
 from reshard.formats.checksums import FileRecord, FollowingHash
 from reshard.formats.io import BLOCK_BYTES, ByteReader, Reorder, thread_buffers
-from reshard.formats.layout import NONE
+from reshard.formats.names import NONE
 from reshard.formats.safetensors import Entry, encode_header, entry_nbytes
 from reshard.timing import clock, spent
 

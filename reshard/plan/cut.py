@@ -51,7 +51,7 @@ class TensorCut:
         return tensor_nbytes(self.dtype, self.shape)
 
     @property
-    def layout(self) -> tuple[int, int, int]:
+    def geometry(self) -> tuple[int, int, int]:
         """The tensor seen as [outer, length, inner bytes] around the cut dim."""
         if self.dim is None:
             return 1, 1, self.nbytes

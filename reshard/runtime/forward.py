@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from reshard.errors import CheckFailed, InputError, UsageError, shown
 from reshard.formats.checkpoint import open_checkpoint
 from reshard.formats.io import Reorder
-from reshard.formats.layout import MANIFEST_NAME
+from reshard.formats.names import MANIFEST_NAME
 from reshard.formats.split_folder import SplitFolder
 from reshard.model.rules import builtin_families, read_rules
 from reshard.plan.build import first_difference
@@ -117,9 +117,9 @@ def _references(folder: SplitFolder, source: Path | None, stack: ExitStack) -> A
         {name: stack.enter_context(safe_open(str(folder.path / name), framework="pt", device="cpu")) for name in files}
         for files in folder.manifest.rank_files
     ]
-    packing, tensors = folder.manifest.packing, folder.manifest.tensors
-    places = [packing.placements(tensors, r) for r in range(folder.tp)]
-    reorders = [packing.reorders(tensors, r) for r in range(folder.tp)]
+    layout, tensors = folder.manifest.layout, folder.manifest.tensors
+    places = [layout.placements(tensors, r) for r in range(folder.tp)]
+    reorders = [layout.reorders(tensors, r) for r in range(folder.tp)]
     return lambda cut: _rebuilt(cut, ranks, places, reorders)
 
 

@@ -45,8 +45,8 @@ def load_rank(split_dir: Path, rank: int, *, device: str | None = None, check_ch
         with safe_open(str(folder.path / name), framework="pt", device=str(place)) as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
-    packing = folder.manifest.packing
-    places, reorders = packing.placements(folder.manifest.tensors, rank), packing.reorders(folder.manifest.tensors, rank)
+    layout = folder.manifest.layout
+    places, reorders = layout.placements(folder.manifest.tensors, rank), layout.reorders(folder.manifest.tensors, rank)
     return {
         t.name: piece(tensors[places[t.name][0]], places[t.name][1], t.rank_shape(rank), reorder=reorders.get(t.name))
         for t in folder.manifest.tensors
