@@ -172,10 +172,11 @@ def parse_devices(value: Optional[str]) -> Optional[list[int]]:
         raise UsageError(f"--devices {value!r} is not a comma-separated list of GPU ids, e.g. 0,1,2,3") from None
 
 
-def _tp_options(tp: Optional[int], devices: Optional[str], configs: Optional[list[Path]]) -> dict[str, Any]:
+def _tp_options(
+    tp: Optional[int], devices: Optional[str], configs: Optional[list[Path]]
+) -> tuple[int, Optional[list[int]], Optional[Path]]:
     """--tp, --devices and the --config files as the API's tp, device_ids and config."""
-    count, device_ids, model_config = reshard.resolve_tp(tp=tp, device_ids=parse_devices(devices), configs=configs or [])
-    return {"tp": count, "device_ids": device_ids, "config": model_config}
+    return reshard.resolve_tp(tp=tp, device_ids=parse_devices(devices), configs=configs or [])
 
 
 def _locate(model: Path, revision: Optional[str], quiet: bool) -> Path:
@@ -291,11 +292,12 @@ def plan_command(
 
     def action() -> tuple[Planned, Optional[int]]:
         limit = reshard.parse_size(gpu_memory, flag="--gpu-memory") if gpu_memory is not None else None
-        options = _tp_options(tp, devices, config)
-        located = _locate(model, revision, False)
-        return reshard.make_plan(
-            located, **options, arch=arch, replicate_unknown=replicate_unknown, rules=rules, output_format=output_format
-        ), limit
+        count, device_ids, model_config = _tp_options(tp, devices, config)
+        planned = reshard.make_plan(
+            _locate(model, revision, False), tp=count, device_ids=device_ids, config=model_config, arch=arch,
+            replicate_unknown=replicate_unknown, rules=rules, output_format=output_format,
+        )  # fmt: skip
+        return planned, limit
 
     planned, limit = _run(action, writes=False, as_json=as_json)
     import reshard.report as report
@@ -358,14 +360,14 @@ def split_command(
     model in the Hugging Face cache)."""
 
     def action() -> SplitResult:
-        options = _tp_options(tp, devices, config)
-        chosen = _chosen_ranks(rank, ranks, options["tp"])
+        count, device_ids, model_config = _tp_options(tp, devices, config)
+        chosen = _chosen_ranks(rank, ranks, count)
         max_bytes = reshard.parse_size(max_shard_size) if max_shard_size is not None else None
         with _progress("split", quiet) as progress:
             return reshard.split(
-                _locate(model, revision, quiet), **options, out=out, arch=arch, replicate_unknown=replicate_unknown,
-                rules=rules, max_shard_size=max_bytes, ranks=chosen, output_format=output_format, checksum=checksum, force=force,
-                progress=progress,
+                _locate(model, revision, quiet), tp=count, device_ids=device_ids, config=model_config, out=out, arch=arch,
+                replicate_unknown=replicate_unknown, rules=rules, max_shard_size=max_bytes, ranks=chosen,
+                output_format=output_format, checksum=checksum, force=force, progress=progress,
             )  # fmt: skip
 
     result = _run(action, writes=True, as_json=as_json)

@@ -213,7 +213,7 @@ def forward_table(errors: Sequence[KindError], tolerance: float) -> Table:
 def plan_document(planned: Planned, *, gpu_memory: int | None = None) -> dict[str, Any]:
     """`plan --json`: the plan, the rank files' tensors for an engine's output_format, and whether each rank fits."""
     plan, layout = planned.plan, planned.layout
-    data = plan.to_dict() | ({"format": layout.format, "layout": layout_entries(layout, plan)} if layout.format != "reshard" else {})
+    data = plan.to_dict() | ({"format": layout.format, "layout": layout_entries(layout, plan)} if not layout.own else {})
     for entry in data["ranks"] if gpu_memory is not None else []:
         entry["fits"] = entry["bytes"] <= gpu_memory
     return data
@@ -223,7 +223,7 @@ def plan_view(planned: Planned, model: Path, *, gpu_memory: int | None = None, t
     """`plan`: the summary line, a row per rule (or per tensor), an engine layout's tensors, the ranks."""
     plan, layout = planned.plan, planned.layout
     shown: list[RenderableType] = [plan_summary(plan, model), tensor_table(plan) if tensors else rule_table(plan)]
-    if layout.format != "reshard":
+    if not layout.own:
         data = engine_data(layout.format)
         shown.append(f"Layout: {layout.format} {data['version']}, loaded with {data['loader']}: {len(layout.tensors)} tensors per rank")
         if tensors:

@@ -63,12 +63,11 @@ def verify(split_dir: Path, *, against: Path | str | None = None, progress: Watc
     report = VerifyReport(manifest)
     ranks = None if against is not None else manifest.ranks_present
     names = folder.file_names(manifest.ranks_present)
-    total = sum(manifest.files[n].bytes for n in names) + (sum(t.nbytes for t in manifest.tensors) if against is not None else 0)
-    step = counting(progress, total)
+    report.files, report.file_bytes = len(names), sum(manifest.files[n].bytes for n in names)
+    step = counting(progress, report.file_bytes + (sum(t.nbytes for t in manifest.tensors) if against is not None else 0))
     if ranks is not None:
         report.problems.extend(folder.unfinished(range(folder.tp)))
     report.problems.extend(folder.check(ranks=ranks, purpose="verify --against", checksums=True, progress=step))
-    report.files, report.file_bytes = len(names), sum(manifest.files[n].bytes for n in names)
     report.files_ok = report.ok
     if against is not None and report.ok:
         _check_against(folder, locate_model(against), report, step)  # a path, or a Hub repo id
@@ -98,10 +97,11 @@ def _check_against(folder: SplitFolder, model: Path, report: VerifyReport, progr
         paths = {t.path for t in ckpt.tensors} | {i.path for r in ranks for i in folder.rank_tensors(r).values()}
         readers = {p: stack.enter_context(ByteReader(p)) for p in paths}
         buffers = Buffers()
+        zeroed_on = [folder.zeroed(r) for r in ranks]
         for cut in folder.manifest.tensors:
             source, infos = by_name[cut.name], [folder.tensor(r, cut.name) for r in ranks]
             pieces = [folder.piece_reader(readers, i) for i in infos]
-            zeroed = {r for r in ranks if cut.name in folder.zeroed(r)}
+            zeroed = {r for r in ranks if cut.name in zeroed_on[r]}
             rank = _first_difference(cut, readers[source.path], source, pieces, infos, buffers, zeroed)
             if rank is not None:
                 report.problems.append(

@@ -181,7 +181,7 @@ def model_types_with_layout(output_format: str) -> list[str]:
 
 
 def build_layout(plan: Plan, config: ModelConfig, *, output_format: str) -> Layout:
-    """The layout of `format` for this plan; an engine layout refuses a model type it was not proven with and a
+    """The layout of `output_format` for this plan; an engine layout refuses a model type it was not proven with and a
     quantization it does not describe."""
     if output_format == "reshard":
         return own_layout(plan.tensors)

@@ -45,7 +45,8 @@ def locate_model(model: str | Path, *, revision: str | None = None, progress: bo
     if progress is not None:
         (enable_progress_bars if progress else disable_progress_bars)()
     folder = _download(repo, revision, SMALL_FILES)
-    return _download(repo, revision, _weights(folder)) if not _has_weights(folder) else folder
+    weights = _weights(folder)
+    return folder if all((folder / name).is_file() for name in weights) else _download(repo, revision, weights)
 
 
 def _weights(folder: Path) -> list[str]:
@@ -58,10 +59,6 @@ def _weights(folder: Path) -> list[str]:
         return sorted({str(name) for name in weight_map.values()})
     except (InputError, KeyError, TypeError, AttributeError):
         return [INDEX_NAME]  # open_checkpoint reports what is wrong with it
-
-
-def _has_weights(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _weights(folder))
 
 
 def _download(repo: str, revision: str | None, patterns: list[str]) -> Path:

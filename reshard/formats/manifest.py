@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,10 @@ class Manifest:
     checksum: str = DEFAULT_CHECKSUM  # what the file records hold beside each size: sha256, xxh128 or none
     source_index: SourceIndex | None = None  # the source's index file, when it had one
 
-    @property
+    @cached_property
     def layout(self) -> Layout:
-        """How the rank files name and pack the tensors: the engine's, or reshard's own."""
+        """How the rank files name and pack the tensors: the engine's, or reshard's own (built once: it is asked for
+        per rank and per tensor)."""
         return self.engine_layout if self.engine_layout is not None else own_layout(self.tensors)
 
     @property
