@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,30 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+GPT2 = dict(n_embd=64, n_head=8, n_layer=2, vocab_size=257)
+
+
+class FamilyModels(Mapping[str, Path]):
+    """A tiny random checkpoint of every model type a built-in family claims, each built the first time a test asks
+    for it: a run of a few tests builds only their models."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.types, self.built = root, model_types(), dict[str, Path]()
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.built:
+            if name not in self.types:
+                raise KeyError(name)
+            self.built[name] = build(name, self.root / name, GPT2 if name == "gpt2" else None)
+        return self.built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.types)
+
+    def __len__(self) -> int:
+        return len(self.types)
+
+
 @pytest.fixture(scope="session")
-def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny random checkpoint of every model type a built-in family claims."""
-    root = tmp_path_factory.mktemp("families")
-    gpt2 = dict(n_embd=64, n_head=8, n_layer=2, vocab_size=257)
-    return {name: build(name, root / name, gpt2 if name == "gpt2" else None) for name in model_types()}
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> FamilyModels:
+    return FamilyModels(tmp_path_factory.mktemp("families"))

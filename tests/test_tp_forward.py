@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -24,70 +25,86 @@ TPS = (2, 4)
 NAIVE_QKV = {"rules": [{"name": "qkv_naive", "match": "model.layers.*.self_attn.qkv_proj.weight", "style": "colwise", "dim": 0}]}
 
 
-def attempt(make) -> Path | str:
-    """A split, or why it failed: one family's failure is that family's tests' failure, not every test's."""
-    try:
-        return make()
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
+class Splits:
+    """Each family's split at each tp, made the first time a test asks for it. A split that failed is that
+    family's tests' failure, with the reason, not every test's."""
 
+    def __init__(self, models: Mapping[str, Path], root: Path) -> None:
+        self.models, self.root = models, root
+        self.attempts: dict[tuple[str, int], Path | str] = {}
 
-@pytest.fixture(scope="session")
-def split_attempts(family_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path | str]:
-    root = tmp_path_factory.mktemp("splits")
-    result = {
-        (name, tp): attempt(lambda: split(model, tp=tp, out=root / f"{name}-tp{tp}").out)
-        for name, model in family_models.items()
-        for tp in TPS
-    }
-    (root / "naive.json").write_text(json.dumps(NAIVE_QKV))
-    result[("phi3-naive", 2)] = attempt(lambda: split(family_models["phi3"], tp=2, out=root / "phi3-naive", rules=root / "naive.json").out)
-    return result
-
-
-class Splits(dict):
-    """The split folders by (family, tp); asking for one that failed fails the asking test with the reason."""
+    def attempt(self, key: tuple[str, int]) -> Path | str:
+        """The split folder, or why it failed (building the model included)."""
+        if key not in self.attempts:
+            name, tp = key
+            out = self.root / f"{name}-tp{tp}"
+            try:
+                if name == "phi3-naive":
+                    (self.root / "naive.json").write_text(json.dumps(NAIVE_QKV))
+                    self.attempts[key] = split(self.models["phi3"], tp=tp, out=out, rules=self.root / "naive.json").out
+                else:
+                    self.attempts[key] = split(self.models[name], tp=tp, out=out).out
+            except Exception as e:
+                self.attempts[key] = f"{type(e).__name__}: {e}"
+        return self.attempts[key]
 
     def __getitem__(self, key: tuple[str, int]) -> Path:
-        found = super().__getitem__(key)
+        found = self.attempt(key)
         if isinstance(found, str):
             pytest.fail(f"split of {key[0]} at tp {key[1]} failed: {found}")
         return found
 
 
 @pytest.fixture(scope="session")
-def splits(split_attempts: dict[tuple[str, int], Path | str]) -> Splits:
-    return Splits(split_attempts)
+def splits(family_models: Mapping[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Splits:
+    return Splits(family_models, tmp_path_factory.mktemp("splits"))
+
+
+def selected_forwards(session: pytest.Session) -> set[tuple[str, int]]:
+    """The (family, tp) pairs whose tensor-parallel forward the session's selected tests read."""
+    pairs = set()
+    for item in session.items:
+        name, callspec = getattr(item, "originalname", None), getattr(item, "callspec", None)
+        if name == test_tensor_parallel_logits_equal_the_full_models.__name__ and callspec is not None:
+            pairs.add((callspec.params["family"], callspec.params["tp"]))
+        elif name == test_a_naive_cut_of_fused_qkv_is_caught.__name__:
+            pairs.add(("phi3-naive", 2))
+    return pairs
 
 
 @pytest.fixture(scope="session")
-def tp_errors(family_models: dict[str, Path], split_attempts: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
-    """Each family's relative error at each tp, or the reason it has none (its split or its processes failed)."""
+def tp_errors(
+    request: pytest.FixtureRequest, family_models: Mapping[str, Path], splits: Splits, tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, int], object]:
+    """Each selected family's relative error at each tp, or the reason it has none (its split or its processes
+    failed). The families of one tp run in one set of rank processes, which start once."""
+    errors: dict[tuple[str, int], object] = {}
+    jobs: dict[int, list[tuple[str, Path, Path]]] = {tp: [] for tp in TPS}
+    for name, tp in sorted(selected_forwards(request.session)):
+        found = splits.attempt((name, tp))
+        if isinstance(found, str):
+            errors[(name, tp)] = f"the split failed: {found}"
+        else:
+            jobs[tp].append((name, family_models[name.removesuffix("-naive")], found))
     work = tmp_path_factory.mktemp("dist")
-    ready = {key: found for key, found in split_attempts.items() if isinstance(found, Path)}
-    jobs = {tp: [(n, family_models[n], ready[(n, tp)]) for n in FAMILIES if (n, tp) in ready] for tp in TPS}
-    if ("phi3-naive", 2) in ready:
-        jobs[2].append(("phi3-naive", family_models["phi3"], ready[("phi3-naive", 2)]))
-    errors = {tp: run_tensor_parallel(tp, jobs[tp], work) if jobs[tp] else {} for tp in TPS}
-    for (name, tp), found in split_attempts.items():
-        if isinstance(found, str) and tp in errors:
-            errors[tp][name] = f"the split failed: {found}"
+    for tp, todo in jobs.items():
+        errors |= {(name, tp): error for name, error in run_tensor_parallel(tp, todo, work).items()} if todo else {}
     return errors
 
 
 @pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tensor_parallel_logits_equal_the_full_models(tp_errors: dict[int, dict], family: str, tp: int) -> None:
-    error = tp_errors[tp][family]
+def test_tensor_parallel_logits_equal_the_full_models(tp_errors: dict[tuple[str, int], object], family: str, tp: int) -> None:
+    error = tp_errors[(family, tp)]
     assert isinstance(error, float), error
     assert error <= 1e-5
 
 
-def test_a_naive_cut_of_fused_qkv_is_caught(tp_errors: dict[int, dict], splits: dict) -> None:
+def test_a_naive_cut_of_fused_qkv_is_caught(tp_errors: dict[tuple[str, int], object], splits: Splits) -> None:
     """The same harness fails a split that loads fine but cuts q|k|v as one block: the proof can fail."""
     manifest = json.loads((splits[("phi3-naive", 2)] / "reshard.json").read_text())
     assert manifest["tensors"]["model.layers.0.self_attn.qkv_proj.weight"]["rule"] == "qkv_naive"
-    error = tp_errors[2]["phi3-naive"]
+    error = tp_errors[("phi3-naive", 2)]
     assert isinstance(error, float), error
     assert error > 1e-2
 
@@ -95,13 +112,13 @@ def test_a_naive_cut_of_fused_qkv_is_caught(tp_errors: dict[int, dict], splits: 
 @pytest.mark.parametrize("tp", TPS)
 @pytest.mark.parametrize("family", [*FAMILIES, "gpt2"])
 def test_merge_gives_back_every_family_bit_for_bit(
-    family_models: dict[str, Path], splits: dict, tmp_path: Path, family: str, tp: int
+    family_models: Mapping[str, Path], splits: Splits, tmp_path: Path, family: str, tp: int
 ) -> None:
     merged = merge(splits[(family, tp)], out=tmp_path / "merged").out
     assert (merged / "model.safetensors").read_bytes() == (family_models[family] / "model.safetensors").read_bytes()
 
 
-def test_the_layouts_under_test_are_really_there(splits: dict) -> None:
+def test_the_layouts_under_test_are_really_there(splits: Splits) -> None:
     """The forward test proves what it claims only if these cuts happened."""
 
     def tensors(name: str, tp: int) -> dict:
@@ -126,7 +143,7 @@ def test_the_layouts_under_test_are_really_there(splits: dict) -> None:
 
 
 @pytest.mark.parametrize("tp", TPS)
-def test_gpt2_slices_are_the_expected_cut(family_models: dict[str, Path], splits: dict, tp: int) -> None:
+def test_gpt2_slices_are_the_expected_cut(family_models: Mapping[str, Path], splits: Splits, tp: int) -> None:
     """GPT-2's attention cannot take rank-local sizes, so its cut is checked slice by slice: Conv1D stores
     [in, out], c_attn packs q|k|v along dim 1, and the 50257-style vocabulary is padded with zero rows."""
     source = load_file(str(family_models["gpt2"] / "model.safetensors"))
@@ -157,7 +174,7 @@ def test_gpt2_slices_are_the_expected_cut(family_models: dict[str, Path], splits
 
 
 @pytest.mark.parametrize(("family", "tp"), [("phi3", 4), ("gpt2", 4), ("mixtral", 2)])
-def test_verify_forward_on_real_models(family_models: dict[str, Path], splits: dict, family: str, tp: int) -> None:
+def test_verify_forward_on_real_models(family_models: Mapping[str, Path], splits: Splits, family: str, tp: int) -> None:
     """`reshard verify --forward` on packed q|k|v with replicated kv heads, Conv1D with a padded vocabulary, MoE."""
     from reshard.runtime.forward import run_forward
 
@@ -172,7 +189,7 @@ def test_verify_forward_on_real_models(family_models: dict[str, Path], splits: d
     assert expected[family] <= set(kinds), sorted(kinds)
 
 
-def test_verify_forward_derives_the_cuts_again(family_models: dict[str, Path], tmp_path: Path) -> None:
+def test_verify_forward_derives_the_cuts_again(family_models: Mapping[str, Path], tmp_path: Path) -> None:
     """A split made with a wrong rule (gpt2's c_fc.bias replicated instead of cut with c_fc's columns) is
     consistent with its own manifest, so products taken from the manifest's cuts would pass; the forward check
     derives the cuts from the config and the rules again and names the tensor."""
