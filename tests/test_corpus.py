@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import struct
 from collections.abc import Callable
@@ -11,7 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from reshard import ReshardError, make_plan
 from reshard.cli import app
+from reshard.formats import checkpoint, safetensors
 
 from helpers import snapshot, synthetic_llama
 
@@ -105,6 +109,16 @@ def index_twice(model: Path) -> None:
     path.write_text(text.replace('"weight_map": {', '"weight_map": {"lm_head.weight": "part-1.safetensors", ', 1))
 
 
+def listed_in_a_copy(model: Path) -> None:
+    """Two part files with the same tensors; the index lists lm_head.weight under the second."""
+    to_index(model, lambda w: w.update({"lm_head.weight": "part-2.safetensors"}))
+    (model / "part-2.safetensors").write_bytes((model / "part-1.safetensors").read_bytes())
+
+
+def lfs_pointer(model: Path) -> None:
+    (model / WEIGHTS).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 2336927755\n")
+
+
 def config_with(**changes: object) -> Callable[[Path], None]:
     def apply(model: Path) -> None:
         config = json.loads((model / "config.json").read_text())
@@ -138,6 +152,8 @@ CORPUS = [
     ("header-is-a-list", raw_header(b"[1, 2, 3]"), f"{F}: header is not a JSON object"),
     ("metadata-not-strings", edit_header(lambda h: h.update(__metadata__={"format": 1})), f"{F}: __metadata__ must map strings to strings"),
     ("metadata-not-object", edit_header(lambda h: h.update(__metadata__=["pt"])), f"{F}: __metadata__ must map strings to strings"),
+    ("lfs-pointer", lfs_pointer, f"{F}: a Git LFS pointer, not the weights; run `git lfs pull` in the model's repository"),
+    ("dtype-not-string", set_entry("model.norm.weight", dtype=7), f"{F}: tensor model.norm.weight: dtype must be a string, got 7"),
     ("unknown-dtype", set_entry("model.norm.weight", dtype="Q7"), f"{F}: tensor model.norm.weight has unknown dtype 'Q7'"),
     ("sub-byte-dtype", set_entry("model.norm.weight", dtype="F4"), f"{F}: tensor model.norm.weight has dtype F4, which packs values below a byte"),
     ("negative-dim", set_entry("model.norm.weight", shape=[-32]), f"{F}: tensor model.norm.weight: shape must be a list of non-negative integers below 2^63, got [-32]"),
@@ -160,6 +176,7 @@ CORPUS = [
     ("index-absolute", index_with(lambda w: w.update({"lm_head.weight": "/etc/passwd"})), f"{IDX}: file '/etc/passwd' is outside the model folder"),
     ("index-missing-file", index_with(lambda w: w.update({"lm_head.weight": "part-2.safetensors"})), f"{IDX}: lists part-2.safetensors, which does not exist in"),
     ("index-tensor-twice", index_twice, f"{IDX}: tensor lm_head.weight is listed twice; the index is corrupt, re-save the checkpoint"),
+    ("index-tensor-elsewhere", listed_in_a_copy, "tensor lm_head.weight is listed in model.safetensors.index.json under part-2.safetensors; the index is stale"),
     ("index-tensor-not-stored", index_with(lambda w: w.update({"extra.weight": "part-1.safetensors"})), f"{IDX}: tensor extra.weight is listed under part-1.safetensors but not stored there"),
     ("index-tensor-unlisted", index_with(lambda w: w.pop("lm_head.weight")), "tensor lm_head.weight is not in model.safetensors.index.json; the index is stale"),
     ("config-missing", lambda m: (m / "config.json").unlink(), f"{CFG}: no model config here; put config.json beside the weights or pass --config FILE"),
@@ -183,9 +200,57 @@ def model(tmp_path: Path) -> Path:
     return synthetic_llama(tmp_path / "model", torch.bfloat16, kv_heads=2)
 
 
-def test_the_corpus_is_large() -> None:
-    assert len(CORPUS) >= 25
+# The readers whose every refusal the corpus must meet (module, functions), and the refusals met elsewhere.
+READERS = [(safetensors, ("read_header", "parse_header", "_tensor_info")), (checkpoint, ("_from_index",))]
+ELSEWHERE = {
+    "not a regular file": "test_safety.py: a FIFO in place of the weights (reading it here would block)",
+    "cannot read": "an OSError on read, which a test running as root cannot provoke with permissions",
+}
+
+
+def refusals() -> dict[tuple[str, range], str]:
+    """Every `raise InputError(...)` in the readers: (file, its lines) -> its source text."""
+    found = {}
+    for module, functions in READERS:
+        source = inspect.getsource(module)
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and node.name in functions:
+                for raised in ast.walk(node):
+                    if isinstance(raised, ast.Raise) and "InputError" in ast.unparse(raised.exc or raised):
+                        lines = range(raised.lineno, (raised.end_lineno or raised.lineno) + 1)
+                        found[(module.__file__, lines)] = ast.get_source_segment(source, raised) or ""
+    return found
+
+
+def refusal_met(model: Path) -> tuple[str, int] | None:
+    """Where the reader refused the model: the file and line of the raise that gave the error."""
+    try:
+        make_plan(model, tp=2)
+    except ReshardError as e:
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else None
+    return None
+
+
+def test_the_corpus_meets_every_refusal_of_the_readers(tmp_path: Path) -> None:
+    """Each way the header and index readers refuse a file is a case of the corpus (or listed with where it is
+    met): a refusal added to the reader without a case fails here."""
     assert len({case[0] for case in CORPUS}) == len(CORPUS)
+    met = set()
+    for name, damage, _ in CORPUS:
+        model = synthetic_llama(tmp_path / name, torch.bfloat16, kv_heads=2)
+        damage(model)
+        met.add(refusal_met(model))
+    sites = refusals()
+    assert len(sites) >= 20
+    unmet = [
+        text
+        for (file, lines), text in sites.items()
+        if not any(m is not None and m[0] == file and m[1] in lines for m in met) and not any(k in text for k in ELSEWHERE)
+    ]
+    assert not unmet, "refusals no corpus case meets:\n" + "\n".join(unmet)
 
 
 @pytest.mark.parametrize(("damage", "message"), [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
