@@ -13,7 +13,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from reshard.errors import InputError, OutputError, PlanError, ReshardError, RulesError, UsageError
+from reshard.errors import InputError, OutputError, PlanError, Problem, ReshardError, RulesError, UsageError
 from reshard.version import __version__
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "Planned",
+    "Problem",
     "ReshardError",
     "RulesError",
     "SplitResult",

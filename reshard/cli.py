@@ -229,7 +229,7 @@ def _run(action: Callable[[], T], *, writes: bool, as_json: bool = False) -> T:
     try:
         return action()
     except (PlanError, CheckFailed) as e:
-        _fail(e, e.problems, e.exit_code, as_json=as_json)
+        _fail(e, [str(p) for p in e.problems], e.exit_code, as_json=as_json)
     except ReshardError as e:
         _fail(e, [str(e)], e.exit_code, as_json=as_json)
     except OSError as e:

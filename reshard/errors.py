@@ -7,6 +7,8 @@ error, as for any other bad flag, and 1 for everything else.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 def shown(name: str) -> str:
@@ -43,12 +45,28 @@ class OutputError(ReshardError):
     """An output location that cannot be written safely, or a write that failed."""
 
 
-class PlanError(ReshardError):
-    """A plan that cannot be carried out; holds one line per problem."""
+@dataclass(frozen=True)
+class Problem:
+    """One reason a plan cannot be carried out: the tensor it is about (None when it is the config or --tp as a
+    whole) and the line a user reads, which names it and says the fix."""
 
-    def __init__(self, problems: list[str]) -> None:
+    tensor: str | None
+    line: str
+
+    def __str__(self) -> str:
+        return self.line
+
+
+class PlanError(ReshardError):
+    """A plan that cannot be carried out; holds every problem found, in the order they are told."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
+        super().__init__("\n".join(p.line for p in self.problems))
+
+    @property
+    def lines(self) -> list[str]:
+        return [p.line for p in self.problems]
 
 
 class CheckFailed(ReshardError):

@@ -72,7 +72,7 @@ def test_merged_checkpoint_loads_in_transformers_with_same_logits(hf_models: dic
 def test_mistral_refuses_tp_that_neither_divides_nor_is_a_multiple_of_kv_heads(hf_models: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(PlanError) as e:
         split(hf_models["mistral"], tp=3, out=tmp_path / "out")
-    assert e.value.problems == [
+    assert e.value.lines == [
         "num_attention_heads (8) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",
         "num_key_value_heads (2) is not divisible by --tp 3, nor --tp a multiple of it; valid --tp: 1, 2, 4, 8",
         "intermediate_size (128) is not divisible by --tp 3; valid --tp: 1, 2, 4, 8",

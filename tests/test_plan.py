@@ -38,7 +38,7 @@ def plan_for(config: dict, tp: int, extra: dict | None = None, **kwargs: object)
 def problems(config: dict, tp: int, extra: dict | None = None, **kwargs: object) -> list[str]:
     with pytest.raises(PlanError) as e:
         plan_for(config, tp, extra, **kwargs)
-    return e.value.problems
+    return e.value.lines
 
 
 def test_llama2_7b_cuts() -> None:
@@ -101,7 +101,8 @@ def test_missing_config_key() -> None:
     config = {k: v for k, v in LLAMA2_7B.items() if k != "intermediate_size"}
     with pytest.raises(PlanError) as e:
         build_plan(header(LLAMA2_7B), ModelConfig(config), TPConfig.create(2), LLAMA)
-    assert e.value.problems == ["the model config: intermediate_size is missing or not a positive integer; the llama rules need it"]
+    assert e.value.lines == ["the model config: intermediate_size is missing or not a positive integer; the llama rules need it"]
+    assert e.value.problems[0].tensor is None  # the config as a whole, not a tensor
 
 
 def test_config_that_disagrees_with_weights() -> None:
@@ -110,15 +111,16 @@ def test_config_that_disagrees_with_weights() -> None:
     with pytest.raises(PlanError) as e:
         build_plan(header(weights), ModelConfig(config), TPConfig.create(2), LLAMA)
     # One line for the one wrong key, however many tensors it sizes.
-    assert e.value.problems == [
+    assert e.value.lines == [
         "tensor model.layers.0.self_attn.q_proj.weight: dim 0 is 32, but num_attention_heads (6) x head_dim (4) = 24; "
         "the model config does not match the weights (nor do 7 other tensors)"
     ]
+    assert [p.tensor for p in e.value.problems] == ["model.layers.0.self_attn.q_proj.weight"]
     # Without head_dim or hidden_size the size of a head is unknown: the dim must still divide into heads.
     config = {k: v for k, v in config.items() if k not in ("head_dim", "hidden_size")}
     with pytest.raises(PlanError) as e:
         build_plan(header(weights), ModelConfig(config), TPConfig.create(2), LLAMA)
-    assert e.value.problems[0] == (
+    assert e.value.lines[0] == (
         "tensor model.layers.0.self_attn.q_proj.weight: dim 0 is 32, not a multiple of num_attention_heads (6); "
         "the model config does not match the weights (nor do 7 other tensors)"
     )
@@ -131,7 +133,7 @@ def test_head_dim_from_the_config_or_the_hidden_size() -> None:
     without = {k: v for k, v in weights.items() if k != "head_dim"}  # 16 / 4 = 4, but q_proj has 32 rows
     with pytest.raises(PlanError) as e:
         build_plan(header(weights), ModelConfig(without), TPConfig.create(2), LLAMA)
-    assert "dim 0 is 32, but num_attention_heads (4) x hidden_size/num_attention_heads (4) = 16" in e.value.problems[0]
+    assert "dim 0 is 32, but num_attention_heads (4) x hidden_size/num_attention_heads (4) = 16" in e.value.lines[0]
     bad = dict(weights, head_dim=0)
     with pytest.raises(InputError, match=r"the model config: head_dim must be a positive integer, got 0; fix the model config"):
         build_plan(header(weights), ModelConfig(bad), TPConfig.create(2), LLAMA)
@@ -234,4 +236,4 @@ def test_sizes_given_per_layer_cut_each_layer_by_its_own() -> None:
     assert cuts["model.layers.1.self_attn.k_proj.weight"].slices[1] == ((32, 64),)
     with pytest.raises(PlanError) as e:
         build_plan(infos, ModelConfig(layered | {"intermediate_size": [64, 80]}), TPConfig.create(2), LLAMA)
-    assert e.value.problems[0].startswith("tensor model.layers.1.mlp.gate_proj.weight: dim 0 is 96, but intermediate_size is 80")
+    assert e.value.lines[0].startswith("tensor model.layers.1.mlp.gate_proj.weight: dim 0 is 96, but intermediate_size is 80")

@@ -91,7 +91,7 @@ def test_block_scales_refuse_a_cut_inside_a_block(tmp_path: Path) -> None:
         split(model, tp=4, out=tmp_path / "out")
     assert (
         "tensor model.layers.0.self_attn.k_proj.weight_scale_inv: blocks of 8 along dim 0 would be split between ranks; choose another --tp"
-    ) in e.value.problems
+    ) in e.value.lines
     assert not (tmp_path / "out").exists()
 
 
@@ -112,7 +112,7 @@ def test_packed_quantized_formats_are_refused(tmp_path: Path, suffixes: tuple[st
     model = write_checkpoint(tmp_path / "quant", tensors, config)
     with pytest.raises(PlanError) as e:
         split(model, tp=2)
-    assert e.value.problems[0] == (
+    assert e.value.lines[0] == (
         f"tensor {prefix}.{first} is in a packed quantized format (GPTQ, AWQ or bitsandbytes), whose elements hold "
         "several values and cannot be cut by rows or columns; dequantize the checkpoint first, or give a rule for it with --rules"
     )
