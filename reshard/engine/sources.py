@@ -100,6 +100,55 @@ class Stitched:
 TensorSource = Callable[[TensorCut, Buffers], TensorBytes]
 
 
+class Source(Protocol):
+    """What a split reads from, whatever it is: a checkpoint (CheckpointSource) or a split folder (SplitSource)."""
+
+    @property
+    def root(self) -> Path:
+        """The folder the default output is named after."""
+
+    @property
+    def tensors(self) -> tuple[TensorInfo, ...]:
+        """The checkpoint's tensors (from a split folder: as its manifest records them), in its order."""
+
+    def model_config(self, config: Path | None) -> ModelConfig:
+        """`config` when given, else the source's own."""
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Every path the split reads: the output may be none of them, nor inside one."""
+
+    @property
+    def source_files(self) -> list[SourceFile]:
+        """What the manifest records of the checkpoint's files, to tell them again and write them again."""
+
+    @property
+    def source_index(self) -> SourceIndex | None: ...
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The checkpoint's safetensors __metadata__."""
+
+    def open(self, stack: ExitStack) -> TensorSource:
+        """Open the files (closed with `stack`); the function that offers each cut tensor's bytes."""
+
+    def engine_files(self) -> dict[str, Path]:
+        """The files beside the weights an engine starts from (generation config, tokenizer), by name."""
+
+    def check_plan(self, cuts: Sequence[TensorCut]) -> None:
+        """Refuse a plan the source cannot be read for."""
+
+    @property
+    def workers(self) -> int:
+        """How many threads read it at once."""
+
+    def in_read_order(self, cuts: Sequence[TensorCut]) -> list[TensorCut]:
+        """The cuts in the order their bytes are best read."""
+
+    def finish(self) -> None:
+        """Called once every byte has been read: what was read must be what was described."""
+
+
 def source_file(f: SafetensorsFile, *, shared_metadata: dict[str, str] | None = None) -> SourceFile:
     """What a manifest records of a checkpoint file, to tell it again (size, header and a sample of its data)
     and to write it again (its tensor count, and its __metadata__ where that is not `shared_metadata`)."""
@@ -111,6 +160,8 @@ def source_file(f: SafetensorsFile, *, shared_metadata: dict[str, str] | None = 
 
 @dataclass
 class CheckpointSource:
+    """A checkpoint: safetensors files, with an index or without."""
+
     checkpoint: Checkpoint
 
     @property
@@ -159,7 +210,9 @@ class CheckpointSource:
     def check_plan(self, cuts: Sequence[TensorCut]) -> None:
         """Any cut of a checkpoint can be read."""
 
-    workers = WORKERS
+    @property
+    def workers(self) -> int:
+        return WORKERS
 
     def in_read_order(self, cuts: Sequence[TensorCut]) -> list[TensorCut]:
         return list(cuts)
@@ -248,9 +301,6 @@ class SplitSource:
     def finish(self) -> None:
         """Every rank file read must have been the one the manifest describes."""
         self.folder.require_read(self._readers, range(self.folder.tp))
-
-
-Source = CheckpointSource | SplitSource
 
 
 def open_source(model: Path | str, *, revision: str | None = None) -> Source:

@@ -90,7 +90,35 @@ class SafetensorsWriter(_Output):
         start, whole = self._starts[name]
         return Region(self, start + offset, whole - offset if size is None else size, reorder=reorder, zeros=zeros)
 
-    def note_written(self, position: int, n: int) -> None:
+    def write_at(self, position: int, view: memoryview) -> int:
+        """Write up to WRITE_BYTES of `view` at `position`; how many were written. (What a Region writes with.)"""
+        start = clock()
+        try:
+            n = os.pwrite(self._fd, view[:WRITE_BYTES], position)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
+        spent("write", start, n)
+        self._note_written(position, n)
+        return n
+
+    def copy_at(self, position: int, reader: ByteReader, offset: int, n: int) -> int:
+        """Copy up to n bytes of `reader` from `offset` to `position` inside the kernel, as cp does; how many were
+        copied: 0 where the kernel cannot copy between these files (the caller then reads and writes them)."""
+        if not (self._copy_file_range and reader.copyable):
+            return 0
+        start = clock()
+        try:
+            copied = os.copy_file_range(reader.fd, self._fd, min(n, 1 << 30), offset, position)
+        except OSError as e:
+            if e.errno not in _NO_COPY_FILE_RANGE:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            self._copy_file_range = False  # another filesystem or an old kernel: plain reads from now on
+            return 0
+        spent("copy", start, copied)
+        self._note_written(position, copied)
+        return copied
+
+    def _note_written(self, position: int, n: int) -> None:
         if self._hash is not None:
             self._hash.written(position, n)
         with self._lock:
@@ -212,13 +240,7 @@ class Region:
     def _put(self, view: memoryview) -> None:
         self._check(len(view))
         while view:
-            start = clock()
-            try:
-                n = os.pwrite(self._writer._fd, view[:WRITE_BYTES], self._position)
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, str(self._writer.path)) from e
-            spent("write", start, n)
-            self._writer.note_written(self._position, n)
+            n = self._writer.write_at(self._position, view)
             self._position += n
             view = view[n:]
 
@@ -228,20 +250,9 @@ class Region:
             self.write_zeros(n)
             return
         self._check(n)
-        writer = self._writer
         while n > 0:
-            copied = 0
-            if writer._copy_file_range and reader.copyable and self._reorder is None:
-                start = clock()
-                try:
-                    copied = os.copy_file_range(reader.fd, writer._fd, min(n, 1 << 30), offset, self._position)
-                    spent("copy", start, copied)
-                except OSError as e:
-                    if e.errno not in _NO_COPY_FILE_RANGE:
-                        raise OSError(e.errno, e.strerror, str(writer.path)) from e
-                    writer._copy_file_range = False  # another filesystem or an old kernel: plain reads
+            copied = self._writer.copy_at(self._position, reader, offset, n) if self._reorder is None else 0
             if copied:
-                writer.note_written(self._position, copied)
                 self._position += copied
             else:
                 data = reader.read_into(offset, thread_buffers().get("copy", (1, min(n, BLOCK_BYTES))))
