@@ -304,7 +304,7 @@ def test_a_refuse_rule_names_the_tensor_and_the_reason(model: Path, tmp_path: Pa
     ("rules", "message"),
     [
         ({"rules": [{"name": "x", "match": "a", "style": "colwise", "dim": 0, "dims": 1}]}, "rules[0]: unknown key 'dims'; allowed keys: dim, match, name, parts, reason, style, units"),
-        ({"rules": [{"name": "x", "match": "a", "style": "sideways", "dim": 0}]}, "rule 'x': unknown style 'sideways'; use one of colwise, rowwise, vocab, replicate, refuse"),
+        ({"rules": [{"name": "x", "match": "a", "style": "sideways", "dim": 0}]}, "rules[0].style: must be one of colwise, rowwise, vocab, replicate, refuse, not 'sideways'"),
         ({"units": {"u": {"key": []}}, "rules": []}, "units.u.key: must name at least one config key"),
         ({"rules": [{"name": "x", "match": "a", "style": "refuse"}]}, "rule 'x': a refuse rule needs a reason, and only a refuse rule takes one"),
         ({"rules": [{"name": "x", "match": "a", "style": "refuse", "reason": "r", "dim": 0}]}, "rule 'x': a refuse rule takes no dim, units or parts"),

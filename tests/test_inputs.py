@@ -159,7 +159,7 @@ GOOD_RULE = {"name": "q", "match": "model.layers.*.q.weight", "style": "colwise"
         ({"colour": "red"}, "unknown key 'colour'"),
         (
             {"rules": [dict(GOOD_RULE, style="diagonal")]},
-            "rule 'q': unknown style 'diagonal'; use one of colwise, rowwise, vocab, replicate",
+            "rules\\[0\\].style: must be one of colwise, rowwise, vocab, replicate, refuse, not 'diagonal'",
         ),
         ({"rules": [dict(GOOD_RULE, dim=None)]}, "rule 'q': style colwise needs dim, a non-negative integer"),
         ({"rules": [dict(GOOD_RULE, units="experts")]}, "rule 'q': units 'experts' is not defined in units; defined: heads"),

@@ -377,9 +377,13 @@ def test_load_rank_refuses_an_unfinished_or_padded_rank(model: Path, tmp_path: P
     ("name", "text", "message"),
     [
         ("tp.toml", "a = " + "[" * 5000 + "]" * 5000 + "\n", "cannot read the TP config as TOML"),
-        ("rules.json", '{"model_types": 5, "rules": []}', "model_types: must be a list of strings"),
+        ("rules.json", '{"model_types": 5, "rules": []}', "model_types: must be a list of non-empty strings"),
         ("rules.json", '{"extends": ["llama"], "family": "x"}', "extends: must be a non-empty string"),
-        ("rules.json", '{"rules": [{"name": "q", "match": 7, "style": "colwise", "dim": 0}]}', "match: must be a list of strings"),
+        (
+            "rules.json",
+            '{"rules": [{"name": "q", "match": 7, "style": "colwise", "dim": 0}]}',
+            "rules[0].match: must be a non-empty string or a list of non-empty strings",
+        ),
     ],
 )
 def test_bad_option_files_are_one_line_errors(model: Path, tmp_path: Path, name: str, text: str, message: str) -> None:

@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 from reshard.errors import InputError, RulesError
 from reshard.jsonfile import read_json
 from reshard.model.config import LAYER_TYPE, ModelConfig
+from reshard.schema import Check, Count, NonEmpty, Positive, SchemaError, load
 
-STYLES = ("colwise", "rowwise", "vocab", "replicate", "refuse")
-_FAMILY_KEYS = {"family", "extends", "notes", "model_types", "architectures", "units", "rules"}
-_UNIT_KEYS = {"key", "default_key", "replicate", "pad", "size", "layer_types"}
-_RULE_KEYS = {"name", "match", "style", "dim", "units", "parts", "reason"}
+Style = Literal["colwise", "rowwise", "vocab", "replicate", "refuse"]
+STYLES: tuple[str, ...] = get_args(Style)
 
 
 @dataclass(frozen=True)
@@ -146,142 +146,134 @@ def read_rules(path: Path) -> Any:
         raise RulesError(str(e)) from e
 
 
+# A rules file, as declared (schema.load reads it); parse_family then checks what spans fields and builds a Family.
+Expression = Annotated[
+    str,
+    Check(
+        lambda v: bool(_EXPRESSION.fullmatch(v)),
+        'a config key or an expression of keys like "n_shared_experts*moe_intermediate_size"',
+        "config keys or expressions of keys",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    key: Expression | list[Expression]
+    default_key: Expression | None = None
+    replicate: bool = False
+    pad: bool = False
+    size: Positive | list[Expression] | None = None
+    layer_types: dict[str, Expression] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    name: NonEmpty
+    match: NonEmpty | list[NonEmpty]
+    style: Style
+    dim: Count | None = None
+    units: NonEmpty | None = None
+    parts: list[NonEmpty] | None = None
+    reason: NonEmpty | None = None
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    family: NonEmpty | None = None  # required in a file of its own; a file adding to a detected family may omit it
+    extends: NonEmpty | None = None
+    notes: NonEmpty | None = None
+    model_types: list[NonEmpty] = field(default_factory=list)
+    architectures: list[NonEmpty] = field(default_factory=list)
+    units: dict[str, UnitSpec] = field(default_factory=dict)
+    rules: list[RuleSpec] = field(default_factory=list)
+
+
+def read_spec(data: Any, source: str) -> FamilySpec:
+    """A rules file's JSON checked against FamilySpec; any misfit is one RulesError line naming the key."""
+    try:
+        return load(FamilySpec, data)
+    except SchemaError as e:
+        raise RulesError(f"{source}: {e}") from e
+
+
 def parse_family(data: Any, source: str, *, parents: dict[str, Family] | None = None) -> Family:
     """Validate a rules file. With `extends`, the parent's units and rules apply after this file's own."""
-    where = source
-    _require_object(data, where, _FAMILY_KEYS, required={"family"})
-    parent = _parent(data, where, parents or {})
+    spec = read_spec(data, source)
+    if spec.family is None:
+        raise RulesError(f"{source}: missing key 'family'")
+    parent = _parent(spec, source, parents or {})
     units = dict(parent.units) if parent else {}
-    raw_units = data.get("units") or {}
-    if not isinstance(raw_units, dict):
-        raise RulesError(f"{where}: units must be a JSON object of named counts")
-    units |= {name: _parse_unit(spec, f"{where}: units.{name}") for name, spec in raw_units.items()}
-    raw_rules = data.get("rules", [])
-    if not isinstance(raw_rules, list) or not (raw_rules or parent):
-        raise RulesError(f"{where}: rules must be a non-empty list")
-    rules = tuple(_parse_rule(i, r, where, units) for i, r in enumerate(raw_rules)) + (parent.rules if parent else ())
+    units |= {name: _unit(unit, f"{source}: units.{name}") for name, unit in spec.units.items()}
+    if not (spec.rules or parent):
+        raise RulesError(f"{source}: rules must be a non-empty list")
+    rules = tuple(_rule(rule, f"{source}: rule {rule.name!r}", units) for rule in spec.rules) + (parent.rules if parent else ())
     return Family(
-        name=_string(data["family"], f"{where}: family"),
-        model_types=tuple(_strings(data.get("model_types", []), f"{where}: model_types")),
-        architectures=tuple(_strings(data.get("architectures", []), f"{where}: architectures")),
+        name=spec.family,
+        model_types=tuple(spec.model_types),
+        architectures=tuple(spec.architectures),
         units=units,
         rules=rules,
         source=source,
-        notes=_string(data["notes"], f"{where}: notes") if "notes" in data else "",
+        notes=spec.notes or "",
         extends=parent.name if parent else None,
     )
 
 
-def _parent(data: dict[str, Any], where: str, parents: dict[str, Family]) -> Family | None:
-    if "extends" not in data:
+def _parent(spec: FamilySpec, where: str, parents: dict[str, Family]) -> Family | None:
+    if spec.extends is None:
         return None
-    name = _string(data["extends"], f"{where}: extends")
-    if name not in parents:
-        raise RulesError(f"{where}: extends {name!r}, which is not a known family; `reshard families` lists them")
-    return parents[name]
+    if spec.extends not in parents:
+        raise RulesError(f"{where}: extends {spec.extends!r}, which is not a known family; `reshard families` lists them")
+    return parents[spec.extends]
 
 
-def _parse_unit(spec: Any, at: str) -> Unit:
-    _require_object(spec, at, _UNIT_KEYS, required={"key"})
-    flags = {k: spec.get(k, False) for k in ("replicate", "pad")}
-    if not all(isinstance(v, bool) for v in flags.values()):
-        raise RulesError(f"{at}: replicate and pad must be true or false")
-    keys = spec["key"] if isinstance(spec["key"], list) else [spec["key"]]
+def _unit(spec: UnitSpec, at: str) -> Unit:
+    keys = spec.key if isinstance(spec.key, list) else [spec.key]
     if not keys:
         raise RulesError(f"{at}.key: must name at least one config key")
-    keys += [spec["default_key"]] if spec.get("default_key") is not None else []
-    layer_types = spec.get("layer_types", {})
-    if not isinstance(layer_types, dict):
-        raise RulesError(f'{at}.layer_types: must map a layer type to a key, like {{"sliding_attention": "2*num_key_value_heads"}}')
     return Unit(
-        layer_types=tuple(
-            (_string(kind, f"{at}.layer_types"), _expression(key, f"{at}.layer_types.{kind}")) for kind, key in layer_types.items()
-        ),
-        keys=tuple(_expression(k, f"{at}.key") for k in keys),
-        size=_size(spec.get("size"), at),
-        replicate=flags["replicate"],
-        pad=flags["pad"],
+        keys=tuple(keys + ([spec.default_key] if spec.default_key is not None else [])),
+        replicate=spec.replicate,
+        pad=spec.pad,
+        size=tuple(spec.size) if isinstance(spec.size, list) else spec.size,
+        layer_types=tuple(spec.layer_types.items()),
     )
 
 
-def _parse_rule(index: int, rule: Any, where: str, units: dict[str, Unit]) -> Rule:
-    at = f"{where}: rules[{index}]"
-    _require_object(rule, at, _RULE_KEYS, required={"name", "match", "style"})
-    name = _string(rule["name"], f"{at}.name")
-    at = f"{where}: rule {name!r}"
-    match = rule["match"]
-    patterns = tuple(_strings([match] if isinstance(match, str) else match, f"{at}.match"))
+def _rule(spec: RuleSpec, at: str, units: dict[str, Unit]) -> Rule:
+    """A rule, once what spans its fields is checked."""
+    patterns = (spec.match,) if isinstance(spec.match, str) else tuple(spec.match)
     if not patterns:
         raise RulesError(f"{at}: match must name at least one tensor pattern")
-    style = rule["style"]
-    if style not in STYLES:
-        raise RulesError(f"{at}: unknown style {style!r}; use one of {', '.join(STYLES)}")
-    if (style == "refuse") != ("reason" in rule):
+    if (spec.style == "refuse") != (spec.reason is not None):
         raise RulesError(f"{at}: a refuse rule needs a reason, and only a refuse rule takes one")
-    if style == "refuse":
-        if set(rule) - {"name", "match", "style", "reason"}:
+    if spec.style == "refuse":
+        if spec.dim is not None or spec.units is not None or spec.parts is not None:
             raise RulesError(f"{at}: a refuse rule takes no dim, units or parts; remove them")
-        return Rule(name, patterns, style, None, (), compile_patterns(patterns), _string(rule["reason"], f"{at}.reason"))
-    dim = rule.get("dim")
-    if style == "replicate":
-        if dim is not None:
-            raise RulesError(f"{at}: a replicate rule takes no dim or units; remove them")
-    elif type(dim) is not int or dim < 0:
-        raise RulesError(f"{at}: style {style} needs dim, a non-negative integer")
-    if "units" in rule and "parts" in rule:
+        return Rule(spec.name, patterns, spec.style, None, (), compile_patterns(patterns), spec.reason or "")
+    if spec.units is not None and spec.parts is not None:
         raise RulesError(f"{at}: give units (one count) or parts (a packed tensor), not both")
-    parts = rule.get("parts", [rule["units"]] if rule.get("units") is not None else [])
-    if style == "replicate" and parts:
+    parts = spec.parts if spec.parts is not None else [spec.units] if spec.units is not None else []
+    if spec.style == "replicate" and (spec.dim is not None or parts):
         raise RulesError(f"{at}: a replicate rule takes no dim or units; remove them")
-    for unit in _strings(parts, f"{at}.parts"):
+    if spec.style != "replicate" and spec.dim is None:
+        raise RulesError(f"{at}: style {spec.style} needs dim, a non-negative integer")
+    for unit in parts:
         if unit not in units:
             raise RulesError(f"{at}: units {unit!r} is not defined in units; defined: {', '.join(units) or 'none'}")
     if len(parts) > 1 and any(units[u].pad for u in parts):
         raise RulesError(f"{at}: a packed tensor cannot hold a padded unit")
-    return Rule(name=name, patterns=patterns, style=style, dim=dim, parts=tuple(parts), regex=compile_patterns(patterns))
-
-
-def _size(value: Any, at: str) -> int | tuple[str, ...] | None:
-    if value is None or (type(value) is int and value > 0):
-        return value
-    choices = _strings(value, f"{at}.size") if isinstance(value, list) else []
-    if not choices or any(not _EXPRESSION.fullmatch(c) for c in choices):
-        raise RulesError(
-            f'{at}.size: must be a positive integer or a list of config keys or expressions like "hidden_size/num_attention_heads"'
-        )
-    return tuple(choices)
-
-
-def _require_object(value: Any, at: str, allowed: set[str], required: set[str]) -> None:
-    if not isinstance(value, dict):
-        raise RulesError(f"{at}: must be a JSON object")
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise RulesError(f"{at}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
-    missing = sorted(required - set(value))
-    if missing:
-        raise RulesError(f"{at}: missing key {missing[0]!r}")
-
-
-def _expression(value: Any, at: str) -> str:
-    if not isinstance(value, str) or not _EXPRESSION.fullmatch(value):
-        raise RulesError(f'{at}: must be a config key or an expression of keys like "n_shared_experts*moe_intermediate_size"')
-    return value
-
-
-def _string(value: Any, at: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise RulesError(f"{at}: must be a non-empty string")
-    return value
-
-
-def _strings(value: Any, at: str) -> list[str]:
-    if not isinstance(value, list):
-        raise RulesError(f"{at}: must be a list of strings")
-    return [_string(v, at) for v in value]
+    return Rule(name=spec.name, patterns=patterns, style=spec.style, dim=spec.dim, parts=tuple(parts), regex=compile_patterns(patterns))
 
 
 def builtin_families() -> dict[str, Family]:
+    """Every built-in family by name (parsed once per process; a new dict each call)."""
+    return dict(_builtin_families())
+
+
+@cache
+def _builtin_families() -> dict[str, Family]:
     folder = resources.files("reshard.model") / "architectures"
     pending = {entry.name: json.loads(entry.read_text(encoding="utf-8")) for entry in folder.iterdir() if entry.name.endswith(".json")}
     families: dict[str, Family] = {}
@@ -311,7 +303,7 @@ def family_for(config: ModelConfig, *, arch: str | None, given: Any, source: str
     """detect_family with the rules file's JSON already read (as a manifest records it)."""
     families = builtin_families()
     if given is not None:
-        _check_given(given, source)
+        read_spec(given, source)  # what detection reads below is checked first
     if arch is not None and arch not in families and not (given is not None and given.get("family") == arch):
         raise InputError(f"--arch {arch}: unknown family; `reshard families` lists the {len(families)} known ones")
     base = families.get(arch) if arch is not None else _detect(config, families.values(), names)
@@ -336,15 +328,6 @@ def _refused() -> dict[str, str]:
     """Model types reshard knows and does not split yet, with the reason."""
     data: dict[str, str] = json.loads((resources.files("reshard.model") / "refused.json").read_text(encoding="utf-8"))
     return data
-
-
-def _check_given(data: Any, source: str) -> None:
-    """The keys detection reads, checked before it reads them."""
-    if not isinstance(data, dict):
-        raise RulesError(f"{source}: must be a JSON object")
-    _strings(data.get("model_types", []), f"{source}: model_types")
-    if "extends" in data:
-        _string(data["extends"], f"{source}: extends")
 
 
 def _detect(config: ModelConfig, families: Iterable[Family], names: Sequence[str]) -> Family | None:
