@@ -15,7 +15,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 
@@ -48,8 +48,11 @@ def json_key(name: str, **kwargs: Any) -> Any:
 
 
 def load(cls: type[T], data: Any, at: str = "") -> T:
-    """`data` (parsed JSON) as a `cls`; raises SchemaError for the first value that does not fit."""
-    value: T = _read(cls, data, at)
+    """`data` (parsed JSON) as a `cls`; raises SchemaError for the first value that does not fit, `at` its path."""
+    try:
+        value: T = _reader(cast(Any, cls))(data)
+    except SchemaError as e:
+        raise SchemaError(_join(at, e.at), e.problem) from None
     return value
 
 
@@ -62,6 +65,8 @@ def describe(tp: Any) -> str:
         return " or ".join(describe(a) for a in args if a is not type(None)) or "null"
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in args)
+    if origin is tuple and args[-1:] != (Ellipsis,):
+        return f"a list of {len(args)} {_plural(args[0])}"
     if origin in (list, tuple):
         return f"a list of {_plural(args[0])}"
     if origin is dict:
@@ -88,67 +93,184 @@ def _plural(tp: Any) -> str:
     return _PLURALS.get(tp, "JSON objects" if dataclasses.is_dataclass(tp) else "values")
 
 
-def _at(at: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{at}[{key}]"
-    return f"{at}.{key}" if at else key
+Reader = Callable[[Any], Any]
 
 
-def _read(tp: Any, data: Any, at: str) -> Any:
+def _join(at: str, inner: str) -> str:
+    if not inner:
+        return at
+    return f"{at}{inner}" if inner.startswith("[") or not at else f"{at}.{inner}"
+
+
+def _key(key: str | int) -> str:
+    return f"[{key}]" if isinstance(key, int) else key
+
+
+def _inside(key: str | int, e: SchemaError) -> SchemaError:
+    """The error of a value inside a container, its path now starting at the container."""
+    return SchemaError(_join(_key(key), e.at), e.problem)
+
+
+@cache
+def _reader(tp: Any) -> Reader:
+    """The function that reads a value of type `tp` (built once per type): returns it, as the dataclass wants it,
+    or raises SchemaError with the path inside it."""
     origin, args = get_origin(tp), get_args(tp)
     if origin is Annotated:
-        try:
-            value = _read(args[0], data, at)
-        except SchemaError as e:
-            raise (SchemaError(at, f"must be {describe(tp)}") if e.at == at else e) from None
-        for check in (a for a in args[1:] if isinstance(a, Check)):
-            if not check.test(value):
-                raise SchemaError(at, f"must be {check.says}")
-        return value
+        return _annotated(tp, _reader(args[0]), [a for a in args[1:] if isinstance(a, Check)])
     if origin in (Union, types.UnionType):
-        return _read_union(tp, args, data, at)
+        return _union(tp, [_reader(a) for a in args])
     if origin is Literal:
-        if not any(type(data) is type(a) and data == a for a in args):
-            raise SchemaError(at, f"must be {describe(tp)}, not {data!r}")
-        return data
-    if origin in (list, tuple):
-        if not isinstance(data, list):
-            raise SchemaError(at, f"must be {describe(tp)}")
-        items = [_read(args[0], v, _at(at, i)) for i, v in enumerate(data)]
-        return tuple(items) if origin is tuple else items
+        return _literal(tp, args)
+    if origin is list or (origin is tuple and args[-1:] == (Ellipsis,)):
+        return _sequence(tp, _reader(args[0]), tuple if origin is tuple else list)
+    if origin is tuple:
+        return _fixed(tp, [_reader(a) for a in args])
     if origin is dict:
-        if not isinstance(data, dict):
-            raise SchemaError(at, f"must be {describe(tp)}")
-        return {k: _read(args[1], v, _at(at, k)) for k, v in data.items()}
+        return _mapping(tp, _reader(args[1]))
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _read_object(tp, data, at)
-    if not _is(tp, data):
-        raise SchemaError(at, f"must be {describe(tp)}")
-    return data
+        return _object(tp)
+    return _plain(tp)
 
 
-def _is(tp: Any, data: Any) -> bool:
+def _fail(tp: Any, data: Any = None, *, show: bool = False) -> SchemaError:
+    return SchemaError("", f"must be {describe(tp)}" + (f", not {data!r}" if show else ""))
+
+
+def _plain(tp: Any) -> Reader:
     if tp is Any:
-        return True
-    if tp is float:
-        return type(data) in (int, float)
-    if tp is int:
-        return type(data) is int
-    return isinstance(data, tp)
+        return lambda v: v
+    if tp in (int, float, bool, type(None)):
+        kinds = (int, float) if tp is float else (tp,)  # exact types: True is not an integer here
+
+        def exact(v: Any) -> Any:
+            if type(v) in kinds:
+                return v
+            raise _fail(tp)
+
+        return exact
+
+    def read(v: Any) -> Any:
+        if isinstance(v, tp):
+            return v
+        raise _fail(tp)
+
+    return read
 
 
-def _read_union(tp: Any, args: tuple[Any, ...], data: Any, at: str) -> Any:
-    errors = []
-    for option in args:
+def _annotated(tp: Any, base: Reader, checks: list[Check]) -> Reader:
+    test = checks[0].test if len(checks) == 1 else lambda value: all(c.test(value) for c in checks)
+
+    def read(v: Any) -> Any:
         try:
-            return _read(option, data, at)
+            value = base(v)
         except SchemaError as e:
-            errors.append(e)
-    # A value of the right kind that is wrong inside (a list with a bad item) is told by what is wrong inside.
-    inner = [e for e in errors if e.at != at]
-    if inner:
-        raise inner[0]
-    raise SchemaError(at, f"must be {describe(tp)}")
+            raise (_fail(tp) if not e.at else e) from None
+        if test(value):
+            return value
+        raise _fail(tp)
+
+    return read
+
+
+def _union(tp: Any, options: list[Reader]) -> Reader:
+    def read(v: Any) -> Any:
+        errors = []
+        for option in options:
+            try:
+                return option(v)
+            except SchemaError as e:
+                errors.append(e)
+        # A value of the right kind that is wrong inside (a list with a bad item) is told by what is wrong inside.
+        raise next((e for e in errors if e.at), _fail(tp))
+
+    return read
+
+
+def _literal(tp: Any, allowed: tuple[Any, ...]) -> Reader:
+    def read(v: Any) -> Any:
+        if any(type(v) is type(a) and v == a for a in allowed):
+            return v
+        raise _fail(tp, v, show=True)
+
+    return read
+
+
+def _sequence(tp: Any, item: Reader, kind: type) -> Reader:
+    def read(v: Any) -> Any:
+        if not isinstance(v, list):
+            raise _fail(tp)
+        try:
+            items = [item(x) for x in v]
+            return tuple(items) if kind is tuple else items
+        except SchemaError as e:
+            index = next(i for i, x in enumerate(v) if _fails(item, x))
+            raise _inside(index, e) from None
+
+    return read
+
+
+def _fails(read: Reader, value: Any) -> bool:
+    try:
+        read(value)
+    except SchemaError:
+        return True
+    return False
+
+
+def _fixed(tp: Any, items: list[Reader]) -> Reader:
+    def read(v: Any) -> Any:
+        if not isinstance(v, list) or len(v) != len(items):
+            raise _fail(tp)
+        try:
+            return tuple([item(x) for item, x in zip(items, v)])
+        except SchemaError as e:
+            index = next(i for i, (item, x) in enumerate(zip(items, v)) if _fails(item, x))
+            raise _inside(index, e) from None
+
+    return read
+
+
+def _mapping(tp: Any, value: Reader) -> Reader:
+    def read(v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise _fail(tp)
+        out = {}
+        for k, x in v.items():
+            try:
+                out[k] = value(x)
+            except SchemaError as e:
+                raise _inside(k, e) from None
+        return out
+
+    return read
+
+
+def _object(cls: type) -> Reader:
+    fields = _fields(cls)
+    keys = {key for _, key, _, _ in fields}
+    allowed = ", ".join(sorted(keys))
+    required = [key for _, key, _, needed in fields if needed]
+    readers = [(name, key, _reader(tp)) for name, key, tp, _ in fields]
+
+    def read(v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise SchemaError("", "must be a JSON object")
+        if not keys.issuperset(v):
+            raise SchemaError("", f"unknown key {min(set(v) - keys)!r}; allowed keys: {allowed}")
+        missing = next((key for key in required if key not in v), None)
+        if missing is not None:
+            raise SchemaError("", f"missing key {missing!r}")
+        given = {}
+        for name, key, read_value in readers:
+            if key in v:
+                try:
+                    given[name] = read_value(v[key])
+                except SchemaError as e:
+                    raise _inside(key, e) from None
+        return cls(**given)
+
+    return read
 
 
 @cache
@@ -165,17 +287,3 @@ def _fields(cls: type) -> tuple[tuple[str, str, Any, bool], ...]:
         for f in dataclasses.fields(cls)
         if f.init
     )
-
-
-def _read_object(cls: type, data: Any, at: str) -> Any:
-    if not isinstance(data, dict):
-        raise SchemaError(at, "must be a JSON object")
-    fields = _fields(cls)
-    keys = {key for _, key, _, _ in fields}
-    unknown = sorted(set(data) - keys)
-    if unknown:
-        raise SchemaError(at, f"unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(keys))}")
-    missing = next((key for _, key, _, required in fields if required and key not in data), None)
-    if missing is not None:
-        raise SchemaError(at, f"missing key {missing!r}")
-    return cls(**{name: _read(tp, data[key], _at(at, key)) for name, key, tp, _ in fields if key in data})

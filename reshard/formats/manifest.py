@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from reshard.errors import InputError, ReshardError
 from reshard.formats.checksums import FileRecord, is_digest
@@ -18,9 +18,10 @@ from reshard.formats.io import write_durably
 from reshard.formats.names import CHECKSUMS, CONFIG_NAME, DEFAULT_CHECKSUM, EARLIER_CHECKSUM, MANIFEST_NAME, NONE, rank_record_name
 from reshard.jsonfile import read_json, read_text
 from reshard.model.config import TPConfig
-from reshard.model.rules import STYLES
+from reshard.model.rules import Style
 from reshard.plan.cut import Plan, TensorCut, coverage
 from reshard.plan.tensor import DTYPE_SIZES
+from reshard.schema import Check, Count, NonEmpty, Positive, SchemaError, load
 
 FORMAT = "reshard"
 RANK_FORMAT = "reshard-rank"
@@ -216,8 +217,8 @@ def read_manifest(folder: Path) -> Manifest:
         raise InputError(f"{path}: cannot read the manifest as JSON ({e}); split again") from e
     try:
         manifest = _parse(data)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise InputError(f"{path}: malformed manifest ({type(e).__name__}: {e}); split again") from e
+    except SchemaError as e:
+        raise InputError(f"{path}: malformed manifest: {e}; split again") from e
     except ReshardError as e:
         raise InputError(f"{path}: {e}") from e
     return _with_rank_records(Path(folder), manifest, hashlib.sha256(text.encode()).hexdigest())
@@ -234,121 +235,177 @@ def _with_rank_records(folder: Path, manifest: Manifest, digest: str) -> Manifes
     return replace(manifest, files=files, ranks_present=tuple(present))
 
 
+@dataclass(frozen=True)
+class RankRecordSpec:
+    format: Literal["reshard-rank"]
+    version: Literal[2]
+    rank: Count
+    manifest_sha256: str
+    files: dict[str, RecordSpec]
+
+
 def _rank_record(path: Path, rank: int, names: tuple[str, ...], digest: str, checksum: str) -> dict[str, FileRecord]:
     data = read_json(path, what="rank record", fix="split again")
     try:
-        if not isinstance(data, dict):
-            raise ValueError("the rank record must be a JSON object")
-        if data.get("format") != RANK_FORMAT or data.get("version") != VERSION or data.get("rank") != rank:
-            raise ValueError(f"expected format {RANK_FORMAT!r} version {VERSION} for rank {rank}")
-        if data.get("manifest_sha256") != digest:
+        spec = load(RankRecordSpec, data)
+        if spec.rank != rank:
+            raise SchemaError("rank", f"is {spec.rank}, in the record file of rank {rank}")
+        if spec.manifest_sha256 != digest:
             raise InputError(f"{path}: belongs to another split (its manifest_sha256 is not this {MANIFEST_NAME}'s); split again")
-        if list(data["files"]) != list(names):
-            raise ValueError(f"lists {list(data['files'])}, {MANIFEST_NAME} lists {list(names)}")
-        return {name: _file_record(r, checksum) for name, r in data["files"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise InputError(f"{path}: malformed rank record ({type(e).__name__}: {e}); split again") from e
+        if list(spec.files) != list(names):
+            raise SchemaError("files", f"lists {list(spec.files)}, {MANIFEST_NAME} lists {list(names)}")
+        return {name: _record(r, checksum, f"files.{name}") for name, r in spec.files.items()}
+    except SchemaError as e:
+        raise InputError(f"{path}: malformed rank record: {e}; split again") from e
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and name.isprintable()
+
+
+# reshard.json as declared (schema.load reads it); _parse then checks what spans fields and builds the Manifest.
+FileName = Annotated[str, Check(_plain_name, "a plain file name inside the split folder", "plain file names inside the split folder")]
+Sha256 = Annotated[str, Check(lambda v: is_digest(v, "sha256"), "a sha256 in hex")]
+DType = Annotated[str, Check(lambda v: v in DTYPE_SIZES, "a safetensors dtype (" + ", ".join(DTYPE_SIZES) + ")")]
+
+
+def _slices(value: list[Any]) -> bool:
+    return all(
+        type(ranges) is list and all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int and 0 <= r[0] < r[1] for r in ranges)
+        for ranges in value
+    )
+
+
+# Checked as one value: a manifest holds tp x ranges x 2 of these numbers per tensor, tens of thousands of tensors.
+Slices = Annotated[list[Any], Check(_slices, "a list per rank of [start, stop) ranges with 0 <= start < stop")]
+Checksum = Annotated[str, Check(lambda v: v in CHECKSUMS, "one of " + ", ".join(CHECKSUMS))]
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    rank: Count
+    device: str
+    files: list[FileName]
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    bytes: Count
+    sha256: str | None = None
+    xxh128: str | None = None
+
+    def record(self, checksum: str) -> FileRecord:
+        if checksum == NONE:
+            return FileRecord(self.bytes, checksum, "")
+        digest = getattr(self, checksum, None)
+        if not is_digest(digest, checksum):
+            raise SchemaError(checksum, f"must be a {checksum} in hex (the manifest's checksum)")
+        return FileRecord(self.bytes, checksum, digest)
+
+
+@dataclass(frozen=True)
+class SourceFileSpec:
+    name: FileName
+    bytes: Count
+    header_sha256: Sha256
+    sample_sha256: Sha256
+    tensors: Count | None = None
+    metadata: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class SourceIndexSpec:
+    name: FileName
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    files: list[SourceFileSpec]
+    metadata: dict[str, str]
+    config: dict[str, Any]
+    index: SourceIndexSpec | None = None
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    shape: tuple[Count, ...]
+    dtype: DType
+    style: Style
+    dim: Count | None
+    rule: str | None
+    slices: Slices | None = None
+    parts: tuple[Count, ...] = ()
+    padding: Count = 0
+
+
+@dataclass(frozen=True)
+class ManifestSpec:
+    format: Literal["reshard"]
+    version: Literal[2]
+    tp: Positive
+    device_ids: list[Count]
+    family: NonEmpty
+    ranks: list[RankSpec]
+    files: dict[str, RecordSpec]
+    source: SourceSpec
+    tensors: dict[str, TensorEntry]
+    checksum: Checksum = EARLIER_CHECKSUM
+    rules: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = None
 
 
 def _parse(data: Any) -> Manifest:
-    if not isinstance(data, dict):
-        raise ValueError("the manifest must be a JSON object")
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ValueError(f"expected format {FORMAT!r} version {VERSION}, found {data.get('format')!r} {data.get('version')!r}")
-    tp_config = TPConfig.create(int(data["tp"]), device_ids=[int(i) for i in data["device_ids"]])
-    ranks = data["ranks"]
-    if [r["rank"] for r in ranks] != list(range(tp_config.tp)):
-        raise ValueError("ranks must list 0..tp-1 in order")
-    rank_files = tuple(tuple(_relative(f) for f in r["files"]) for r in ranks)
+    spec = load(ManifestSpec, data)
+    tp_config = TPConfig.create(spec.tp, device_ids=spec.device_ids)
+    if [r.rank for r in spec.ranks] != list(range(tp_config.tp)):
+        raise SchemaError("ranks", "must list ranks 0..tp-1 in order")
+    rank_files = tuple(tuple(r.files) for r in spec.ranks)
     listed = [name for names in rank_files for name in names]
     reserved = {MANIFEST_NAME, CONFIG_NAME, *(rank_record_name(r) for r in range(tp_config.tp))}
     if len(set(listed)) != len(listed) or reserved & set(listed):
-        raise ValueError("a rank file is listed twice, or under the name of a manifest or config file")
-    rules = data.get("rules")
-    if rules is not None and not isinstance(rules, dict):
-        raise ValueError("rules must be the JSON object of a rules file")
-    tensors = tuple(_parse_tensor(name, e, tp_config.tp) for name, e in data["tensors"].items())
-    source = data["source"]
-    checksum = data.get("checksum", EARLIER_CHECKSUM)
-    if checksum not in CHECKSUMS:
-        raise ValueError(f"checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
-    files = {_relative(name, "file"): _file_record(r, checksum) for name, r in data["files"].items()}
+        raise SchemaError("ranks", "a rank file is listed twice, or under the name of a manifest or config file")
+    tensors = tuple(_tensor(name, e, tp_config.tp) for name, e in spec.tensors.items())
+    for name in spec.files:
+        if not _plain_name(name):
+            raise SchemaError("files", f"file {name!r} must be a plain file name inside the split folder")
+    source = spec.source
     return Manifest(
         tp_config=tp_config,
-        family=str(data["family"]),
+        family=spec.family,
         rank_files=rank_files,
         tensors=tensors,
-        source_files=tuple(_source_file(f) for f in source["files"]),
-        source_metadata={str(k): str(v) for k, v in source["metadata"].items()},
-        source_config=dict(source["config"]),
-        files=files,
-        rules=rules,
-        engine_layout=layout_from_dict(data["layout"], tensors) if "layout" in data else None,
-        checksum=checksum,
-        source_index=_source_index(source["index"]) if "index" in source else None,
+        source_files=tuple(
+            SourceFile(f.name, f.bytes, f.header_sha256, f.sample_sha256, tensors=f.tensors, metadata=f.metadata) for f in source.files
+        ),
+        source_metadata=source.metadata,
+        source_config=source.config,
+        files={name: _record(r, spec.checksum, f"files.{name}") for name, r in spec.files.items()},
+        rules=spec.rules,
+        engine_layout=layout_from_dict(spec.layout, tensors) if spec.layout is not None else None,
+        checksum=spec.checksum,
+        source_index=SourceIndex(source.index.name, source.index.metadata) if source.index is not None else None,
     )
 
 
-def _source_file(f: dict[str, Any]) -> SourceFile:
-    metadata = f.get("metadata")
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise ValueError(f"source file {f['name']!r}: metadata must map names to strings")
-    return SourceFile(
-        _relative(f["name"], "source file"),
-        _count(f["bytes"]),
-        _hex(f["header_sha256"]),
-        _hex(f["sample_sha256"]),
-        tensors=_count(f["tensors"]) if "tensors" in f else None,
-        metadata=metadata,
-    )
+def _record(spec: RecordSpec, checksum: str, at: str) -> FileRecord:
+    try:
+        return spec.record(checksum)
+    except SchemaError as e:
+        raise SchemaError(f"{at}.{e.at}", e.problem) from None
 
 
-def _source_index(data: dict[str, Any]) -> SourceIndex:
-    if not isinstance(data.get("metadata"), dict):
-        raise ValueError("source index: metadata must be a JSON object")
-    return SourceIndex(_relative(data["name"], "source index"), dict(data["metadata"]))
-
-
-def _relative(name: object, what: str = "rank file") -> str:
-    """A file of the split folder: a plain name beside the manifest, never a path."""
-    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or not name.isprintable():
-        raise ValueError(f"{what} {name!r} must be a plain file name inside the split folder")
-    return name
-
-
-def _count(value: object) -> int:
-    if type(value) is not int or value < 0:
-        raise ValueError(f"{value!r} is not a non-negative integer (a size or a count)")
-    return value
-
-
-def _hex(value: object, checksum: str = "sha256") -> str:
-    if not is_digest(value, checksum):
-        raise ValueError(f"{value!r} is not a {checksum} in hex")
-    return value
-
-
-def _file_record(data: dict[str, Any], checksum: str) -> FileRecord:
-    return FileRecord(_count(data["bytes"]), checksum, "" if checksum == NONE else _hex(data[checksum], checksum))
-
-
-def _parse_tensor(name: str, e: dict[str, Any], tp: int) -> TensorCut:
-    dtype, style, dim = e["dtype"], e["style"], e["dim"]
-    shape = tuple(int(d) for d in e["shape"])
-    if dtype not in DTYPE_SIZES or style not in STYLES:
-        raise ValueError(f"tensor {name}: unknown dtype {dtype!r} or style {style!r}")
+def _tensor(name: str, e: TensorEntry, tp: int) -> TensorCut:
+    at = f"tensors.{name}"
     slices: tuple[tuple[tuple[int, int], ...], ...]
-    if dim is None:
+    if e.dim is None:
         slices = tuple(((0, 1),) for _ in range(tp))
     else:
-        slices = tuple(tuple((int(a), int(b)) for a, b in ranges) for ranges in e["slices"])
-        if len(slices) != tp or not 0 <= dim < len(shape):
-            raise ValueError(f"tensor {name}: slices must list {tp} ranks and dim must be within its shape")
-    parts = tuple(int(p) for p in e.get("parts", ()))
-    if any(not 0 <= a < b for ranges in slices for a, b in ranges):
-        raise ValueError(f"tensor {name}: every slice must be [start, stop) with 0 <= start < stop")
-    cut = TensorCut(name=name, dtype=dtype, shape=shape, style=style, dim=dim, rule=e.get("rule"), slices=slices, parts=parts)
-    if cut.padding != int(e.get("padding", 0)):
-        raise ValueError(f"tensor {name}: padding {e.get('padding', 0)} does not match its slices")
+        slices = tuple(tuple((a, b) for a, b in ranges) for ranges in e.slices or ())
+        if len(slices) != tp or not e.dim < len(e.shape):
+            raise SchemaError(at, f"slices must list {tp} ranks and dim must be within its shape")
+    cut = TensorCut(name=name, dtype=e.dtype, shape=e.shape, style=e.style, dim=e.dim, rule=e.rule, slices=slices, parts=e.parts)
+    if cut.padding != e.padding:
+        raise SchemaError(at, f"padding {e.padding} does not match its slices")
     coverage(cut)  # every row or column held by some rank
     return cut
