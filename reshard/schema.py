@@ -223,9 +223,9 @@ def _fixed(tp: Any, items: list[Reader]) -> Reader:
         if not isinstance(v, list) or len(v) != len(items):
             raise _fail(tp)
         try:
-            return tuple([item(x) for item, x in zip(items, v)])
+            return tuple([item(x) for item, x in zip(items, v, strict=True)])
         except SchemaError as e:
-            index = next(i for i, (item, x) in enumerate(zip(items, v)) if _fails(item, x))
+            index = next(i for i, (item, x) in enumerate(zip(items, v, strict=True)) if _fails(item, x))
             raise _inside(index, e) from None
 
     return read

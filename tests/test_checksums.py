@@ -110,7 +110,10 @@ def test_an_unknown_checksum_in_a_manifest_is_refused(model: Path, tmp_path: Pat
     manifest.write_text(manifest.read_text().replace('"checksum": "xxh128"', '"checksum": "crc32"'))
     result = invoke("verify", out)
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"Error: {manifest}: malformed manifest") and "checksum: must be one of sha256, xxh128, none" in result.stderr
+    assert (
+        result.stderr.startswith(f"Error: {manifest}: malformed manifest")
+        and "checksum: must be one of sha256, xxh128, none" in result.stderr
+    )
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -208,7 +208,10 @@ Q = "model.layers.0.self_attn.q_proj.weight"
             lambda m: m["tensors"][Q].update(slices=[[[16, 32]], [[0, 16]]]),
             f"tensor {Q} is recorded colwise on dim 0 with slices [[[16, 32]], [[0, 16]]], but the llama rules cut it colwise on dim 0 with slices [[[0, 16]], [[16, 32]]]; the manifest was changed, split again",
         ),
-        (lambda m: m["tensors"][Q].update(slices=[[[16, 0]], [[16, 32]]]), "slices: must be a list per rank of [start, stop) ranges with 0 <= start < stop"),
+        (
+            lambda m: m["tensors"][Q].update(slices=[[[16, 0]], [[16, 32]]]),
+            "slices: must be a list per rank of [start, stop) ranges with 0 <= start < stop",
+        ),
         (lambda m: m["ranks"][1].update(files=m["ranks"][0]["files"]), "a rank file is listed twice"),
         (
             lambda m: m["tensors"]["model.norm.weight"].update(style="colwise", dim=0, slices=[[[0, 16]], [[16, 32]]]),

@@ -271,7 +271,8 @@ DType = Annotated[str, Check(lambda v: v in DTYPE_SIZES, "a safetensors dtype ("
 
 def _slices(value: list[Any]) -> bool:
     return all(
-        type(ranges) is list and all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int and 0 <= r[0] < r[1] for r in ranges)
+        type(ranges) is list
+        and all(type(r) is list and len(r) == 2 and type(r[0]) is int and type(r[1]) is int and 0 <= r[0] < r[1] for r in ranges)
         for ranges in value
     )
 
