@@ -225,7 +225,7 @@ def plan_view(planned: Planned, model: Path, *, gpu_memory: int | None = None, t
     shown: list[RenderableType] = [plan_summary(plan, model), tensor_table(plan) if tensors else rule_table(plan)]
     if not layout.own:
         data = engine_data(layout.format)
-        shown.append(f"Layout: {layout.format} {data['version']}, loaded with {data['loader']}: {len(layout.tensors)} tensors per rank")
+        shown.append(f"Layout: {layout.format} {data.version}, loaded with {data.loader}: {len(layout.tensors)} tensors per rank")
         if tensors:
             shown.append(layout_table(layout, plan))
     shown.append(rank_table(plan, gpu_memory=gpu_memory))

@@ -3,7 +3,7 @@ one validator that reads JSON into them, `load`: it names the key at fault and w
 
 A field's type says what its JSON value may be: str, int, float, bool, None, Any, Literal[...], list[X],
 tuple[X, ...], dict[str, X], a nested dataclass, or a union of these (tried in order). `Annotated[T, Check(...)]`
-adds a condition beyond the type; a field whose JSON key is not its name says so with `json_key`. A field without
+adds a condition beyond the type; a field whose JSON key is not its name says so in its metadata (`json_key`). A field without
 a default is required. What depends on several fields (a rule that refuses needs a reason) is checked by the code
 that uses the dataclass.
 """
@@ -42,9 +42,10 @@ Count = Annotated[int, Check(lambda v: v >= 0, "a non-negative integer", "non-ne
 Positive = Annotated[int, Check(lambda v: v > 0, "a positive integer", "positive integers")]
 
 
-def json_key(name: str, **kwargs: Any) -> Any:
-    """A dataclass field read from the JSON key `name` (for a key that is a Python keyword, like `from`)."""
-    return dataclasses.field(metadata={"json_key": name}, **kwargs)
+def json_key(name: str) -> dict[str, str]:
+    """The metadata of a dataclass field read from the JSON key `name` (for a key that is a Python keyword, like
+    `from`): `sources: list[str] = field(metadata=json_key("from"))`."""
+    return {"json_key": name}
 
 
 def load(cls: type[T], data: Any, at: str = "") -> T:

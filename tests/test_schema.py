@@ -13,7 +13,7 @@ from reshard.schema import Count, NonEmpty, SchemaError, json_key, load
 @dataclass(frozen=True)
 class Piece:
     into: NonEmpty
-    sources: list[NonEmpty] = json_key("from")
+    sources: list[NonEmpty] = field(metadata=json_key("from"))
 
 
 @dataclass(frozen=True)

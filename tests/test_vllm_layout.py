@@ -160,6 +160,28 @@ def test_a_changed_vllm_layout_is_refused(model: Path, tmp_path: Path) -> None:
     assert "the vllm layout is not the one reshard makes for this model; the manifest was changed, split again" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda layout: layout.update(format="sglang"), "layout.format: must be one of vllm, not 'sglang'"),
+        (lambda layout: layout["tensors"].pop(0), "layout: must hold every tensor of the manifest exactly once"),
+        (lambda layout: layout["tensors"][0].update(stack=-1), "layout.tensors[0].stack: must be a non-negative integer"),
+        (
+            lambda layout: layout["tensors"][1].update({"from": ["nothing.weight"]}),
+            "layout.tensors[1]: holds 'nothing.weight', which is not",
+        ),
+    ],
+)
+def test_a_malformed_recorded_layout_is_named(model: Path, tmp_path: Path, damage, says: str) -> None:
+    out = split(model, tmp_path / "out", 2)
+    manifest = json.loads((out / "reshard.json").read_text())
+    damage(manifest["layout"])
+    (out / "reshard.json").write_text(json.dumps(manifest))
+    result = invoke("verify", out)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {out / 'reshard.json'}: malformed manifest: {says}"), result.stderr
+
+
 def test_plan_shows_the_vllm_cut(model: Path) -> None:
     shown = invoke("plan", model, "--tp", 4, "--format", "vllm")
     assert shown.exit_code == 0, shown.stderr

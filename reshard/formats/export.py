@@ -13,10 +13,10 @@ import math
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Literal, get_args
 
 from reshard.errors import InputError, shown
 from reshard.formats.io import Reorder
@@ -25,8 +25,10 @@ from reshard.model.rules import compile_patterns
 from reshard.plan.build import SCALE_SUFFIXES
 from reshard.plan.cut import Plan, TensorCut
 from reshard.plan.tensor import DTYPE_SIZES
+from reshard.schema import Count, NonEmpty, Positive, SchemaError, json_key, load
 
-FORMATS = ("reshard", "vllm")
+EngineFormat = Literal["vllm"]  # the engines with a layouts file in engines/
+FORMATS: tuple[str, ...] = ("reshard", *get_args(EngineFormat))
 _PACK = {"F32": "<f", "F64": "<d", "F16": "<e", "BF16": "<f"}  # bfloat16: the high half of the float32
 
 
@@ -140,44 +142,111 @@ def rank_shape(out: OutTensor, cuts: dict[str, TensorCut], rank: int) -> tuple[i
     return (length, *shapes[0][1:])
 
 
+# engines/<format>.json as declared (schema.load reads it, once per format).
+@dataclass(frozen=True)
+class Packs:
+    """Tensors packed under one name: `from` back to back along dim 0 (`#` in a stack: each expert in turn)."""
+
+    into: NonEmpty
+    sources: list[NonEmpty] = field(metadata=json_key("from"))
+
+
+@dataclass(frozen=True)
+class ConstantSpec:
+    """A tensor the engine registers that no checkpoint holds: one beside each match of `beside`, of `dtype` or
+    of the dtype of the tensor `like` names in the same layer."""
+
+    name: NonEmpty
+    beside: NonEmpty
+    value: float
+    like: NonEmpty | None = None
+    dtype: NonEmpty | None = None
+    shape: list[Count] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LayoutPart:
+    """Parts of a layout, shared by several (the file's `parts`) or a layout's own."""
+
+    fuse: list[Packs] = field(default_factory=list)
+    stack: list[Packs] = field(default_factory=list)
+    constants: list[ConstantSpec] = field(default_factory=list)
+    tied: dict[str, NonEmpty] = field(default_factory=dict)
+    transpose: list[Packs] = field(default_factory=list)
+    rotary_halves: list[NonEmpty] = field(default_factory=list)
+    first_rank_only: list[Packs] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineLayout(LayoutPart):
+    """The layout of the model types listed, of one reshard family; `use` names the shared parts it includes."""
+
+    family: NonEmpty
+    model_types: list[NonEmpty]
+    use: list[NonEmpty] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    constants: list[ConstantSpec] = field(default_factory=list)
+    formats: list[NonEmpty] | None = None  # the quantization's formats the layout describes (None: any)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    engine: NonEmpty
+    version: NonEmpty
+    loader: NonEmpty
+    vocab_multiple: Positive
+    notes: str
+    kv_cache_scales: list[NonEmpty]
+    linear_parameters: list[NonEmpty]
+    quantization: dict[str, QuantizationSpec]
+    parts: dict[str, LayoutPart]
+    layouts: dict[str, EngineLayout]
+
+
 @cache
-def engine_data(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((resources.files("reshard.formats") / "engines" / f"{name}.json").read_text(encoding="utf-8"))
-    return data
+def engine_data(name: str) -> EngineSpec:
+    """The engine's layouts file, checked (read once; not to be changed)."""
+    path = resources.files("reshard.formats") / "engines" / f"{name}.json"
+    try:
+        return load(EngineSpec, json.loads(path.read_text(encoding="utf-8")))
+    except SchemaError as e:
+        raise InputError(f"reshard/formats/engines/{name}.json: {e}; reinstall reshard") from e
 
 
 def vocab_multiple(output_format: str) -> int | None:
     """How the format pads the vocabulary before dividing it by tp (None: to a multiple of tp)."""
-    if output_format == "reshard":
-        return None
-    multiple: int = engine_data(output_format)["vocab_multiple"]
-    return multiple
+    return None if output_format == "reshard" else engine_data(output_format).vocab_multiple
 
 
 @cache
-def engine_layouts(output_format: str) -> dict[str, dict[str, Any]]:
-    """The engine's layouts, each with its parts folded in (read once; not to be changed): `fuse`, `stack`,
-    `constants`, `transpose`, `rotary_halves` and `first_rank_only` lists and a `tied` map."""
+def engine_layouts(output_format: str) -> dict[str, EngineLayout]:
+    """The engine's layouts, each with the parts it uses folded in (read once; not to be changed)."""
     data = engine_data(output_format)
-    found: dict[str, dict[str, Any]] = {}
-    for name, spec in data["layouts"].items():
-        parts = [data["parts"][p] for p in spec.get("use", [])] + [spec]
-        found[name] = {
-            "family": spec["family"],
-            "model_types": list(spec["model_types"]),
-            "fuse": [rule for part in parts for rule in part.get("fuse", [])],
-            "stack": [rule for part in parts for rule in part.get("stack", [])],
-            "constants": [c for part in parts for c in part.get("constants", [])],
-            "tied": {k: v for part in parts for k, v in part.get("tied", {}).items()},
-            "transpose": [rule for part in parts for rule in part.get("transpose", [])],
-            "rotary_halves": [p for part in parts for p in part.get("rotary_halves", [])],
-            "first_rank_only": [rule for part in parts for rule in part.get("first_rank_only", [])],
-        }
+    found: dict[str, EngineLayout] = {}
+    for name, spec in data.layouts.items():
+        unknown = [p for p in spec.use if p not in data.parts]
+        if unknown:
+            raise InputError(f"reshard/formats/engines/{output_format}.json: layouts.{name}.use: no part {unknown[0]!r}; reinstall reshard")
+        parts: list[LayoutPart] = [*(data.parts[p] for p in spec.use), spec]
+        found[name] = EngineLayout(
+            family=spec.family,
+            model_types=spec.model_types,
+            fuse=[rule for part in parts for rule in part.fuse],
+            stack=[rule for part in parts for rule in part.stack],
+            constants=[c for part in parts for c in part.constants],
+            tied={k: v for part in parts for k, v in part.tied.items()},
+            transpose=[rule for part in parts for rule in part.transpose],
+            rotary_halves=[p for part in parts for p in part.rotary_halves],
+            first_rank_only=[rule for part in parts for rule in part.first_rank_only],
+        )
     return found
 
 
 def model_types_with_layout(output_format: str) -> list[str]:
-    return sorted(t for spec in engine_layouts(output_format).values() for t in spec["model_types"])
+    return sorted(t for spec in engine_layouts(output_format).values() for t in spec.model_types)
 
 
 def build_layout(plan: Plan, config: ModelConfig, *, output_format: str) -> Layout:
@@ -187,29 +256,28 @@ def build_layout(plan: Plan, config: ModelConfig, *, output_format: str) -> Layo
         return own_layout(plan.tensors)
     data = engine_data(output_format)
     layouts = engine_layouts(output_format)
-    spec = next((s for s in layouts.values() if s["family"] == plan.family and config.model_type in s["model_types"]), None)
+    spec = next((s for s in layouts.values() if s.family == plan.family and config.model_type in s.model_types), None)
     if spec is None:
         what = f"model_type {config.model_type or 'none'!r} ({plan.family} family)"
         raise InputError(
-            f"--format {output_format}: {what} has no {output_format} {data['version']} layout in reshard; model types with one: "
+            f"--format {output_format}: {what} has no {output_format} {data.version} layout in reshard; model types with one: "
             f"{', '.join(model_types_with_layout(output_format))} (split with the default format instead)"
         )
     quantization = _quantization(plan, config, output_format)
-    tensors = _engine_tensors(
-        plan, config, spec | {"constants": spec["constants"] + quantization.get("constants", [])}, tuple(data["linear_parameters"])
-    )
-    return Layout(output_format, str(data["version"]), tensors, data["vocab_multiple"])
+    constants = spec.constants + (quantization.constants if quantization is not None else [])
+    tensors = _engine_tensors(plan, config, replace(spec, constants=constants), tuple(data.linear_parameters))
+    return Layout(output_format, data.version, tensors, data.vocab_multiple)
 
 
-def _quantization(plan: Plan, config: ModelConfig, output_format: str) -> dict[str, Any]:
-    """What the engine layout adds for the checkpoint's quantization ({} for none); a quantization it does not
+def _quantization(plan: Plan, config: ModelConfig, output_format: str) -> QuantizationSpec | None:
+    """What the engine layout adds for the checkpoint's quantization (None for none); a quantization it does not
     describe is refused by name."""
     data = engine_data(output_format)
     quant = config.raw.get("quantization_config")
-    kv = next((t.name for t in plan.tensors if t.name.endswith(tuple(data["kv_cache_scales"]))), None)
+    kv = next((t.name for t in plan.tensors if t.name.endswith(tuple(data.kv_cache_scales))), None)
     if kv is not None:
         raise InputError(
-            f"--format {output_format}: tensor {shown(kv)} is a kv-cache scale, and reshard has no {output_format} {data['version']} layout for "
+            f"--format {output_format}: tensor {shown(kv)} is a kv-cache scale, and reshard has no {output_format} {data.version} layout for "
             "quantized kv caches (split with the default format instead)"
         )
     scaled = next((t.name for t in plan.tensors if t.name.endswith(SCALE_SUFFIXES)), None)
@@ -219,38 +287,37 @@ def _quantization(plan: Plan, config: ModelConfig, output_format: str) -> dict[s
                 f"--format {output_format}: tensor {shown(scaled)} is a quantization scale, but config.json has no quantization_config; "
                 "add the one the checkpoint was made with, or split with the default format"
             )
-        return {}
+        return None
     method = str(quant.get("quant_method", "unknown"))
-    known = data["quantization"].get(method)
+    known = data.quantization.get(method)
     if known is None:
         raise InputError(
-            f"--format {output_format}: quantization {method!r} (config.json quantization_config) has no {output_format} {data['version']} layout "
-            f"in reshard; quantizations with one: {', '.join(sorted(data['quantization']))} (split with the default format instead)"
+            f"--format {output_format}: quantization {method!r} (config.json quantization_config) has no {output_format} {data.version} layout "
+            f"in reshard; quantizations with one: {', '.join(sorted(data.quantization))} (split with the default format instead)"
         )
     given = quant.get("format")
-    if "formats" in known and given not in known["formats"]:
+    if known.formats is not None and given not in known.formats:
         raise InputError(
-            f"--format {output_format}: {method} format {given!r} has no {output_format} {data['version']} layout in reshard; formats with one: "
-            f"{', '.join(known['formats'])} (split with the default format instead)"
+            f"--format {output_format}: {method} format {given!r} has no {output_format} {data.version} layout in reshard; formats with one: "
+            f"{', '.join(known.formats)} (split with the default format instead)"
         )
     if quant.get("kv_cache_scheme"):
         raise InputError(
             f"--format {output_format}: config.json quantization_config has a kv_cache_scheme, and reshard has no {output_format} "
-            f"{data['version']} layout for quantized kv-cache scales (split with the default format instead)"
+            f"{data.version} layout for quantized kv-cache scales (split with the default format instead)"
         )
-    found: dict[str, Any] = known
-    return found
+    return known
 
 
-def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linear: tuple[str, ...]) -> tuple[OutTensor, ...]:
+def _engine_tensors(plan: Plan, config: ModelConfig, spec: EngineLayout, linear: tuple[str, ...]) -> tuple[OutTensor, ...]:
     names = [t.name for t in plan.tensors]
     dtypes = {t.name: t.dtype for t in plan.tensors}
     shapes = {t.name: t.shape for t in plan.tensors}
-    transposed, first_rank = _fusions(names, spec["transpose"]), _fusions(names, spec["first_rank_only"])
-    fused = _fusions(names, _with_linear_parameters(spec["fuse"], linear)) | _stacks(names, _with_linear_parameters(spec["stack"], linear))
+    transposed, first_rank = _fusions(names, spec.transpose), _fusions(names, spec.first_rank_only)
+    fused = _fusions(names, _with_linear_parameters(spec.fuse, linear)) | _stacks(names, _with_linear_parameters(spec.stack, linear))
     fused |= transposed | first_rank
-    renamed = dict(spec["tied"]) if config.raw.get("tie_word_embeddings") else {}
-    stored = _Storage(set(transposed), set(first_rank), spec["rotary_halves"], config)
+    renamed = dict(spec.tied) if config.raw.get("tie_word_embeddings") else {}
+    stored = _Storage(set(transposed), set(first_rank), spec.rotary_halves, config)
     out: list[OutTensor] = []
     done: set[str] = set()
     for name in names:
@@ -265,7 +332,7 @@ def _engine_tensors(plan: Plan, config: ModelConfig, spec: dict[str, Any], linea
         flat = into.endswith(tuple(f".{p}" for p in linear)) and all(len(shapes[p]) == 0 for p in pieces) and not stack
         out.append(OutTensor(into, dtypes[name], pieces, stack=stack, flat=flat, **stored.flags(into, pieces, shapes)))
         done |= set(pieces)
-    for constant in spec["constants"]:
+    for constant in spec.constants:
         out += _constants(names, dtypes, constant)
     return tuple(out)
 
@@ -304,25 +371,24 @@ def _swap(name: str, suffix: str) -> str:
     return name[: -len("weight")] + suffix
 
 
-def _with_linear_parameters(rules: list[dict[str, Any]], linear: tuple[str, ...]) -> list[dict[str, Any]]:
+def _with_linear_parameters(rules: list[Packs], linear: tuple[str, ...]) -> list[Packs]:
     """Each rule packing `.weight` tensors, and the same rule for each quantization parameter of those layers."""
     found = list(rules)
     for rule in rules:
-        if rule["into"].endswith(".weight") and all(p.endswith(".weight") for p in rule["from"]):
-            for suffix in linear:
-                found.append({"into": _swap(rule["into"], suffix), "from": [_swap(p, suffix) for p in rule["from"]]})
+        if rule.into.endswith(".weight") and all(p.endswith(".weight") for p in rule.sources):
+            found += [Packs(_swap(rule.into, suffix), [_swap(p, suffix) for p in rule.sources]) for suffix in linear]
     return found
 
 
 Packing = dict[str, tuple[str, tuple[str, ...], int]]  # source tensor -> (output name, its pieces, stacked groups)
 
 
-def _stacks(names: list[str], rules: list[dict[str, Any]]) -> Packing:
+def _stacks(names: list[str], rules: list[Packs]) -> Packing:
     """Experts stacked along a new leading dim: for each match of `into`'s `*` (the layer), every expert `#` in
     numeric order, each expert's `from` tensors back to back."""
     found: Packing = {}
     for rule in rules:
-        first = rule["from"][0]
+        first = rule.sources[0]
         groups: dict[tuple[str, ...], dict[int, tuple[str, ...]]] = {}
         pattern = re.compile(re.escape(first).replace(r"\*", "([^.]+)").replace("\\#", "([0-9]+)"))
         for name in names:
@@ -330,55 +396,53 @@ def _stacks(names: list[str], rules: list[dict[str, Any]]) -> Packing:
             if match is None:
                 continue
             *layer, expert = match.groups()
-            group = tuple(_fill(p.replace("#", expert), layer) for p in rule["from"])
+            group = tuple(_fill(p.replace("#", expert), layer) for p in rule.sources)
             groups.setdefault(tuple(layer), {})[int(expert)] = group
         for key, experts in groups.items():
             stars = list(key)
             if sorted(experts) != list(range(len(experts))):
-                raise InputError(f"{_fill(rule['into'], stars)}: experts {sorted(experts)} are not numbered 0..{len(experts) - 1}")
+                raise InputError(f"{_fill(rule.into, stars)}: experts {sorted(experts)} are not numbered 0..{len(experts) - 1}")
             pieces = tuple(p for e in sorted(experts) for p in experts[e])
             missing = [p for p in pieces if p not in set(names)]
             if missing:
-                raise InputError(f"tensor {missing[0]} is missing, and {_fill(rule['into'], stars)} needs it")
-            found |= {p: (_fill(rule["into"], stars), pieces, len(experts)) for p in pieces}
+                raise InputError(f"tensor {missing[0]} is missing, and {_fill(rule.into, stars)} needs it")
+            found |= {p: (_fill(rule.into, stars), pieces, len(experts)) for p in pieces}
     return found
 
 
-def _fusions(names: list[str], rules: list[dict[str, Any]]) -> Packing:
+def _fusions(names: list[str], rules: list[Packs]) -> Packing:
     """For every source tensor of a fused group: the output name and the group, in the rule's order."""
     present = set(names)
     found: Packing = {}
     for rule in rules:
-        first = compile_patterns((rule["from"][0],))
+        first = compile_patterns((rule.sources[0],))
         for name in names:
             match = first.fullmatch(name)
             if match is None:
                 continue
             stars = list(match.groups())
-            group = tuple(_fill(p, stars) for p in rule["from"])
+            group = tuple(_fill(p, stars) for p in rule.sources)
             if all(p in present for p in group):
-                found |= {p: (_fill(rule["into"], stars), group, 0) for p in group}
+                found |= {p: (_fill(rule.into, stars), group, 0) for p in group}
             elif any(p in present for p in group[1:]):
                 missing = next(p for p in group if p not in present)
-                raise InputError(f"tensor {missing} is missing, and {_fill(rule['into'], stars)} needs it")
+                raise InputError(f"tensor {missing} is missing, and {_fill(rule.into, stars)} needs it")
     return found
 
 
-def _constants(names: list[str], dtypes: dict[str, str], spec: dict[str, Any]) -> list[OutTensor]:
+def _constants(names: list[str], dtypes: dict[str, str], spec: ConstantSpec) -> list[OutTensor]:
     """A constant beside each match of `beside`: of `dtype`, or of the dtype of the tensor `like` names in the same
     layer (a buffer vLLM registers in the model's dtype)."""
-    beside = compile_patterns((spec["beside"],))
+    beside = compile_patterns((spec.beside,))
     found = []
     for match in (beside.fullmatch(name) for name in names):
         if match is None:
             continue
         stars = list(match.groups())
-        dtype = spec["dtype"] if "dtype" in spec else dtypes.get(_fill(spec["like"], stars), "")
+        dtype = spec.dtype if spec.dtype is not None else dtypes.get(_fill(spec.like or "", stars), "")
         if dtype not in _PACK or dtype not in DTYPE_SIZES:
-            raise InputError(
-                f"engine layout: constant {_fill(spec['name'], stars)} would be {dtype or 'of no dtype'}, which is not supported"
-            )
-        found.append(OutTensor(_fill(spec["name"], stars), dtype, (), tuple(spec.get("shape", [])), float(spec["value"])))
+            raise InputError(f"engine layout: constant {_fill(spec.name, stars)} would be {dtype or 'of no dtype'}, which is not supported")
+        found.append(OutTensor(_fill(spec.name, stars), dtype, (), tuple(spec.shape), spec.value))
     return found
 
 
@@ -392,34 +456,67 @@ def own_layout(tensors: Sequence[TensorCut]) -> Layout:
     return Layout("reshard", None, tuple(OutTensor(t.name, t.dtype, (t.name,)) for t in tensors))
 
 
+@dataclass(frozen=True)
+class OutRecord:
+    """A tensor of a recorded layout (OutTensor.to_dict): source tensors under a name, or a constant."""
+
+    name: NonEmpty
+    sources: list[NonEmpty] | None = field(default=None, metadata=json_key("from"))
+    stack: Count = 0
+    flat: bool = False
+    transpose: bool = False
+    first_rank_only: bool = False
+    halves: list[NonEmpty] = field(default_factory=list)
+    head_rows: Count = 0
+    dtype: NonEmpty | None = None
+    shape: list[Count] | None = None
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class LayoutRecord:
+    """An engine layout as a manifest records it (Layout.to_dict)."""
+
+    format: EngineFormat
+    version: NonEmpty
+    tensors: list[OutRecord]
+    vocab_multiple: Positive | None = None
+
+
 def layout_from_dict(data: Any, tensors: Sequence[TensorCut]) -> Layout:
-    """A manifest's layout (None: reshard's own), in its recorded order."""
+    """A manifest's layout (None: reshard's own), in its recorded order; raises SchemaError (its path inside the
+    layout) for one that does not hold every tensor of the manifest exactly once."""
     if data is None:
         return own_layout(tensors)
-    if not isinstance(data, dict) or data.get("format") not in FORMATS[1:]:
-        raise ValueError("layout must name an engine format: " + ", ".join(FORMATS[1:]))
+    try:
+        record = load(LayoutRecord, data)
+    except SchemaError as e:
+        raise SchemaError(f"layout.{e.at}" if e.at else "layout", e.problem) from None
     dtypes = {t.name: t.dtype for t in tensors}
     out: list[OutTensor] = []
-    for entry in data["tensors"]:
-        name = str(entry["name"])
-        if "dtype" in entry:
-            out.append(OutTensor(name, str(entry["dtype"]), (), tuple(int(d) for d in entry["shape"]), float(entry["value"])))
-        else:
-            pieces = tuple(str(p) for p in entry.get("from", [name]))
-            out.append(
-                OutTensor(
-                    name,
-                    dtypes[pieces[0]],
-                    pieces,
-                    stack=int(entry.get("stack", 0)),
-                    flat=bool(entry.get("flat", False)),
-                    transpose=bool(entry.get("transpose", False)),
-                    first_rank_only=bool(entry.get("first_rank_only", False)),
-                    halves=tuple(str(p) for p in entry.get("halves", [])),
-                    head_rows=int(entry.get("head_rows", 0)),
-                )
+    for i, entry in enumerate(record.tensors):
+        if entry.dtype is not None:
+            if entry.shape is None or entry.value is None or entry.dtype not in _PACK:
+                raise SchemaError(f"layout.tensors[{i}]", "a constant needs a dtype of " + ", ".join(_PACK) + ", a shape and a value")
+            out.append(OutTensor(entry.name, entry.dtype, (), tuple(entry.shape), entry.value))
+            continue
+        pieces = tuple(entry.sources) if entry.sources is not None else (entry.name,)
+        if pieces[0] not in dtypes:
+            raise SchemaError(f"layout.tensors[{i}]", f"holds {pieces[0]!r}, which is not a tensor of the manifest")
+        out.append(
+            OutTensor(
+                entry.name,
+                dtypes[pieces[0]],
+                pieces,
+                stack=entry.stack,
+                flat=entry.flat,
+                transpose=entry.transpose,
+                first_rank_only=entry.first_rank_only,
+                halves=tuple(entry.halves),
+                head_rows=entry.head_rows,
             )
+        )
     held = [p for o in out for p in o.pieces]
     if sorted(held) != sorted(dtypes):
-        raise ValueError("the layout must hold every tensor of the manifest exactly once")
-    return Layout(str(data["format"]), str(data["version"]), tuple(out), data.get("vocab_multiple"))
+        raise SchemaError("layout", "must hold every tensor of the manifest exactly once")
+    return Layout(record.format, record.version, tuple(out), record.vocab_multiple)

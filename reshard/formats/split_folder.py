@@ -162,8 +162,8 @@ class SplitFolder:
     def _layout_problems(self, plan: Plan, config: ModelConfig) -> Iterator[str]:
         """An engine layout is the one reshard makes for this plan: names and packing order included."""
         recorded, where = self.manifest.layout, self.path / MANIFEST_NAME
-        if recorded.version != engine_data(recorded.format)["version"]:
-            yield f"{where}: made for {recorded.format} {recorded.version}, and this reshard writes {engine_data(recorded.format)['version']}; split again"
+        if recorded.version != engine_data(recorded.format).version:
+            yield f"{where}: made for {recorded.format} {recorded.version}, and this reshard writes {engine_data(recorded.format).version}; split again"
             return
         try:
             derived = build_layout(plan, config, output_format=recorded.format)
