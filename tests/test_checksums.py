@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import xxhash
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reshard
 from reshard import InputError
-from reshard.formats.checksums import HashedReader, ReadHash
+from reshard.formats.checksums import FileHash, HashedReader
 
 from helpers import forge, invoke, snapshot, split, synthetic_llama
 
@@ -185,13 +185,36 @@ def test_read_hash_covers_the_file_whatever_the_order_of_reads(tmp_path_factory,
     order.shuffle(stretches)
     fd = os.open(path, os.O_RDONLY)
     try:
-        hashed = ReadHash(fd, "sha256")
+        hashed = FileHash(fd, "sha256")
         for a, b, kind in stretches:
             if kind == "view":
                 hashed.submit(a, memoryview(data[a:b])).wait()
             elif kind == "follow":
                 hashed.follow(a, b - a)
         assert hashed.hexdigest(len(data)) == hashlib.sha256(data).hexdigest()
+    finally:
+        os.close(fd)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(0, 40 << 20), min_size=1, max_size=12), order=st.randoms(use_true_random=False))
+def test_a_written_file_is_hashed_whatever_the_order_of_writes(tmp_path: Path, cuts, order) -> None:
+    """A file written in stretches by several writers in any order (as a split's threads write tensors): the hash
+    follows the written prefix and the digest is the file's; its frontier says how much was written."""
+    data = np.random.default_rng(len(cuts)).integers(0, 256, 40 << 20, dtype=np.uint8).tobytes()
+    bounds = sorted({0, len(data), *cuts})
+    stretches = list(zip(bounds, bounds[1:], strict=False))
+    order.shuffle(stretches)
+    path = tmp_path / "written"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        hashed = FileHash(fd, "xxh128")
+        for a, b in stretches:
+            os.pwrite(fd, data[a:b], a)
+            hashed.written(a, b - a)
+        assert hashed.frontier == len(data)
+        assert hashed.hexdigest(len(data)) == xxhash.xxh3_128(data).hexdigest()
     finally:
         os.close(fd)
 

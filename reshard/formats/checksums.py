@@ -1,7 +1,11 @@
 """Checksums of the files reshard writes and reads: xxh128 (the default; XXH3-128, the digest `xxh128sum` prints),
-sha256 (the digest `sha256sum` prints: many times slower) or none. They are computed on threads of their
-own beside the byte work: from the page cache right behind the writes of a file being written, and from the very
-reads an engine makes of a file it reads, so that no byte is read from storage twice."""
+sha256 (the digest `sha256sum` prints: many times slower) or none.
+
+Every digest of a file being written or read comes from one pipeline, FileHash: a thread per file that hashes it
+in file order as its bytes become ready, from the page cache right behind a writer's writes (split, merge and
+resplit writing rank or checkpoint files, writer.py) and from the very reads an engine makes of a file it reads
+(merge, resplit and load_rank reading rank files, HashedReader), so that no byte is read from storage twice. A
+file nothing reads is hashed whole (file_digest; verify hashes several on two threads, BackgroundHashes)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Protocol, TypeGuard
 import numpy as np
 import xxhash
 
-from reshard.errors import InputError, OutputError
+from reshard.errors import InputError
 from reshard.formats.io import ByteReader
 from reshard.formats.names import DEFAULT_CHECKSUM, NONE
 from reshard.timing import clock, spent
@@ -133,99 +137,43 @@ class BackgroundHashes:
         self._pool.shutdown(wait=True)
 
 
-class FollowingHash:
-    """The digest of a file being written out of order: a thread hashes its written prefix as it grows, reading it
-    back while it is still in the page cache, so the digest is ready soon after the last write."""
+class FileHash:
+    """The digest of one file, computed on a thread of its own, in file order, as the file's bytes become ready.
+
+    Bytes are ready when they are handed over in memory (`submit`: a reader's reads, hashed from that memory), or
+    when they are known to be in the file and so in the page cache (`written`: a writer's stretches, in any order;
+    `follow`: a reader's kernel copies and skipped bytes), and are then read back from there right behind the work.
+    `hexdigest(size)` hashes what remains up to `size` and returns the digest. So a file is read from storage at
+    most once, whoever wrote or read it, and hashing runs beside the work. What was hashed is never hashed again (a
+    read behind the hashed prefix, out of order, is skipped)."""
 
     def __init__(self, fd: int, checksum: str) -> None:
         self._fd = fd
         self._digest = new_digest(checksum)
-        self._cond = threading.Condition()
-        self._frontier = 0  # every byte before this has been written
-        self._ahead: dict[int, int] = {}  # written stretches beyond the frontier: start -> end
-        self._hashed = 0
-        self._finishing = False
-        self._stopped = False
+        self._hashed = 0  # every byte before this is in the digest (the hash thread's own)
+        self._queue: queue.SimpleQueue[tuple[int, int, memoryview | None, threading.Event | None] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
+        self._scratch: memoryview | None = None
+        self._lock = threading.Lock()
+        self.frontier = 0  # every byte before this has been written (`written`)
+        self._ahead: dict[int, int] = {}  # written stretches beyond the frontier: start -> end
+        self._posted = 0  # the frontier last handed to the hash thread
         self._thread = threading.Thread(target=self._run, name="reshard-hash", daemon=True)
         self._thread.start()
 
     def written(self, position: int, n: int) -> None:
-        with self._cond:
-            if position != self._frontier:
+        """A writer wrote [position, position + n); the hash thread reads the written prefix back once it has
+        grown by CHUNK_BYTES. Thread-safe."""
+        with self._lock:
+            if position != self.frontier:
                 self._ahead[position] = position + n
                 return
-            self._frontier = position + n
-            while self._frontier in self._ahead:
-                self._frontier = self._ahead.pop(self._frontier)
-            if self._frontier - self._hashed >= CHUNK_BYTES:
-                self._cond.notify()
-
-    def hexdigest(self, size: int) -> str:
-        """Wait for the digest of the first `size` bytes: the whole file, which must all have been written."""
-        with self._cond:
-            self._finishing = True
-            self._cond.notify()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._hashed != size:
-            raise OutputError(f"hashed {self._hashed} of {size} bytes: a stretch of the file was never written")
-        return self._digest.hexdigest()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        view = memoryview(bytearray(READ_BYTES))
-        try:
-            while True:
-                with self._cond:
-                    while not self._stopped and not self._finishing and self._frontier - self._hashed < CHUNK_BYTES:
-                        self._cond.wait()
-                    if self._stopped or (self._finishing and self._hashed == self._frontier):
-                        return
-                    upto = self._frontier
-                self._hashed = _hash_range(self._fd, self._digest, self._hashed, upto, view)
-        except BaseException as e:  # reported by hexdigest()
-            self._error = e
-
-
-def _hash_range(fd: int, digest: Digest, start: int, end: int, view: memoryview) -> int:
-    """Read [start, end) of the file into `view` chunk by chunk and hash it; returns where hashing stopped: `end`,
-    or `start` when `end` is not past it."""
-    while start < end:
-        began = clock()
-        n = os.preadv(fd, [view[: min(len(view), end - start)]], start)
-        spent("hash read", began, n)
-        if n == 0:
-            raise OSError(f"file ended at byte {start} while hashing it")
-        _update(digest, view[:n])
-        start += n
-    return start
-
-
-class ReadHash:
-    """The digest of a file computed from the reads an engine makes of it, on a thread of its own, in file order.
-
-    A read into memory is handed over and hashed from that memory. Bytes the engine copied inside the kernel, or
-    skipped (a header, a replicated tensor it takes from another rank), are read here from the page cache, where
-    the copy has just brought them; the rest of the file when the engine is done. So the digest covers the whole
-    file whatever the engine read, and the file is read from storage once. A read behind what has been hashed
-    (out of order) is not hashed again."""
-
-    def __init__(self, fd: int, checksum: str) -> None:
-        self._fd = fd
-        self._digest = new_digest(checksum)
-        self._hashed = 0
-        self._queue: queue.SimpleQueue[tuple[int, int, memoryview | None, threading.Event | None] | None] = queue.SimpleQueue()
-        self._error: BaseException | None = None
-        self._scratch: memoryview | None = None
-        self._thread = threading.Thread(target=self._run, name="reshard-hash", daemon=True)
-        self._thread.start()
+            self.frontier = position + n
+            while self.frontier in self._ahead:
+                self.frontier = self._ahead.pop(self.frontier)
+            if self.frontier - self._posted >= CHUNK_BYTES:
+                self._posted = self.frontier
+                self.follow(0, self.frontier)
 
     def submit(self, offset: int, view: memoryview) -> threading.Event:
         """Hash `view`, the file's bytes at `offset`; the event is set once the view is no longer needed."""
@@ -241,7 +189,7 @@ class ReadHash:
         self._queue.put((offset, n, None, None))
 
     def hexdigest(self, size: int) -> str:
-        """After the last read: hash the rest of the file up to `size` and return the digest."""
+        """Once the work is done: hash the rest of the file up to `size` and return the digest."""
         self._queue.put(None)
         self._thread.join()
         if self._error is not None:
@@ -278,13 +226,23 @@ class ReadHash:
             self._hashed = offset + n
 
     def _fill(self, upto: int) -> int:
+        """Read [hashed, upto) of the file back (from the page cache) and hash it."""
         if self._scratch is None:
             self._scratch = memoryview(bytearray(READ_BYTES))
-        return _hash_range(self._fd, self._digest, self._hashed, upto, self._scratch)
+        start = self._hashed
+        while start < upto:
+            began = clock()
+            n = os.preadv(self._fd, [self._scratch[: min(len(self._scratch), upto - start)]], start)
+            spent("hash read", began, n)
+            if n == 0:
+                raise OSError(f"file ended at byte {start} while hashing it")
+            _update(self._digest, self._scratch[:n])
+            start += n
+        return start
 
 
 class HashedReader(ByteReader):
-    """A rank file read by one engine thread, whose digest comes from those very reads (see ReadHash).
+    """A rank file read by one engine thread, whose digest comes from those very reads (see FileHash).
 
     `read` returns the bytes in memory of the reader's own, valid until SLOTS - 1 more reads: a read waits only
     for the hash of the read whose memory it reuses, so hashing runs beside the engine."""
@@ -294,7 +252,7 @@ class HashedReader(ByteReader):
     def __init__(self, path: Path, checksum: str) -> None:
         super().__init__(path)
         self._size = os.fstat(self.fd).st_size
-        self._hash = ReadHash(self.fd, checksum)
+        self._hash = FileHash(self.fd, checksum)
         self._slots = [np.empty(0, dtype=np.uint8) for _ in range(self.SLOTS)]
         self._pending: list[threading.Event | None] = [None] * self.SLOTS
         self._next = 0

@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 
 from reshard.errors import OutputError
-from reshard.formats.checksums import FileRecord, FollowingHash
+from reshard.formats.checksums import FileHash, FileRecord
 from reshard.formats.io import BLOCK_BYTES, ByteReader, Reorder, thread_buffers
 from reshard.formats.names import NONE
 from reshard.formats.safetensors import Entry, encode_header, entry_nbytes
@@ -74,7 +74,7 @@ class SafetensorsWriter(_Output):
             position += entry_nbytes(entry)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self._checksum = checksum
-        self._hash = FollowingHash(self._fd, checksum) if checksum != NONE else None
+        self._hash = FileHash(self._fd, checksum) if checksum != NONE else None
         self.record: FileRecord | None = None  # size and digest, once closed
         self._lock = threading.Lock()
         self.written = 0
@@ -140,6 +140,8 @@ class SafetensorsWriter(_Output):
             self._drain()
             if self.written != self.expected:
                 raise OutputError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
+            if self._hash is not None and self._hash.frontier != self.expected:
+                raise OutputError(f"{self.path}: bytes {self._hash.frontier} on were not all written; the file is incomplete")
             digest = self._hash.hexdigest(self.expected) if self._hash is not None else ""
             start = clock()
             try:
