@@ -48,7 +48,7 @@ def json_key(name: str) -> dict[str, str]:
     return {"json_key": name}
 
 
-def load(cls: type[T], data: Any, at: str = "") -> T:
+def load(cls: type[T], data: Any, *, at: str = "") -> T:
     """`data` (parsed JSON) as a `cls`; raises SchemaError for the first value that does not fit, `at` its path."""
     try:
         value: T = _reader(cast(Any, cls))(data)
