@@ -299,8 +299,10 @@ def test_quantized_layers_hold_their_scales_as_vllm_does(tmp_path: Path, scales:
             assert torch.equal(got[f"{p}.mlp.gate_up_proj.weight_scale"], gate_up)
             assert torch.equal(got[f"{p}.self_attn.o_proj.weight_scale"], source[f"{p}.self_attn.o_proj.weight_scale"])
             for name in ("q_scale", "k_scale", "v_scale", "q_zero_point", "k_zero_point", "v_zero_point"):
-                want = torch.zeros(1) if "zero" in name else torch.ones(1)
-                assert torch.equal(got[f"{p}.self_attn.attn.{name}"], want)
+                # the scales in float32, the zero points in the model's dtype, as vLLM registers them
+                want = torch.zeros(1, dtype=torch.bfloat16) if "zero" in name else torch.ones(1)
+                held = got[f"{p}.self_attn.attn.{name}"]
+                assert held.dtype == want.dtype and torch.equal(held, want)
         elif scales == "tensor":
             for kind in ("weight_scale", "input_scale"):
                 want = torch.stack([source[f"{p}.self_attn.{n}_proj.{kind}"] for n in "qkv"])

@@ -135,7 +135,7 @@ def build_quantized(kind: str, folder: Path) -> Path:
     base, number = QUANTIZED[kind]
     build(base, folder)
     tensors = load_file(folder / "model.safetensors")
-    if number.startswith("fp8"):  # vLLM runs quant_method fp8 in bfloat16 only
+    if in_bfloat16(number):
         tensors = {n: t.to(torch.bfloat16) for n, t in tensors.items()}
     linear = [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]
     for name in linear:
@@ -163,12 +163,13 @@ def build_quantized(kind: str, folder: Path) -> Path:
         tensors[name[: -len("weight")] + "weight_scale"] = scale.float()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
+    if in_bfloat16(number):
+        config["dtype"] = "bfloat16"
     if number.startswith("fp8"):
         scheme = "static" if number == "fp8-static" else "dynamic"
         config["quantization_config"] = dict(quant_method="fp8", activation_scheme=scheme, fmt="e4m3")
         if number == "fp8-block":
             config["quantization_config"]["weight_block_size"] = list(BLOCK)
-        config["dtype"] = "bfloat16"
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         return folder
     config["quantization_config"] = dict(
@@ -185,9 +186,14 @@ def build_quantized(kind: str, folder: Path) -> Path:
 
 
 def dtype_of(model: Path) -> str:
-    """The dtype vLLM runs the model in: its unquantized tensors' (quant_method fp8 takes bfloat16 only)."""
-    config = json.loads((model / "config.json").read_text())
-    return "bfloat16" if config.get("quantization_config", {}).get("quant_method") == "fp8" else "float32"
+    """The dtype vLLM runs the model in: its unquantized tensors' (float32; bfloat16 where build_quantized says)."""
+    return "bfloat16" if json.loads((model / "config.json").read_text()).get("dtype") == "bfloat16" else "float32"
+
+
+def in_bfloat16(number: str) -> bool:
+    """Whether vLLM's CPU build runs a quantized model only in bfloat16: quant_method fp8 always, and INT8 layers on
+    a processor with AMX tiles (vLLM then runs them with its AMX kernel, whose activations must be bfloat16 or half)."""
+    return number.startswith("fp8") or (number == "int" and torch.cpu._is_amx_tile_supported())
 
 
 def make(kind: str, folder: Path) -> Path:
