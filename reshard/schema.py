@@ -274,9 +274,8 @@ def _object(cls: type) -> Reader:
     return read
 
 
-@cache
 def _fields(cls: type) -> tuple[tuple[str, str, Any, bool], ...]:
-    """Each field's (name, JSON key, type, required)."""
+    """Each field's (name, JSON key, type, required); read once per class, as its reader is built once."""
     hints = get_type_hints(cls, include_extras=True)
     return tuple(
         (

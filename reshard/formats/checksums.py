@@ -75,22 +75,28 @@ def _update(digest: Digest, view: memoryview) -> None:
 
 
 def file_digest(path: Path, checksum: str, *, stop: threading.Event | None = None) -> str | None:
-    """The file's digest, read front to back in large chunks; None when `stop` is set before the end."""
+    """The file's digest, read front to back; None when `stop` is set before the end."""
     digest = new_digest(checksum)
-    view = memoryview(bytearray(READ_BYTES))
     fd = os.open(path, os.O_RDONLY)
     try:
-        while True:
-            if stop is not None and stop.is_set():
-                return None
-            start = clock()
-            n = os.readv(fd, [view])
-            spent("hash read", start, n)
-            if n == 0:
-                return digest.hexdigest()
-            _update(digest, view[:n])
+        _hash_range(fd, digest, 0, os.fstat(fd).st_size, memoryview(bytearray(READ_BYTES)), stop=stop)
+        return None if stop is not None and stop.is_set() else digest.hexdigest()
     finally:
         os.close(fd)
+
+
+def _hash_range(fd: int, digest: Digest, start: int, end: int, view: memoryview, *, stop: threading.Event | None = None) -> int:
+    """Read [start, end) of the file into `view` chunk by chunk and hash it (until `stop` is set); where it
+    stopped: `end`, or `start` when `end` is not past it."""
+    while start < end and not (stop is not None and stop.is_set()):
+        began = clock()
+        n = os.preadv(fd, [view[: min(len(view), end - start)]], start)
+        spent("hash read", began, n)
+        if n == 0:
+            raise OSError(f"file ended at byte {start} while hashing it")
+        _update(digest, view[:n])
+        start += n
+    return start
 
 
 SAMPLE_BLOCKS = 64
@@ -229,16 +235,7 @@ class FileHash:
         """Read [hashed, upto) of the file back (from the page cache) and hash it."""
         if self._scratch is None:
             self._scratch = memoryview(bytearray(READ_BYTES))
-        start = self._hashed
-        while start < upto:
-            began = clock()
-            n = os.preadv(self._fd, [self._scratch[: min(len(self._scratch), upto - start)]], start)
-            spent("hash read", began, n)
-            if n == 0:
-                raise OSError(f"file ended at byte {start} while hashing it")
-            _update(self._digest, self._scratch[:n])
-            start += n
-        return start
+        return _hash_range(self._fd, self._digest, self._hashed, upto, self._scratch)
 
 
 class HashedReader(ByteReader):

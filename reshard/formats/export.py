@@ -13,7 +13,7 @@ import math
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from importlib import resources
 from typing import Any, Literal, get_args
@@ -234,15 +234,16 @@ def engine_layouts(output_format: str) -> dict[str, EngineLayout]:
         found[name] = EngineLayout(
             family=spec.family,
             model_types=spec.model_types,
-            fuse=[rule for part in parts for rule in part.fuse],
-            stack=[rule for part in parts for rule in part.stack],
-            constants=[c for part in parts for c in part.constants],
-            tied={k: v for part in parts for k, v in part.tied.items()},
-            transpose=[rule for part in parts for rule in part.transpose],
-            rotary_halves=[p for part in parts for p in part.rotary_halves],
-            first_rank_only=[rule for part in parts for rule in part.first_rank_only],
+            **{f.name: _folded([getattr(part, f.name) for part in parts]) for f in fields(LayoutPart)},
         )
     return found
+
+
+def _folded(values: list[Any]) -> Any:
+    """The parts' lists one after another, or their maps one over another."""
+    if values and isinstance(values[0], dict):
+        return {k: v for value in values for k, v in value.items()}
+    return [item for value in values for item in value]
 
 
 def model_types_with_layout(output_format: str) -> list[str]:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from reshard.errors import InputError, ReshardError
 from reshard.formats.checksums import FileRecord, is_digest
@@ -23,9 +23,13 @@ from reshard.plan.cut import Plan, TensorCut, coverage
 from reshard.plan.tensor import DTYPE_SIZES
 from reshard.schema import Check, Count, NonEmpty, Positive, SchemaError, load
 
-FORMAT = "reshard"
-RANK_FORMAT = "reshard-rank"
-VERSION = 2
+# What the files say they are; the specs below accept only these, and to_dict and rank_record write them.
+ManifestFormat = Literal["reshard"]
+RankFormat = Literal["reshard-rank"]
+Version = Literal[2]
+FORMAT: str = get_args(ManifestFormat)[0]
+RANK_FORMAT: str = get_args(RankFormat)[0]
+VERSION: int = get_args(Version)[0]
 
 
 @dataclass(frozen=True)
@@ -237,8 +241,8 @@ def _with_rank_records(folder: Path, manifest: Manifest, digest: str) -> Manifes
 
 @dataclass(frozen=True)
 class RankRecordSpec:
-    format: Literal["reshard-rank"]
-    version: Literal[2]
+    format: RankFormat
+    version: Version
     rank: Count
     manifest_sha256: str
     files: dict[str, RecordSpec]
@@ -254,7 +258,7 @@ def _rank_record(path: Path, rank: int, names: tuple[str, ...], digest: str, che
             raise InputError(f"{path}: belongs to another split (its manifest_sha256 is not this {MANIFEST_NAME}'s); split again")
         if list(spec.files) != list(names):
             raise SchemaError("files", f"lists {list(spec.files)}, {MANIFEST_NAME} lists {list(names)}")
-        return {name: _record(r, checksum, f"files.{name}") for name, r in spec.files.items()}
+        return {name: r.record(checksum, f"files.{name}") for name, r in spec.files.items()}
     except SchemaError as e:
         raise InputError(f"{path}: malformed rank record: {e}; split again") from e
 
@@ -295,12 +299,13 @@ class RecordSpec:
     sha256: str | None = None
     xxh128: str | None = None
 
-    def record(self, checksum: str) -> FileRecord:
+    def record(self, checksum: str, at: str) -> FileRecord:
+        """The record, its digest the one the manifest's checksum names; `at` is where the record is."""
         if checksum == NONE:
             return FileRecord(self.bytes, checksum, "")
         digest = getattr(self, checksum, None)
         if not is_digest(digest, checksum):
-            raise SchemaError(checksum, f"must be a {checksum} in hex (the manifest's checksum)")
+            raise SchemaError(f"{at}.{checksum}", f"must be a {checksum} in hex (the manifest's checksum)")
         return FileRecord(self.bytes, checksum, digest)
 
 
@@ -342,8 +347,8 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class ManifestSpec:
-    format: Literal["reshard"]
-    version: Literal[2]
+    format: ManifestFormat
+    version: Version
     tp: Positive
     device_ids: list[Count]
     family: NonEmpty
@@ -381,19 +386,12 @@ def _parse(data: Any) -> Manifest:
         ),
         source_metadata=source.metadata,
         source_config=source.config,
-        files={name: _record(r, spec.checksum, f"files.{name}") for name, r in spec.files.items()},
+        files={name: r.record(spec.checksum, f"files.{name}") for name, r in spec.files.items()},
         rules=spec.rules,
         engine_layout=layout_from_dict(spec.layout, tensors) if spec.layout is not None else None,
         checksum=spec.checksum,
         source_index=SourceIndex(source.index.name, source.index.metadata) if source.index is not None else None,
     )
-
-
-def _record(spec: RecordSpec, checksum: str, at: str) -> FileRecord:
-    try:
-        return spec.record(checksum)
-    except SchemaError as e:
-        raise SchemaError(f"{at}.{e.at}", e.problem) from None
 
 
 def _tensor(name: str, e: TensorEntry, tp: int) -> TensorCut:

@@ -199,10 +199,14 @@ def read_spec(data: Any, source: str) -> FamilySpec:
 
 def parse_family(data: Any, source: str, *, parents: dict[str, Family] | None = None) -> Family:
     """Validate a rules file. With `extends`, the parent's units and rules apply after this file's own."""
-    spec = read_spec(data, source)
+    return _family(read_spec(data, source), source, parents or {})
+
+
+def _family(spec: FamilySpec, source: str, parents: dict[str, Family]) -> Family:
+    """The family a checked rules file describes, once what spans its fields is checked."""
     if spec.family is None:
         raise RulesError(f"{source}: missing key 'family'")
-    parent = _parent(spec, source, parents or {})
+    parent = _parent(spec, source, parents)
     units = dict(parent.units) if parent else {}
     units |= {name: _unit(unit, f"{source}: units.{name}") for name, unit in spec.units.items()}
     if not (spec.rules or parent):
@@ -302,12 +306,11 @@ def detect_family(config: ModelConfig, *, arch: str | None = None, rules: Path |
 def family_for(config: ModelConfig, *, arch: str | None, given: Any, source: str = "the rules", names: Sequence[str] = ()) -> Family:
     """detect_family with the rules file's JSON already read (as a manifest records it)."""
     families = builtin_families()
-    if given is not None:
-        read_spec(given, source)  # what detection reads below is checked first
-    if arch is not None and arch not in families and not (given is not None and given.get("family") == arch):
+    spec = read_spec(given, source) if given is not None else None  # checked once, before detection reads it
+    if arch is not None and arch not in families and not (spec is not None and spec.family == arch):
         raise InputError(f"--arch {arch}: unknown family; `reshard families` lists the {len(families)} known ones")
     base = families.get(arch) if arch is not None else _detect(config, families.values(), names)
-    if given is None:
+    if spec is None:
         if base is None:
             known = sum(len(f.model_types) for f in families.values())
             why = _refused().get(config.model_type or "")
@@ -317,10 +320,10 @@ def family_for(config: ModelConfig, *, arch: str | None, given: Any, source: str
                 "--rules FILE for a new layout"
             )
         return base
-    if base is None or config.model_type in given.get("model_types", []) or "extends" in given:
-        family = parse_family(given, source, parents=families)
+    if base is None or config.model_type in spec.model_types or spec.extends is not None:
+        family = _family(spec, source, families)
     else:
-        family = parse_family({"extends": base.name, **given, "family": base.name}, f"{source} + {base.source}", parents=families)
+        family = _family(replace(spec, extends=base.name, family=base.name), f"{source} + {base.source}", families)
     return replace(family, given=given)
 
 
